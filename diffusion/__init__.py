@@ -1,0 +1,1 @@
+"""Lean diffusion stack (DDPM/DDIM, OT-guided sampling); see issue 8."""

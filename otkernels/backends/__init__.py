@@ -1,0 +1,87 @@
+"""Backends: each module implements the same few reductions on a pair of point clouds.
+
+Interface of a backend module (see ``tensorized.py``, the readable reference):
+
+* ``NAME``; ``available() -> (bool, reason)``;
+* ``cost_handles(x, y, cost, debias) -> (C_xy, C_yx, C_xx, C_yy)``: cost handles with
+  ``softmin(eps, h)`` (no grad) and ``softmin_grad(eps, h)`` (gradient w.r.t. the handle's
+  first point cloud), used by the one Sinkhorn loop in ``otkernels/sinkhorn.py``;
+* ``kernel_sum(x, y, b, kernel) -> (B,N)``: ``Σ_j k(x_i, y_j) b_j`` with gradients for x, y, b.
+
+``backend="auto"`` (:func:`select`): for problems with ``N·M ≤ AUTO_DENSE_MAX`` the dense
+``tensorized`` backend (least overhead); above, ``blocked``, which caches the cost on CPU
+when it fits :func:`cache_budget` and recomputes tiles otherwise.  A backend can be
+disabled with ``OTKERNELS_DISABLE=name1,name2``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+_MODULES = {"tensorized": "tensorized", "blocked": "blocked"}
+ALIASES = {"online": "blocked", "multiscale": "blocked"}  # geomloss's names
+AUTO_DENSE_MAX = 1500 * 1500
+
+_budget = None
+
+
+def set_cache_budget(nbytes):
+    """Largest memory (bytes) a CPU backend may spend on cached cost matrices; None = default."""
+    global _budget
+    _budget = None if nbytes is None else int(nbytes)
+
+
+def cache_budget() -> int:
+    """Bytes for cached costs: ``set_cache_budget``, else ``OTKERNELS_CACHE_BYTES``, else half
+    of the available RAM."""
+    if _budget is not None:
+        return _budget
+    env = os.environ.get("OTKERNELS_CACHE_BYTES")
+    if env:
+        return int(float(env))
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return 2 << 30
+
+
+def _disabled():
+    return {s.strip() for s in os.environ.get("OTKERNELS_DISABLE", "").split(",") if s.strip()}
+
+
+def get(name: str):
+    """The backend module for ``name`` (geomloss aliases accepted); ValueError if unknown/unusable."""
+    name = ALIASES.get(name, name)
+    if name not in _MODULES:
+        raise ValueError(f"backend={name!r} is unknown: expected 'auto' or one of "
+                         f"{sorted(_MODULES) + sorted(ALIASES)}")
+    ok, why = available()[name]
+    if not ok:
+        raise ValueError(f"backend={name!r} is not available here: {why}")
+    return importlib.import_module(f".{_MODULES[name]}", __name__)
+
+
+def available():
+    """``{name: (usable, reason)}`` for every backend otkernels knows."""
+    out = {}
+    for name, mod in _MODULES.items():
+        if name in _disabled():
+            out[name] = (False, "disabled by OTKERNELS_DISABLE")
+            continue
+        try:
+            out[name] = importlib.import_module(f".{mod}", __name__).available()
+        except ImportError as e:  # optional dependency missing
+            out[name] = (False, f"import failed: {e}")
+    return out
+
+
+def select(B, N, M, D, device, need=None):
+    """The ``auto`` rule: the name of the backend for a (B,N,D) x (B,M,D) problem."""
+    usable = {k for k, (ok, _) in available().items() if ok}
+    if need == "dense":
+        return "tensorized"
+    if B * N * M <= AUTO_DENSE_MAX and "tensorized" in usable:
+        return "tensorized"
+    return "blocked" if "blocked" in usable else "tensorized"

@@ -1,0 +1,226 @@
+"""Blocked backend: pure torch on any device, O((N+M)·D + tile) memory.
+
+Reductions walk (row block × column block) tiles of the cost with an online log-sum-exp
+(FlashAttention's running max and sum), so no N×M matrix is stored.  Gradients come from
+closed forms in ``torch.autograd.Function``s that walk the tiles again: for the Sinkhorn
+extrapolation ``∂f_i/∂x_i = Σ_j P_ij ∇_x C(x_i, y_j)`` (attention's P·V), for kernel sums
+the three products with ``k`` and ``∂k/∂d²``.
+
+*Cached strategy*: when the cost matrices fit :func:`otkernels.backends.cache_budget` on a
+CPU tensor, they are computed once and every pass reads tiles from them (the loop reuses
+them ~60 times; recomputing a 10k×10k×128 GEMM costs more than reading 400 MB).  The
+column reduction of a symmetric cost reads the same matrix transposed, so ``C_xy`` and
+``C_yx`` share one cache.
+
+On this CPU ``exp`` of arguments below −87 (float32) returns denormals ~100× slower than
+normal values; arguments are clamped at −80 (float32) / −700 (float64) before ``exp``.
+The clamped terms are below 1e-34 relative to the row maximum's term (which is 1): harmless.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cache_budget
+
+NAME = "blocked"
+TILE = 1 << 20  # elements in one (B, rows, cols) tile
+MAX_COLS = 8192
+
+
+def available():
+    return True, "pure torch, any device"
+
+
+def _exp_floor(dtype):
+    return -700.0 if dtype == torch.float64 else -80.0
+
+
+def _check_create_graph():
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "otkernels: double backward (create_graph=True) is not supported by the 'blocked' "
+            "backend; use backend='tensorized' for higher-order derivatives.")
+
+
+def _blocks(n, size):
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+class BlockedCost:
+    """Cost handle ``C(x_i, y_j)``, x (B,N,D) first argument (gets gradients), y (B,M,D).
+
+    ``cache``: a dense matrix holding ``C(x, y)`` (B,N,M), or, with ``transpose=True``,
+    ``C(y, x)`` (B,M,N) read transposed; None recomputes every tile.
+    """
+
+    def __init__(self, x, y, cost, cache=None, transpose=False):
+        self.x, self.xd, self.y, self.cost = x, x.detach(), y.detach(), cost
+        self.cache, self.transpose = cache, transpose
+        B, N, M = x.shape[0], x.shape[1], y.shape[1]
+        self.bm = max(1, min(M, MAX_COLS, TILE // B))
+        self.bn = max(1, min(N, TILE // (B * self.bm)))
+
+    def tile(self, i0, i1, j0, j1):
+        """C tile (B, i1−i0, j1−j0) and whether it is a fresh buffer we may overwrite."""
+        if self.cache is None:
+            return self.cost(self.xd[:, i0:i1], self.y[:, j0:j1]), True
+        if self.transpose:
+            return self.cache[:, j0:j1, i0:i1].transpose(1, 2), False
+        return self.cache[:, i0:i1, j0:j1], False
+
+    def _scaled(self, C, own, eps, h_j):
+        """``h_j − C_ij/ε`` as a fresh tile."""
+        if own:
+            return C.mul_(-1.0 / eps).add_(h_j)
+        return torch.add(h_j, C, alpha=-1.0 / eps)
+
+    @torch.no_grad()
+    def softmin(self, eps, h):
+        """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), online over column blocks."""
+        B, N, M = self.x.shape[0], self.x.shape[1], self.y.shape[1]
+        out = h.new_empty(B, N)
+        floor = _exp_floor(h.dtype)
+        for i0, i1 in _blocks(N, self.bn):
+            mx = s = None
+            for j0, j1 in _blocks(M, self.bm):
+                C, own = self.tile(i0, i1, j0, j1)
+                t = self._scaled(C, own, eps, h[:, None, j0:j1])
+                tmax = t.amax(2, keepdim=True)
+                if mx is None:
+                    mx = tmax
+                else:
+                    new = torch.maximum(mx, tmax)
+                    s.mul_((mx - new).exp_())
+                    mx = new
+                ts = t.sub_(mx).clamp_(min=floor).exp_().sum(2, keepdim=True)
+                s = ts if s is None else s.add_(ts)
+            out[:, i0:i1] = s.log_().add_(mx).squeeze(2)
+        return out.mul_(-eps)
+
+    def softmin_grad(self, eps, h):
+        """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` by tiles (never builds P)."""
+        if not self.x.requires_grad:
+            return self.softmin(eps, h)
+        return _SoftminGrad.apply(self.x, self, eps, h.detach())
+
+    @torch.no_grad()
+    def grad_x(self, eps, h, f, g, s=None):
+        """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D).
+
+        h, s (B,M); f, g (B,N); ``s`` (signed column weights) defaults to 1.
+        """
+        B, N, M = self.x.shape[0], self.x.shape[1], self.y.shape[1]
+        gx = torch.zeros_like(self.xd)
+        floor = _exp_floor(h.dtype)
+        fe = f / eps
+        for i0, i1 in _blocks(N, self.bn):
+            for j0, j1 in _blocks(M, self.bm):
+                C, own = self.tile(i0, i1, j0, j1)
+                W = torch.add(h[:, None, j0:j1], C, alpha=-1.0 / eps).add_(fe[:, i0:i1, None])
+                W = W.clamp_(min=floor).exp_().mul_(g[:, i0:i1, None])
+                if s is not None:
+                    W.mul_(s[:, None, j0:j1])
+                gx[:, i0:i1] += self.cost.apply_grad(W, self.xd[:, i0:i1], self.y[:, j0:j1], C)
+        return gx
+
+
+class _SoftminGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, handle, eps, h):
+        f = handle.softmin(eps, h)
+        ctx.handle, ctx.eps = handle, eps
+        ctx.save_for_backward(h, f)
+        return f
+
+    @staticmethod
+    def backward(ctx, g):
+        _check_create_graph()
+        h, f = ctx.saved_tensors
+        return ctx.handle.grad_x(ctx.eps, h, f, g), None, None, None
+
+
+@torch.no_grad()
+def dense_cost(x, y, cost):
+    """C(x, y) as one (B,N,M) matrix, computed by row blocks (no larger temporaries)."""
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    C = x.new_empty(B, N, M)
+    rows = max(1, TILE // (B * M))
+    for i0, i1 in _blocks(N, rows):
+        C[:, i0:i1] = cost(x[:, i0:i1], y)
+    return C
+
+
+def _use_cache(x, y, cost, debias, cache):
+    if cache is not None:
+        return bool(cache)
+    if x.device.type != "cpu":  # on GPUs recomputing tiles beats reading a cached cost
+        return False
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    n = N * M * (1 if cost.symmetric else 2) + ((N * N + M * M) if debias else 0)
+    return B * n * x.element_size() <= cache_budget()
+
+
+def cost_handles(x, y, cost, debias=True, cache=None):
+    """``(C_xy, C_yx, C_xx, C_yy)`` handles; ``cache`` None = decide by the memory budget."""
+    if not _use_cache(x, y, cost, debias, cache):
+        C_xx, C_yy = (BlockedCost(x, x, cost), BlockedCost(y, y, cost)) if debias else (None, None)
+        return BlockedCost(x, y, cost), BlockedCost(y, x, cost), C_xx, C_yy
+    xd, yd = x.detach(), y.detach()
+    K_xy = dense_cost(xd, yd, cost)
+    C_xy = BlockedCost(x, y, cost, cache=K_xy)
+    if cost.symmetric:
+        C_yx = BlockedCost(y, x, cost, cache=K_xy, transpose=True)
+    else:
+        C_yx = BlockedCost(y, x, cost, cache=dense_cost(yd, xd, cost))
+    C_xx = C_yy = None
+    if debias:
+        C_xx = BlockedCost(x, x, cost, cache=dense_cost(xd, xd, cost))
+        C_yy = BlockedCost(y, y, cost, cache=dense_cost(yd, yd, cost))
+    return C_xy, C_yx, C_xx, C_yy
+
+
+# ----------------------------------------------------------------------------- kernel sums
+def kernel_sum(x, y, b, kernel):
+    """``Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D), b (B,M) -> (B,N), gradients for x, y, b."""
+    return _KernelSum.apply(x, y, b, kernel)
+
+
+def _tiles(N, M, B):
+    bm = max(1, min(M, MAX_COLS, TILE // B))
+    bn = max(1, min(N, TILE // (B * bm)))
+    return [((i0, i1), (j0, j1)) for i0, i1 in _blocks(N, bn) for j0, j1 in _blocks(M, bm)]
+
+
+class _KernelSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, b, kernel):
+        B, N, M = x.shape[0], x.shape[1], y.shape[1]
+        out = x.new_zeros(B, N)
+        for (i0, i1), (j0, j1) in _tiles(N, M, B):
+            K = kernel(x[:, i0:i1], y[:, j0:j1])
+            out[:, i0:i1] += torch.bmm(K, b[:, j0:j1, None]).squeeze(2)
+        ctx.kernel = kernel
+        ctx.save_for_backward(x, y, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        _check_create_graph()
+        x, y, b = ctx.saved_tensors
+        nx, ny, nb = ctx.needs_input_grad[:3]
+        B, N, M = x.shape[0], x.shape[1], y.shape[1]
+        gx = torch.zeros_like(x) if nx else None
+        gy = torch.zeros_like(y) if ny else None
+        gb = torch.zeros_like(b) if nb else None
+        for (i0, i1), (j0, j1) in _tiles(N, M, B):
+            xt, yt, bt, gt = x[:, i0:i1], y[:, j0:j1], b[:, j0:j1], g[:, i0:i1]
+            K, dK = ctx.kernel.value_and_dk(xt, yt)
+            if nb:
+                gb[:, j0:j1] += torch.bmm(gt[:, None, :], K).squeeze(1)
+            if nx or ny:
+                W = dK.mul_(gt[:, :, None]).mul_(bt[:, None, :])  # g_i b_j k'(d²_ij); ∇_x d² = 2(x−y)
+                if nx:
+                    gx[:, i0:i1] += 2 * (xt * W.sum(2, keepdim=True) - torch.bmm(W, yt))
+                if ny:
+                    gy[:, j0:j1] += 2 * (yt * W.sum(1)[:, :, None] - torch.bmm(W.transpose(1, 2), xt))
+        return gx, gy, gb, None

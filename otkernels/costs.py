@@ -1,0 +1,144 @@
+"""Ground costs and kernels, written once for every backend.
+
+A :class:`Cost` knows how to build a cost tile ``C[b, i, j] = C(x_i, y_j)`` from two
+point clouds ``x (B,n,D)``, ``y (B,m,D)`` and how to apply its gradient to a weight tile
+``W (B,n,m)``: ``Σ_j W_ij ∇_x C(x_i, y_j)``.  Built-in costs follow geomloss exactly:
+
+* ``p=2``: ``C = ½‖x−y‖²``, computed as ``(‖x‖² − 2⟨x,y⟩ + ‖y‖²)/2``;
+* ``p=1``: ``C = sqrt(max(‖x−y‖², 1e-8))`` (geomloss's clamp: gradient 0 at coincident points).
+
+A :class:`Kernel` is a function of the squared distance, ``k(‖x−y‖²)`` (gaussian, laplacian,
+energy), with the same geomloss clamps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+_DIST_CLAMP = 1e-8  # geomloss clamps squared distances at 1e-8 before a square root
+
+
+def sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``‖x_i − y_j‖²`` as ``‖x‖² − 2⟨x,y⟩ + ‖y‖²``; x (B,n,D), y (B,m,D) -> (B,n,m)."""
+    xx = (x * x).sum(-1).unsqueeze(2)
+    yy = (y * y).sum(-1).unsqueeze(1)
+    return torch.baddbmm(xx + yy, x, y.transpose(1, 2), alpha=-2)
+
+
+class Cost:
+    """A ground cost C(x, y) on (B,n,D) x (B,m,D) tiles.
+
+    ``p`` is 1 or 2 for the built-in (symmetric, translation-invariant) costs, None for a
+    user callable ``fn(x, y) -> (B,n,m)`` (geomloss's ``cost=`` convention), which is then
+    differentiated by autograd tile by tile.
+    """
+
+    def __init__(self, p: Optional[int] = 2, fn: Optional[Callable] = None, name: str = ""):
+        self.p, self.fn = p, fn
+        self.name = name or (f"p={p}" if fn is None else getattr(fn, "__name__", "callable"))
+
+    @property
+    def builtin(self) -> bool:
+        return self.fn is None
+
+    symmetric = builtin  # C(x, y) = C(y, x): lets a backend reuse one matrix for C_xy and C_yx
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Dense tile (B,n,m), differentiable through torch autograd."""
+        if self.fn is not None:
+            return self.fn(x, y)
+        d2 = sqdist(x, y)
+        if self.p == 2:
+            return d2 / 2
+        return torch.sqrt(torch.clamp_min(d2, _DIST_CLAMP))
+
+    def apply_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   C: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``Σ_j W_ij ∇_x C(x_i, y_j)`` for a weight tile W (B,n,m) -> (B,n,D).
+
+        ``C`` (the cost tile, if the caller has it) saves a recomputation for p=1.
+        """
+        if self.fn is not None:
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.fn(xg, y.detach()), xg, W)
+            return g
+        if self.p == 1:
+            d = C if C is not None else self(x, y)
+            # d == 1e-4 exactly where geomloss's clamp is active: zero gradient there.
+            W = torch.where(d > math.sqrt(_DIST_CLAMP), W / d, torch.zeros((), dtype=W.dtype, device=W.device))
+        return x * W.sum(2, keepdim=True) - torch.bmm(W, y)
+
+
+def make_cost(p: int, cost) -> Cost:
+    """Turn geomloss's ``p`` / ``cost`` arguments into a :class:`Cost`.
+
+    ``cost`` may be None (from ``p``), a callable ``(x, y) -> (B,N,M)``, one of the KeOps
+    formula strings geomloss uses for its built-in costs (``"(SqDist(X,Y) / IntCst(2))"``,
+    ``"Norm2(X-Y)"``), or the names ``"sqeuclidean"`` (= ½‖x−y‖², p=2) and ``"euclidean"`` (p=1).
+    A geomloss multiscale tuple ``(formula, routine)`` is read through its formula.
+    """
+    if cost is None:
+        return Cost(p)
+    if isinstance(cost, tuple) and len(cost) == 2:
+        cost = cost[0]
+    if isinstance(cost, str):
+        key = cost.replace(" ", "").lower()
+        table = {"(sqdist(x,y)/intcst(2))": 2, "sqdist(x,y)/intcst(2)": 2, "sqeuclidean": 2,
+                 "norm2(x-y)": 1, "euclidean": 1}
+        if key not in table:
+            raise ValueError(
+                f"cost={cost!r} is not a cost otkernels knows: use 'sqeuclidean' (½|x-y|², p=2), "
+                f"'euclidean' (|x-y|, p=1), geomloss's formulas '(SqDist(X,Y) / IntCst(2))' and "
+                f"'Norm2(X-Y)', or a callable (x, y) -> (B,N,M) tensor.")
+        return Cost(table[key])
+    if callable(cost):
+        return Cost(None, fn=cost)
+    raise TypeError(f"cost must be None, a string or a callable (x, y) -> (B,N,M), got {type(cost).__name__}")
+
+
+class Kernel:
+    """A radial kernel ``k(d2)`` of the squared distance ``d2 = ‖x−y‖²`` (geomloss's formulas).
+
+    gaussian ``exp(−d2 / 2σ²)``; laplacian ``exp(−sqrt(max(d2/σ², 1e-8)))``;
+    energy ``−sqrt(max(d2, 1e-8))``; σ = blur.
+    """
+
+    NAMES = ("gaussian", "laplacian", "energy")
+
+    def __init__(self, name: str, blur: float):
+        if name not in self.NAMES:
+            raise ValueError(f"unknown kernel {name!r}: expected one of {self.NAMES}")
+        self.name, self.blur = name, float(blur)
+
+    def _scaled(self, x, y):
+        if self.name == "energy":
+            return x, y
+        return x / self.blur, y / self.blur
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Dense kernel tile k(x_i, y_j), (B,n,D) x (B,m,D) -> (B,n,m), autograd-friendly."""
+        xs, ys = self._scaled(x, y)
+        d2 = sqdist(xs, ys)
+        if self.name == "gaussian":
+            return (-d2 / 2).exp()
+        d = torch.sqrt(torch.clamp_min(d2, _DIST_CLAMP))
+        return (-d).exp() if self.name == "laplacian" else -d
+
+    def value_and_dk(self, x: torch.Tensor, y: torch.Tensor):
+        """Tiles ``k`` and ``∂k/∂(d2)`` w.r.t. the *unscaled* squared distance (B,n,m)."""
+        xs, ys = self._scaled(x, y)
+        d2 = sqdist(xs, ys)
+        s2 = 1.0 if self.name == "energy" else self.blur ** 2
+        if self.name == "gaussian":
+            k = (-d2 / 2).exp()
+            return k, -k / (2 * s2)
+        d = torch.sqrt(torch.clamp_min(d2, _DIST_CLAMP))
+        live = d2 >= _DIST_CLAMP  # clamp_min passes gradient where d2 >= min
+        inv = torch.where(live, 1 / (2 * d * s2), torch.zeros((), dtype=d.dtype, device=d.device))
+        if self.name == "laplacian":
+            k = (-d).exp()
+            return k, -k * inv
+        return -d, -inv

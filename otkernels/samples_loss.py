@@ -1,0 +1,204 @@
+"""``SamplesLoss``: a drop-in replacement for ``geomloss.SamplesLoss``.
+
+Same constructor, call forms ``L(x, y)``, ``L(a, x, b, y)``, ``L(l_x, a, x, l_y, b, y)``,
+shapes ``(N,D)`` or batched ``(B,N,D)``, and return shapes (scalar / ``(B,)``, or potentials
+shaped like the weights) as geomloss 0.3.  The work is done by the backends in
+``otkernels.backends`` through one Sinkhorn loop (``sinkhorn.py``), one kernel-norm routine
+(``kernel_losses.py``) and the ε-Hausdorff divergence (``hausdorff.py``).
+
+``backend="auto"`` rule (:func:`otkernels.backends.select`): dense ``tensorized`` when
+``B·N·M ≤ 1500²`` (or for a custom ``kernel`` callable), else ``blocked`` (cost cached on CPU
+when it fits the memory budget, tiles recomputed otherwise).  geomloss's ``"online"`` and
+``"multiscale"`` map to ``blocked``; ``multiscale``'s kernel truncation and cluster labels
+are not implemented: otkernels computes the exact (online) value and says so in a warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn import Module
+
+from . import backends
+from ._checks import (check_finite, check_float_param, check_same_device, check_tensor,
+                      check_weights)
+from .costs import Kernel, make_cost
+from .hausdorff import hausdorff
+from .kernel_losses import CallableKernel, kernel_loss
+from .sinkhorn import epsilon_schedule, max_diameter, sinkhorn
+
+LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
+BACKENDS = ("auto", "tensorized", "blocked", "online", "multiscale")
+
+
+class SamplesLoss(Module):
+    """Loss between sampled measures ``α = Σ a_i δ_{x_i}``, ``β = Σ b_j δ_{y_j}``.
+
+    Args (as geomloss): loss ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian"),
+    p (1 or 2: cost |x−y| or ½|x−y|²), blur (σ; ε = blur^p), reach (None = balanced, else
+    ρ = reach^p), diameter (None = bounding-box diagonal), scaling (ε-annealing ratio in
+    (0, 1)), truncate, cluster_scale (multiscale only: ignored), cost (None, a geomloss cost
+    string or a callable (x, y) -> (B,N,M)), kernel (callable for kernel losses), debias,
+    potentials, verbose, backend.
+
+    Call: ``L(x, y)``, ``L(a, x, b, y)``: x (N,D) or (B,N,D), a (N,), (N,1), (B,N) or (B,N,1).
+    Returns a scalar or (B,), or ``(F, G)`` shaped like a and b when ``potentials=True``.
+    """
+
+    def __init__(self, loss="sinkhorn", p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
+                 truncate=5, cost=None, kernel=None, cluster_scale=None, debias=True,
+                 potentials=False, verbose=False, backend="auto"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} is unknown: expected one of {LOSSES}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            known = set(BACKENDS) | set(backends.available())
+            if backend not in known:
+                raise ValueError(f"backend={backend!r} is unknown: expected one of {sorted(known)}")
+        if loss in ("sinkhorn", "hausdorff") and p not in (1, 2):
+            raise ValueError(f"p={p!r} is not supported for loss={loss!r}: expected 1 or 2")
+        self.blur = check_float_param("blur", blur)
+        self.reach = check_float_param("reach", reach, allow_none=True)
+        self.diameter = check_float_param("diameter", diameter, allow_none=True)
+        self.scaling = check_float_param("scaling", scaling)
+        if not self.scaling < 1:
+            raise ValueError(f"scaling must be in (0, 1), got {scaling}")
+        if loss == "hausdorff" and reach is not None:
+            raise ValueError("reach is not supported for loss='hausdorff' (a balanced divergence)")
+        self.loss, self.p, self.backend = loss, p, backend
+        self.cost = make_cost(p, cost)
+        self.kernel = kernel
+        if kernel is not None and not callable(kernel):
+            raise TypeError(f"kernel must be a callable (x, y, blur=...) -> (B,N,M), got {type(kernel).__name__}")
+        self.truncate, self.cluster_scale = truncate, cluster_scale
+        self.debias, self.potentials, self.verbose = bool(debias), bool(potentials), verbose
+
+    # ------------------------------------------------------------------ parsing and checks
+    def _parse(self, args):
+        if len(args) == 2:
+            x, y = args
+            return None, None, x, None, None, y
+        if len(args) == 4:
+            a, x, b, y = args
+            return None, a, x, None, b, y
+        if len(args) == 6:
+            return args
+        raise ValueError("SamplesLoss takes two (x, y), four (a, x, b, y) or six "
+                         f"(l_x, a, x, l_y, b, y) arguments, got {len(args)}")
+
+    def _check(self, l_x, a, x, l_y, b, y):
+        check_tensor("x", x)
+        check_tensor("y", y)
+        if x.dim() not in (2, 3):
+            raise ValueError(f"x must be (N,D) or (B,N,D), got shape {tuple(x.shape)}")
+        if y.dim() != x.dim():
+            raise ValueError(f"x and y must both be (N,D) or both (B,N,D), got shapes "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[-1] != y.shape[-1]:
+            raise ValueError(f"x and y must have the same dimension D, got {x.shape[-1]} and {y.shape[-1]}")
+        if x.dtype != y.dtype:
+            raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+        batched = x.dim() == 3
+        if batched and x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
+        N, M, D = x.shape[-2], y.shape[-2], x.shape[-1]
+        if N == 0 or M == 0:
+            raise ValueError(f"empty point cloud: x has {N} points, y has {M}")
+        if D == 0:
+            raise ValueError("points have dimension D = 0")
+        if (a is None) != (b is None):
+            raise ValueError("give both weights a and b, or neither")
+        shapes = {}
+        for name, w, n, cloud in (("a", a, N, "x"), ("b", b, M, "y")):
+            if w is None:
+                continue
+            check_tensor(name, w)
+            if w.dtype != x.dtype:
+                raise TypeError(f"{name} must have the dtype of the points ({x.dtype}), got {w.dtype}")
+            ok = (w.shape in ((n,), (n, 1)) if not batched
+                  else w.shape in ((x.shape[0], n), (x.shape[0], n, 1)))
+            if not ok:
+                want = f"({n},) or ({n},1)" if not batched else f"({x.shape[0]},{n}) or ({x.shape[0]},{n},1)"
+                raise ValueError(f"weights {name} have shape {tuple(w.shape)}, expected {want} to match {cloud}")
+            shapes[name] = w.shape
+        check_same_device(x=x, y=y, a=a, b=b)
+        check_finite("x", x)
+        check_finite("y", y)
+        xb, yb = (x, y) if batched else (x[None], y[None])
+        B = xb.shape[0]
+        ab = (a.reshape(B, N) if a is not None else torch.full((B, N), 1.0 / N, dtype=x.dtype, device=x.device))
+        bb = (b.reshape(B, M) if b is not None else torch.full((B, M), 1.0 / M, dtype=x.dtype, device=x.device))
+        if a is not None:
+            check_weights("a", ab)
+            check_weights("b", bb)
+        for name, lab, n in (("l_x", l_x, N), ("l_y", l_y, M)):
+            if lab is not None:
+                if batched:
+                    raise ValueError(f"cluster labels {name} are only defined without batches (geomloss)")
+                if not isinstance(lab, torch.Tensor) or lab.numel() != n:
+                    raise ValueError(f"cluster labels {name} must be a tensor of {n} labels")
+        return batched, shapes, ab, xb, bb, yb
+
+    def _backend(self, B, N, M, D, device, labels):
+        name = self.backend
+        if name == "multiscale" or labels:
+            warnings.warn("otkernels has no multiscale kernel truncation: computing the exact "
+                          "(online) value with the 'blocked' backend; cluster_scale, truncate and "
+                          "cluster labels are ignored", stacklevel=3)
+        need_dense = self.kernel is not None and self.loss in ("energy", "gaussian", "laplacian")
+        if name == "auto":
+            name = backends.select(B, N, M, D, device, need="dense" if need_dense else None)
+        elif need_dense and backends.ALIASES.get(name, name) != "tensorized":
+            raise ValueError(f"a custom kernel callable runs on backend='tensorized' or 'auto', not {name!r}")
+        return backends.get(name)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args):
+        l_x, a, x, l_y, b, y = self._parse(args)
+        batched, shapes, a, x, b, y = self._check(l_x, a, x, l_y, b, y)
+        B, N, M, D = x.shape[0], x.shape[1], y.shape[1], x.shape[2]
+        out_dtype = x.dtype
+        if x.dtype in (torch.float16, torch.bfloat16):  # compute in float32, return in the input dtype
+            a, x, b, y = a.float(), x.float(), b.float(), y.float()
+        backend = self._backend(B, N, M, D, x.device, l_x is not None or l_y is not None)
+        if self.loss in ("energy", "gaussian", "laplacian"):
+            kernel = (CallableKernel(self.kernel, self.blur) if self.kernel is not None
+                      else Kernel(self.loss, self.blur))
+            if self.cost.builtin and self.kernel is None:
+                x, y = _center(x, y)
+            values = kernel_loss(backend, a, x, b, y, kernel, potentials=self.potentials)
+        else:
+            if self.cost.builtin:
+                x, y = _center(x, y)
+            diameter = self.diameter if self.diameter is not None else max_diameter(x.detach(), y.detach())
+            eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
+            if self.verbose:
+                print(f"otkernels: {backend.NAME} backend, {len(eps_list)} iterations, blur schedule "
+                      + ", ".join(f"{e ** (1 / self.p):.3g}" for e in eps_list))
+            rho = None if self.reach is None else self.reach ** self.p
+            handles = backend.cost_handles(x, y, self.cost, debias=self.debias or self.loss == "hausdorff")
+            if self.loss == "sinkhorn":
+                values = sinkhorn(a, b, handles, eps_list, rho=rho, debias=self.debias,
+                                  potentials=self.potentials)
+            else:
+                values = hausdorff(handles, a, x, b, y, eps_list, potentials=self.potentials)
+        if self.potentials:
+            F, G = values
+            F = F.to(out_dtype).reshape(shapes.get("a", F.shape if batched else F.shape[1:]))
+            G = G.to(out_dtype).reshape(shapes.get("b", G.shape if batched else G.shape[1:]))
+            return F, G
+        values = values.to(out_dtype)
+        return values if batched else values[0]
+
+    def extra_repr(self):
+        return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
+                f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+def _center(x, y):
+    """Translate both clouds by their common mean (a constant): built-in costs and kernels are
+    translation invariant, and float32 costs lose far less to cancellation near the origin."""
+    with torch.no_grad():
+        D = x.shape[-1]
+        c = torch.cat([x.reshape(-1, D), y.reshape(-1, D)]).mean(0)
+    return x - c, y - c

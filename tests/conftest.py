@@ -1,0 +1,36 @@
+"""One backend fixture for the whole suite (POT's pattern): every test that takes
+``backend`` runs on each usable backend; unusable ones are skipped with the reason."""
+import os
+
+import pytest
+import torch
+
+import otkernels
+from otkernels import backends
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--large", action="store_true", default=False,
+                     help="run benchmark sizes that take minutes (N=M=100k memory benchmark)")
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request, monkeypatch):
+    """Backend name to pass to SamplesLoss; 'blocked-recompute' is 'blocked' without the cost cache."""
+    name = request.param
+    base = "blocked" if name.startswith("blocked") else name
+    ok, why = backends.available()[base]
+    if not ok:
+        pytest.skip(f"backend {base} unavailable: {why}")
+    if name == "blocked-recompute":
+        monkeypatch.setattr(backends, "_budget", 0)
+    return base
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(0)
