@@ -13,11 +13,6 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute"]
 
 
-def pytest_addoption(parser):
-    parser.addoption("--large", action="store_true", default=False,
-                     help="run benchmark sizes that take minutes (N=M=100k memory benchmark)")
-
-
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request, monkeypatch):
     """Backend name to pass to SamplesLoss; 'blocked-recompute' is 'blocked' without the cost cache."""
