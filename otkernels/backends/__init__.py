@@ -8,17 +8,18 @@ Interface of a backend module (see ``tensorized.py``, the readable reference):
   first point cloud), used by the one Sinkhorn loop in ``otkernels/sinkhorn.py``;
 * ``kernel_sum(x, y, b, kernel) -> (B,N)``: ``Σ_j k(x_i, y_j) b_j`` with gradients for x, y, b.
 
-``backend="auto"`` (:func:`select`): for problems with ``N·M ≤ AUTO_DENSE_MAX`` the dense
-``tensorized`` backend (least overhead); above, ``blocked``, which caches the cost on CPU
-when it fits :func:`cache_budget` and recomputes tiles otherwise.  A backend can be
-disabled with ``OTKERNELS_DISABLE=name1,name2``.
+``backend="auto"`` (:func:`select`): for problems with ``B·N·M ≤ AUTO_DENSE_MAX`` the dense
+``tensorized`` backend (least overhead); above, on CPU, ``native`` (the fused C++ kernels of
+``csrc/``) when it is available, else ``blocked``; on other devices ``blocked``.  Both cache
+the cost on CPU when it fits :func:`cache_budget` and recompute tiles otherwise.  A backend
+can be disabled with ``OTKERNELS_DISABLE=name1,name2``.
 """
 from __future__ import annotations
 
 import importlib
 import os
 
-_MODULES = {"tensorized": "tensorized", "blocked": "blocked"}
+_MODULES = {"tensorized": "tensorized", "blocked": "blocked", "native": "native"}
 ALIASES = {"online": "blocked", "multiscale": "blocked"}  # geomloss's names
 AUTO_DENSE_MAX = 1500 * 1500
 
@@ -84,4 +85,13 @@ def select(B, N, M, D, device, need=None):
         return "tensorized"
     if B * N * M <= AUTO_DENSE_MAX and "tensorized" in usable:
         return "tensorized"
+    if _is_cpu(device) and "native" in usable:
+        return "native"
     return "blocked" if "blocked" in usable else "tensorized"
+
+
+def _is_cpu(device) -> bool:
+    try:
+        return getattr(device, "type", None) == "cpu" or str(device).split(":")[0] == "cpu"
+    except Exception:
+        return False

@@ -1,0 +1,259 @@
+// Gradient of the Sinkhorn extrapolation step from the final potentials, in one pass and
+// without building the plan:
+//
+//   out_i = g_i Σ_j s_j P_ij ∇_1 C(a_i, b_j),   P_ij = exp(h_j − C_ij/ε + f_i/ε)
+//   ∇_1 C = a_i − b_j (p = 2),  (a_i − b_j)/C_ij (p = 1, 0 where geomloss's clamp is active)
+//
+// so out_i = g_i (a_i Σ_j w_ij − Σ_j w_ij b_j) with w_ij = s_j P_ij [/C_ij]: the second sum is
+// attention's P·V, a GEMM of the weight tile with b (D > 8) or vector accumulators (D ≤ 8).
+#include "tiles.h"
+
+namespace otk {
+
+// w_j for the tile columns [0, W) of one row; sink(j, w, lanes) receives each vector (lanes
+// beyond `lanes` are zero).  Returns Σ_j w_j.
+template <typename T, int P, typename L, typename Sink>
+inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Sink&& sink) {
+  constexpr int n = VT<T>::N;
+  const vec<T> ie = vset(-inv), fv = vset(fe), thr = vset(T(std::sqrt(T(1e-8))));
+  vec<T> acc = vset(T(0));
+  auto one = [&](vec<T> c, vec<T> hv, vec<T> sv, i64 j, int lanes) {
+    vec<T> w = vexp(vfma(c, ie, hv + fv));
+    if (s) w *= sv;
+    if constexpr (P == 1) w = select(c > thr, w / c, vset(T(0)));
+    if (lanes < n) w = select(lanes_below<T>(lanes), w, vset(T(0)));
+    acc += w;
+    sink(j, w, lanes);
+  };
+  i64 j = 0;
+  for (; j + n <= W; j += n) one(ld.at(j), vload(h + j), s ? vload(s + j) : vset(T(1)), j, n);
+  if (j < W) {
+    const int rem = int(W - j);
+    one(ld.tail(j, rem), vload_part(h + j, rem, T(0)), s ? vload_part(s + j, rem, T(0)) : vset(T(1)), j, rem);
+  }
+  return hsum(acc);
+}
+
+// Vector accumulators Σ_j w_j bT[k, j] for k < D ≤ DIRECT_MAX_D.
+template <typename T> struct DirectAcc {
+  vec<T> acc[DIRECT_MAX_D];
+  const T* bT;
+  i64 ld;
+  int D;
+  DirectAcc(const T* bT_, i64 ld_, int D_) : bT(bT_), ld(ld_), D(D_) {
+    for (int k = 0; k < D; ++k) acc[k] = vset(T(0));
+  }
+  void operator()(i64 j, vec<T> w, int lanes) {
+    constexpr int n = VT<T>::N;
+    for (int k = 0; k < D; ++k)
+      acc[k] = vfma(w, lanes == n ? vload(bT + k * ld + j) : vload_part(bT + k * ld + j, lanes, T(0)), acc[k]);
+  }
+};
+
+// Row-direction gradient with a row loader factory: rows(q, i, j0, W, G) -> loader.
+template <typename T, int P, typename MakeRow>
+static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, i64 B,
+                      i64 Na, i64 Nb, i64 D, double eps, int nt, bool need_gemm_cost, MakeRow make_row) {
+  const bool direct = D <= DIRECT_MAX_D;
+  const T inv = T(1.0 / eps);
+  const T half = P == 2 ? T(0.5) : T(1);
+  ColumnTerms<T> ct(b, B, Nb, D, direct, need_gemm_cost, half);
+  const i64 R = rows_per_task(B, Na, nt, ROWS), nblk = ceil_div(Na, R);
+  struct Ctx {
+    std::vector<T> G, Wb, acc;
+  };
+  parallel_tasks(B * nblk, nt,
+                 [&] {
+                   return Ctx{std::vector<T>(need_gemm_cost ? size_t(R * COLS) : 0),
+                              std::vector<T>(direct ? 0 : size_t(R * COLS)),
+                              std::vector<T>(size_t(R * D))};
+                 },
+                 [&](i64 task, Ctx& c) {
+    const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(Na, i0 + R), nr = i1 - i0;
+    const T* aq = a + q * Na * D;
+    const T* bq = b + q * Nb * D;
+    const T* hq = h + q * Nb;
+    const T* sq = s ? s + q * Nb : nullptr;
+    T wsum[ROWS], ha[ROWS];
+    for (i64 r = 0; r < nr; ++r) wsum[r] = 0;
+    std::fill(c.acc.begin(), c.acc.begin() + nr * D, T(0));
+    if (need_gemm_cost) sqnorms(aq + i0 * D, nr, D, half, ha);
+    if (direct) {
+      const T* bT = ct.bT.data() + q * Nb * D;
+      for (i64 i = i0; i < i1; ++i) {
+        DirectAcc<T> acc(bT, Nb, int(D));
+        const T fe = f[q * Na + i] * inv;
+        for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
+          const i64 W = std::min<i64>(COLS, Nb - j0);
+          acc.bT = bT + j0;
+          auto ld = make_row(q, i, j0, W, aq, bT + j0, (const T*)nullptr, T(0), (const T*)nullptr);
+          wsum[i - i0] += row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, fe, acc);
+        }
+        for (int k = 0; k < D; ++k) c.acc[(i - i0) * D + k] = hsum(acc.acc[k]);
+      }
+    } else {
+      const T* hb = need_gemm_cost ? ct.hb.data() + q * Nb : nullptr;
+      for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
+        const i64 W = std::min<i64>(COLS, Nb - j0);
+        if (need_gemm_cost)
+          gemm(false, true, nr, W, D, T(P == 2 ? 1 : 2), aq + i0 * D, D, bq + j0 * D, D, T(0), c.G.data(), W);
+        for (i64 i = i0; i < i1; ++i) {
+          T* wrow = c.Wb.data() + (i - i0) * W;
+          auto sink = [&](i64 j, vec<T> w, int lanes) {
+            if (lanes == VT<T>::N) vstore(wrow + j, w);
+            else vstore_part(wrow + j, w, lanes);
+          };
+          auto ld = make_row(q, i, j0, W, aq, (const T*)nullptr, need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
+                             need_gemm_cost ? ha[i - i0] : T(0), hb ? hb + j0 : nullptr);
+          wsum[i - i0] += row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, f[q * Na + i] * inv, sink);
+        }
+        // acc (nr×D) += Wb (nr×W) · b[j0:j0+W] (W×D)
+        gemm(false, false, nr, D, W, T(1), c.Wb.data(), W, bq + j0 * D, D, T(1), c.acc.data(), D);
+      }
+    }
+    for (i64 i = i0; i < i1; ++i) {
+      const T gi = g[q * Na + i], ws = wsum[i - i0];
+      const T* ai = aq + i * D;
+      const T* ac = c.acc.data() + (i - i0) * D;
+      T* o = out + (q * Na + i) * D;
+      for (i64 k = 0; k < D; ++k) o[k] = gi * (ai[k] * ws - ac[k]);
+    }
+  });
+}
+
+template <typename T>
+void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, i64 B, i64 Na,
+                 i64 Nb, i64 D, int p, double eps, int nt) {
+  const bool direct = D <= DIRECT_MAX_D;
+  auto run = [&](auto pc) {
+    constexpr int P = decltype(pc)::value;
+    if (direct) {
+      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt, false,
+                      [D, Nb](i64, i64 i, i64, i64, const T* aq, const T* bT, const T*, T, const T*) {
+                        return CostRow<T, P, DirectRow<T>, true>{DirectRow<T>(aq + i * D, bT, Nb, int(D))};
+                      });
+    } else {
+      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt, true,
+                      [](i64, i64, i64, i64, const T*, const T*, const T* G, T ha, const T* hb) {
+                        return CostRow<T, P, GemmRow<T>, false>{GemmRow<T>{G, hb, ha}};
+                      });
+    }
+  };
+  if (p == 1) run(std::integral_constant<int, 1>());
+  else run(std::integral_constant<int, 2>());
+}
+
+// ----------------------------------------------------------------------------- cached, columns
+// Transposed cache C (B,Nb,Na): the handle's rows are the columns of C.
+template <typename T, typename S, int P>
+static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const T* h, const T* f, const T* g,
+                             const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, double eps, int nt) {
+  constexpr int n = VT<T>::N;
+  constexpr i64 RB = 64, SW = 256;
+  const bool direct = D <= DIRECT_MAX_D;
+  const T inv = T(1.0 / eps);
+  const vec<T> ie = vset(-inv), thr = vset(T(std::sqrt(T(1e-8))));
+  i64 width = std::max<i64>(n, ceil_div(ceil_div(B * Na, 4 * i64(num_threads_or(nt))), n) * n);
+  width = std::min<i64>(width, ceil_div(Na, n) * n);
+  const i64 nrng = ceil_div(Na, width);
+  struct Ctx {
+    std::vector<T> wsum, acc, Wt;
+  };
+  parallel_tasks(B * nrng, nt,
+                 [&] {
+                   return Ctx{std::vector<T>(size_t(width)), std::vector<T>(size_t(width * D)),
+                              std::vector<T>(size_t(RB * SW))};
+                 },
+                 [&](i64 task, Ctx& c) {
+    const i64 q = task / nrng, c0 = (task % nrng) * width, c1 = std::min(Na, c0 + width), w = c1 - c0;
+    const S* Cq = C + q * Nb * Na;
+    const T* aq = a + q * Na * D;
+    const T* bq = b + q * Nb * D;
+    const T* hq = h + q * Nb;
+    const T* sq = s ? s + q * Nb : nullptr;
+    const T* fq = f + q * Na;
+    std::fill(c.wsum.begin(), c.wsum.begin() + w, T(0));
+    std::fill(c.acc.begin(), c.acc.begin() + w * D, T(0));  // direct: (D, w); GEMM: (w, D)
+    for (i64 r0 = 0; r0 < Nb; r0 += RB) {
+      const i64 R = std::min(RB, Nb - r0);
+      for (i64 s0 = 0; s0 < w; s0 += SW) {
+        const i64 sw = std::min(SW, w - s0);
+        for (i64 r = 0; r < R; ++r) {
+          const i64 i = r0 + r;
+          CachedRow<T, S> ld{Cq + i * Na + c0 + s0, cscale};
+          const vec<T> hv = vset(hq[i]);
+          const T si = sq ? sq[i] : T(1);
+          T* wr = c.Wt.data() + r * sw;
+          for (i64 j = 0; j < sw; j += n) {
+            const int lanes = int(std::min<i64>(n, sw - j));
+            vec<T> cv = lanes == n ? ld.at(j) : ld.tail(j, lanes);
+            vec<T> fe = (lanes == n ? vload(fq + c0 + s0 + j) : vload_part(fq + c0 + s0 + j, lanes, T(0))) * inv;
+            vec<T> wv = vexp(vfma(cv, ie, hv + fe)) * si;
+            if constexpr (P == 1) wv = select(cv > thr, wv / cv, vset(T(0)));
+            if (lanes < n) wv = select(lanes_below<T>(lanes), wv, vset(T(0)));
+            T* ws = c.wsum.data() + s0 + j;
+            if (lanes == n) {
+              vstore(ws, vload(ws) + wv);
+              vstore(wr + j, wv);
+            } else {
+              vstore_part(ws, vload_part(ws, lanes, T(0)) + wv, lanes);
+              vstore_part(wr + j, wv, lanes);
+            }
+            if (direct) {
+              const T* bi = bq + i * D;
+              for (i64 k = 0; k < D; ++k) {
+                T* ak = c.acc.data() + k * w + s0 + j;
+                if (lanes == n) vstore(ak, vfma(wv, vset(bi[k]), vload(ak)));
+                else vstore_part(ak, vfma(wv, vset(bi[k]), vload_part(ak, lanes, T(0))), lanes);
+              }
+            }
+          }
+        }
+        if (!direct)  // acc[s0:s0+sw] (sw×D) += Wtᵀ (sw×R) · b[r0:r0+R] (R×D)
+          gemm(true, false, sw, D, R, T(1), c.Wt.data(), sw, bq + r0 * D, D, T(1), c.acc.data() + s0 * D, D);
+      }
+    }
+    for (i64 j = 0; j < w; ++j) {
+      const i64 jj = c0 + j;
+      const T gj = g[q * Na + jj], ws = c.wsum[j];
+      const T* aj = aq + jj * D;
+      T* o = out + (q * Na + jj) * D;
+      for (i64 k = 0; k < D; ++k) {
+        const T ak = direct ? c.acc[k * w + j] : c.acc[j * D + k];
+        o[k] = gj * (aj[k] * ws - ak);
+      }
+    }
+  });
+}
+
+template <typename T, typename S>
+void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, const T* h, const T* f, const T* g,
+                 const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, int nt) {
+  auto run = [&](auto pc) {
+    constexpr int P = decltype(pc)::value;
+    if (transpose) {
+      grad_cols_cached<T, S, P>(C, cscale, a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt);
+      return;
+    }
+    grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt, false,
+                    [C, cscale, Na, Nb](i64 q, i64 i, i64 j0, i64, const T*, const T*, const T*, T, const T*) {
+                      return CachedRow<T, S>{C + (q * Na + i) * Nb + j0, cscale};
+                    });
+  };
+  if (p == 1) run(std::integral_constant<int, 1>());
+  else run(std::integral_constant<int, 2>());
+}
+
+#define OTK_GRAD_CACHED(T, S)                                                                            \
+  template void grad_cached<T, S>(const S*, T, bool, const T*, const T*, const T*, const T*, const T*,     \
+                                  const T*, T*, i64, i64, i64, i64, int, double, int);
+OTK_GRAD_CACHED(float, float)
+OTK_GRAD_CACHED(float, bf16_t)
+OTK_GRAD_CACHED(float, f16_t)
+OTK_GRAD_CACHED(double, double)
+template void grad_online<float>(const float*, const float*, const float*, const float*, const float*,
+                                 const float*, float*, i64, i64, i64, i64, int, double, int);
+template void grad_online<double>(const double*, const double*, const double*, const double*, const double*,
+                                  const double*, double*, i64, i64, i64, i64, int, double, int);
+
+}  // namespace otk

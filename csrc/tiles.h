@@ -1,0 +1,182 @@
+// Tile machinery shared by the kernels: scratch buffers, work splitting, and the "row
+// loaders" that produce cost (or distance / score) vectors for one row of a tile:
+//
+//   CachedRow   a row of a cached cost matrix (T, bf16 or scaled f16 storage)
+//   GemmRow     u = ha + hb_j − G_j from a GEMM tile G = alpha·a·bᵀ (ha, hb: row/col terms)
+//   DirectRow   Σ_k (a_k − b_jk)² (or Σ_k a_k b_jk) from b stored transposed, for small D
+//
+// A loader has at(j) (N columns from j) and tail(j, rem) (rem < N columns, other lanes
+// arbitrary: consumers mask them).  Consumers (in the .cpp files) apply a transform (cost
+// for p = 1, 2; kernel value) and reduce.
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#include "otk.h"
+
+namespace otk {
+
+template <typename T> constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+template <typename T> constexpr T pos_inf() { return std::numeric_limits<T>::infinity(); }
+
+template <typename T> inline veci<T> lanes_below(int rem) { return iota<T>() < vset<T>(T(rem)); }
+
+// 64-byte aligned scratch, one per thread (allocated inside the parallel region).
+template <typename T> struct Scratch {
+  T* p = nullptr;
+  explicit Scratch(i64 n) {
+    size_t bytes = (size_t(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
+
+// Rows per task: at most maxR, small enough that B·N rows make ≥ 4 tasks per thread.
+inline i64 rows_per_task(i64 B, i64 N, int nt, i64 maxR) {
+  i64 want = 4 * i64(nt);
+  i64 r = ceil_div(B * N, want);
+  return std::max<i64>(1, std::min<i64>(maxR, r));
+}
+
+// ----------------------------------------------------------------------------- loaders
+template <typename T, typename S> struct CachedRow {
+  const S* p;
+  T scale;  // stored value × scale = cost (f16 storage only)
+  static constexpr bool scaled = std::is_same<S, f16_t>::value;
+  vec<T> at(i64 j) const {
+    vec<T> v = sload(p + j);
+    if constexpr (scaled) v *= scale;
+    return v;
+  }
+  vec<T> tail(i64 j, int rem) const {
+    vec<T> v = sload_part<T>(p + j, rem);
+    if constexpr (scaled) v *= scale;
+    return v;
+  }
+};
+
+template <typename T> struct GemmRow {
+  const T* G;   // tile row
+  const T* hb;  // column terms, at the tile's first column
+  T ha;
+  vec<T> at(i64 j) const { return (vset(ha) + vload(hb + j)) - vload(G + j); }
+  vec<T> tail(i64 j, int rem) const {
+    return (vset(ha) + vload_part(hb + j, rem, T(0))) - vload_part(G + j, rem, T(0));
+  }
+};
+
+// Σ_k (a_k − bT[k, j])² (Dot = false) or Σ_k a_k bT[k, j] (Dot = true), D ≤ DIRECT_MAX_D.
+template <typename T, bool Dot = false> struct DirectRow {
+  vec<T> av[DIRECT_MAX_D];
+  const T* bT;  // (D, ld) at the tile's first column
+  i64 ld;
+  int D;
+  DirectRow(const T* a, const T* bT_, i64 ld_, int D_) : bT(bT_), ld(ld_), D(D_) {
+    for (int k = 0; k < D; ++k) av[k] = vset(a[k]);
+  }
+  vec<T> at(i64 j) const {
+    vec<T> acc = vset(T(0));
+    for (int k = 0; k < D; ++k) {
+      vec<T> bv = vload(bT + k * ld + j);
+      if constexpr (Dot) {
+        acc = vfma(av[k], bv, acc);
+      } else {
+        vec<T> d = av[k] - bv;
+        acc = vfma(d, d, acc);
+      }
+    }
+    return acc;
+  }
+  vec<T> tail(i64 j, int rem) const {
+    vec<T> acc = vset(T(0));
+    for (int k = 0; k < D; ++k) {
+      vec<T> bv = vload_part(bT + k * ld + j, rem, T(0));
+      if constexpr (Dot) {
+        acc = vfma(av[k], bv, acc);
+      } else {
+        vec<T> d = av[k] - bv;
+        acc = vfma(d, d, acc);
+      }
+    }
+    return acc;
+  }
+};
+
+// Cost transforms: a loader of "u" into a loader of costs.
+//   p = 2: GemmRow with half norms and alpha = 1 gives ½|a−b|² directly; DirectRow gives |a−b|² (×½).
+//   p = 1: u = |a−b|², cost = sqrt(max(u, 1e-8)) (geomloss's clamp).
+template <typename T, int P, typename L, bool HalfIt> struct CostRow {
+  L l;
+  static vec<T> f(vec<T> u) {
+    if constexpr (P == 1) {
+      return vsqrt(vmax(u, vset(T(1e-8))));
+    } else if constexpr (HalfIt) {
+      return u * T(0.5);
+    } else {
+      return u;
+    }
+  }
+  vec<T> at(i64 j) const { return f(l.at(j)); }
+  vec<T> tail(i64 j, int rem) const { return f(l.tail(j, rem)); }
+};
+
+// Squared norms |x_i|² · scale for n points of dimension D.
+template <typename T> inline void sqnorms(const T* x, i64 n, i64 D, T scale, T* out) {
+  for (i64 i = 0; i < n; ++i) {
+    T s = 0;
+    const T* xi = x + i * D;
+    for (i64 k = 0; k < D; ++k) s += xi[k] * xi[k];
+    out[i] = s * scale;
+  }
+}
+
+// bT (D, n) = transpose of x (n, D)
+template <typename T> inline void transpose_to(const T* x, i64 n, i64 D, T* bT) {
+  for (i64 i = 0; i < n; ++i)
+    for (i64 k = 0; k < D; ++k) bT[k * n + i] = x[i * D + k];
+}
+
+// Per-batch precomputation of the column terms (norms and/or transposed points) of b.
+template <typename T> struct ColumnTerms {
+  std::vector<T> hb;  // (B, Nb)
+  std::vector<T> bT;  // (B, D, Nb), only when direct
+  ColumnTerms(const T* b, i64 B, i64 Nb, i64 D, bool direct, bool norms, T scale) {
+    if (norms) {
+      hb.resize(size_t(B * Nb));
+      for (i64 q = 0; q < B; ++q) sqnorms(b + q * Nb * D, Nb, D, scale, hb.data() + q * Nb);
+    }
+    if (direct) {
+      bT.resize(size_t(B * Nb * D));
+      for (i64 q = 0; q < B; ++q) transpose_to(b + q * Nb * D, Nb, D, bT.data() + q * Nb * D);
+    }
+  }
+};
+
+}  // namespace otk
+
+namespace otk {
+
+// Runs body(task, ctx) for task in [0, n) on up to nt threads; ctx = init() once per thread.
+// Every thread flushes denormals and keeps BLAS single-threaded while inside.
+template <typename Init, typename Body>
+inline void parallel_tasks(i64 n, int nt, Init init, Body body) {
+  if (n <= 0) return;
+  int threads = int(std::max<i64>(1, std::min<i64>(num_threads_or(nt), n)));
+  (void)threads;
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals fd;
+    BlasOneThread bo;
+    auto ctx = init();
+#pragma omp for schedule(dynamic, 1)
+    for (i64 t = 0; t < n; ++t) body(t, ctx);
+  }
+}
+
+}  // namespace otk

@@ -1,0 +1,427 @@
+"""Native backend: the fused CPU kernels of ``csrc/`` (C++17, OpenMP, SIMD), module ``otkernels._C``.
+
+Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad``, ``grad_x``;
+``kernel_sum``), plus the assignment reductions used by :mod:`otkernels.assign`.
+
+* **Loading.**  ``setup.py`` builds ``otkernels._C`` when torch and a compiler are present at
+  build time.  Otherwise the first :func:`available` call compiles the same sources just in
+  time with ``torch.utils.cpp_extension.load`` (once; cached under ``TORCH_EXTENSIONS_DIR``
+  or ``~/.cache/torch_extensions``).  Any failure leaves the backend unavailable with the
+  reason, never an exception at import.  ``OTKERNELS_NO_EXT=1`` disables the extension,
+  ``OTKERNELS_NO_JIT=1`` only the just-in-time build.
+* **Kernels.**  Softmin ``−ε log Σ_j exp(h_j − C_ij/ε)`` over rows or columns (no transpose
+  copy) of a cached cost, or with the cost computed on the fly (GEMM tiles for D > 8, direct
+  distances for D ≤ 8), fused in one pass with an online max; the Sinkhorn gradient
+  ``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)`` in one pass (never builds P); kernel sums and their
+  gradients; argmax ⟨x, y⟩ + h / argmin |x − y|² + h.  float32 and float64; exp arguments are
+  clamped (−86 / −700) and every thread flushes denormals, so no denormal slow path.
+* **Cached strategy.**  When the cost matrices fit :func:`otkernels.backends.cache_budget`
+  they are computed once (one GEMM) and each of the ~60 passes of the Sinkhorn loop reads
+  them; otherwise tiles are recomputed.  C_xy and C_yx share one matrix (column reductions
+  read it in place).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
+  through a pool (:func:`set_pool_limit`, :func:`empty_cache`): page faults on 1.2 GB of
+  fresh memory cost more than the GEMMs that fill it.
+* **Cache precision.**  ``CACHE_DTYPE`` (env ``OTKERNELS_NATIVE_CACHE_DTYPE``) may store the
+  float32 cache as ``bfloat16`` or ``float16`` (scaled to avoid overflow), read with float32
+  arithmetic.  Off by default: a 16-bit cost has an absolute error of ~2⁻⁹ (bf16) or 2⁻¹²
+  (f16) times its magnitude, which moves the potentials by the same amount — far above the
+  1e-4 float32 parity with geomloss for costs of size ≳ 1 — and on this machine the pass is
+  bound by exp throughput as much as by memory, so the gain is small (see
+  ``benchmarks/bench_native.py``).
+
+Inputs are (B,N,D) float32/float64 CPU tensors (made contiguous here); anything else — a
+callable cost, a GPU tensor, another dtype, a custom kernel — is delegated to ``blocked``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import warnings
+
+import torch
+
+from . import cache_budget
+
+NAME = "native"
+FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
+KERNELS = {"gaussian": 0, "laplacian": 1, "energy": 2}
+CACHE_DTYPE = os.environ.get("OTKERNELS_NATIVE_CACHE_DTYPE", "float32")
+POOL_BYTES = os.environ.get("OTKERNELS_NATIVE_POOL_BYTES")
+
+_lock = threading.Lock()
+_state = {"ext": None, "why": None, "how": None, "tried": False}
+
+
+def _sources():
+    """csrc/*.cpp: inside the package (installed wheels), or next to it (repository, editable)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../otkernels
+    for d in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        files = sorted(glob.glob(os.path.join(d, "*.cpp")))
+        if files:
+            return files
+    return []
+
+
+def _jit():
+    if os.environ.get("OTKERNELS_NO_JIT"):
+        raise RuntimeError("otkernels._C is not built and OTKERNELS_NO_JIT is set")
+    sources = _sources()
+    if not sources:
+        raise RuntimeError("otkernels._C is not built and the csrc/ sources are not found")
+    from torch.utils import cpp_extension
+
+    warnings.warn("otkernels: compiling the native CPU kernels just in time (once, about a minute; "
+                  "cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)", stacklevel=4)
+    return cpp_extension.load(name="otkernels_C", sources=sources, extra_cflags=FLAGS,
+                              extra_ldflags=LDFLAGS, verbose=False)
+
+
+def _load():
+    """The extension module, or None (reason in ``_state['why']``)."""
+    if _state["tried"]:
+        return _state["ext"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ext"]
+        ext = why = how = None
+        if os.environ.get("OTKERNELS_NO_EXT"):
+            why = "disabled by OTKERNELS_NO_EXT"
+        else:
+            try:
+                from .. import _C as ext  # built by setup.py
+                how = "otkernels._C"
+            except ImportError as e:
+                try:
+                    ext = _jit()
+                    how = "JIT-built otkernels_C"
+                except Exception as e2:  # no compiler, no sources, build error: unavailable
+                    why = f"extension not built ({e}); JIT build failed: {str(e2).strip()[-300:]}"
+            if ext is not None:
+                try:
+                    ext.info()
+                    if POOL_BYTES is not None:
+                        ext.set_pool_limit(int(float(POOL_BYTES)))
+                    else:
+                        ext.set_pool_limit(_default_pool())
+                except Exception as e:  # a stale or foreign build
+                    ext, why = None, f"extension loaded but unusable: {e}"
+        _state.update(ext=ext, why=why, how=how, tried=True)
+        return ext
+
+
+def _default_pool():
+    """Released cost caches kept for reuse: a quarter of the RAM, at most 4 GiB."""
+    try:
+        with open("/proc/meminfo") as fh:
+            total = int(next(line for line in fh if line.startswith("MemTotal")).split()[1]) * 1024
+        return min(total // 4, 4 << 30)
+    except (OSError, StopIteration, ValueError):
+        return 1 << 30
+
+
+def available():
+    ext = _load()
+    if ext is None:
+        return False, _state["why"]
+    info = ext.info()
+    return True, (f"native CPU kernels ({_state['how']}; {info['simd']}, {info['blas']}, "
+                  f"OpenMP {'on' if info['openmp'] else 'off'})")
+
+
+def info():
+    """Build information of the extension (SIMD, BLAS, threads) or the reason it is unavailable."""
+    ext = _load()
+    return dict(ext.info(), loaded_as=_state["how"]) if ext is not None else {"unavailable": _state["why"]}
+
+
+def set_pool_limit(nbytes):
+    """Bytes of released cost caches kept for reuse (0 frees them all); returns the pooled bytes."""
+    ext = _load()
+    return 0 if ext is None else ext.set_pool_limit(int(nbytes))
+
+
+def empty_cache():
+    """Free the pooled cost-cache memory (keeps the current limit for later releases)."""
+    ext = _load()
+    if ext is not None:
+        limit = int(float(POOL_BYTES)) if POOL_BYTES is not None else _default_pool()
+        ext.set_pool_limit(0)
+        ext.set_pool_limit(limit)
+
+
+def _ext():
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"otkernels: the native backend is unavailable: {_state['why']}")
+    return ext
+
+
+# ----------------------------------------------------------------------------- validation
+_DTYPES = (torch.float32, torch.float64)
+
+
+def supports(*tensors) -> bool:
+    """True when the native kernels can take these tensors (CPU, float32/float64, one dtype)."""
+    ts = [t for t in tensors if t is not None]
+    return (all(t.device.type == "cpu" for t in ts) and ts[0].dtype in _DTYPES
+            and all(t.dtype == ts[0].dtype for t in ts))
+
+
+def _points(name, t, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be (B,N,D), got shape {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for the native backend, got {t.device}")
+    if t.dtype not in _DTYPES or (dtype is not None and t.dtype != dtype):
+        want = dtype if dtype is not None else "float32 or float64"
+        raise TypeError(f"{name} has dtype {t.dtype}, the native kernels need {want}")
+    return t.detach().contiguous()
+
+
+def _pair(x, y):
+    x = _points("x", x)
+    y = _points("y", y, x.dtype)
+    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must have the same batch size and dimension")
+    return x, y
+
+
+def _vec(name, t, B, n, dtype):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (B, n):
+        raise ValueError(f"{name} must have shape ({B}, {n}), got {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for the native backend, got {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    return t.detach().contiguous()
+
+
+def _check_create_graph():
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "otkernels: double backward (create_graph=True) is not supported by the 'native' "
+            "backend; use backend='tensorized' for higher-order derivatives.")
+
+
+# ----------------------------------------------------------------------------- raw ops
+def cost_matrix(x, y, p, dtype=None):
+    """Dense cost ``C(x_i, y_j)`` (B,N,M) for p = 1, 2, stored as ``dtype`` (default: x's dtype;
+    bfloat16/float16 for a float32 problem).  Returns ``(C, scale)``: cost = stored × scale."""
+    x, y = _pair(x, y)
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p}")
+    dtype = x.dtype if dtype is None else dtype
+    if x.dtype == torch.float64 and dtype != torch.float64:
+        raise TypeError("a float64 problem needs a float64 cost cache")
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise TypeError(f"cache dtype must be float32, float64, bfloat16 or float16, got {dtype}")
+    scale = 1.0
+    if dtype == torch.float16:  # keep max C well inside the float16 range (65504)
+        with torch.no_grad():
+            r = float(x.norm(dim=2).max() + y.norm(dim=2).max()) if x.numel() and y.numel() else 0.0
+        bound = 0.5 * r * r if p == 2 else r
+        while bound / scale > 16384.0:
+            scale *= 2.0
+    ext = _ext()
+    C = ext.alloc_cache(x.shape[0], x.shape[1], y.shape[1], dtype)
+    ext.cost_matrix(x, y, p, C, 1.0 / scale)
+    return C, scale
+
+
+def softmin_cached(C, scale, transpose, h, eps):
+    """``−ε log Σ exp(h − C/ε)`` over the rows of C (B,N,M) (h (B,M) -> (B,N)), or over its
+    columns with ``transpose`` (h (B,N) -> (B,M))."""
+    B, N, M = C.shape
+    dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
+    h = _vec("h", h, B, N if transpose else M, dtype)
+    return _ext().softmin_cached(C, float(scale), bool(transpose), h, float(eps))
+
+
+def softmin_online(x, y, h, eps, p):
+    """``−ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`` with the cost computed on the fly: (B,N)."""
+    x, y = _pair(x, y)
+    h = _vec("h", h, x.shape[0], y.shape[1], x.dtype)
+    return _ext().softmin_online(x, y, h, float(eps), int(p))
+
+
+def _grad_args(a, b, h, f, g, s):
+    a, b = _pair(a, b)
+    B, Na, Nb = a.shape[0], a.shape[1], b.shape[1]
+    h = _vec("h", h, B, Nb, a.dtype)
+    f = _vec("f", f, B, Na, a.dtype)
+    g = _vec("g", g, B, Na, a.dtype)
+    s = None if s is None else _vec("s", s, B, Nb, a.dtype)
+    return a, b, h, f, g, s
+
+
+def grad_cached(C, scale, transpose, a, b, h, f, g, s, eps, p):
+    """``Σ_j g_i s_j exp(h_j − C_ij/ε + f_i/ε) ∇_1 C(a_i, b_j)`` (B,Na,D) from a cache
+    C (B,Na,Nb), or (B,Nb,Na) read transposed."""
+    a, b, h, f, g, s = _grad_args(a, b, h, f, g, s)
+    return _ext().grad_cached(C, float(scale), bool(transpose), a, b, h, f, g, s, float(eps), int(p))
+
+
+def grad_online(a, b, h, f, g, s, eps, p):
+    """Same as :func:`grad_cached` with the cost computed on the fly."""
+    a, b, h, f, g, s = _grad_args(a, b, h, f, g, s)
+    return _ext().grad_online(a, b, h, f, g, s, float(eps), int(p))
+
+
+def kernel_sum_raw(x, y, w, kernel, blur, g=None, value=True, grad=False):
+    """``(Σ_j k_ij w_j (B,N), 2 g_i Σ_j w_j k'_ij (x_i − y_j) (B,N,D))``, k' = ∂k/∂|x−y|²."""
+    x, y = _pair(x, y)
+    w = _vec("b", w, x.shape[0], y.shape[1], x.dtype)
+    g = None if g is None else _vec("g", g, x.shape[0], x.shape[1], x.dtype)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {tuple(KERNELS)}")
+    return _ext().kernel_sum(x, y, w, g, KERNELS[kernel], float(blur), bool(value), bool(grad))
+
+
+def _assign(x, y, h, mode):
+    x, y = _pair(x, y)
+    if y.shape[1] == 0:
+        raise ValueError("y must have at least one point")
+    h = None if h is None else _vec("h", h, x.shape[0], y.shape[1], x.dtype)
+    return _ext().argminmax(x, y, h, mode)
+
+
+def argmax_inner(x, y, h=None):
+    """``max_j ⟨x_i, y_j⟩ + h_j`` and its first argmax: x (B,N,D), y (B,M,D), h (B,M) -> (B,N), (B,N)."""
+    return _assign(x, y, h, 0)
+
+
+def argmin_sqdist(x, y, h=None):
+    """``min_j |x_i − y_j|² + h_j`` and its first argmin (distances from a GEMM are clamped at 0)."""
+    return _assign(x, y, h, 1)
+
+
+# ----------------------------------------------------------------------------- cost handles
+class NativeCost:
+    """Cost handle ``C(x_i, y_j)``, x (B,N,D) first argument (gets gradients), y (B,M,D).
+
+    ``cache``: a (B,N,M) matrix of ``C(x, y)`` (stored × ``scale``), or with ``transpose``
+    a (B,M,N) matrix of ``C(y, x)`` read by columns; None computes tiles on the fly.
+    """
+
+    def __init__(self, x, y, cost, cache=None, scale=1.0, transpose=False):
+        self.x, self.cost, self.p = x, cost, cost.p
+        self.xd, self.y = _pair(x, y)
+        self.cache, self.scale, self.transpose = cache, scale, transpose
+
+    def softmin(self, eps, h):
+        """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient."""
+        if self.cache is None:
+            return softmin_online(self.xd, self.y, h, eps, self.p)
+        return softmin_cached(self.cache, self.scale, self.transpose, h, eps)
+
+    def softmin_grad(self, eps, h):
+        """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` in one fused pass."""
+        if not self.x.requires_grad:
+            return self.softmin(eps, h)
+        return _SoftminGrad.apply(self.x, self, eps, h.detach())
+
+    @torch.no_grad()
+    def grad_x(self, eps, h, f, g, s=None):
+        """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D)."""
+        if self.cache is None:
+            return grad_online(self.xd, self.y, h, f, g, s, eps, self.p)
+        return grad_cached(self.cache, self.scale, self.transpose, self.xd, self.y, h, f, g, s, eps, self.p)
+
+
+class _SoftminGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, handle, eps, h):
+        f = handle.softmin(eps, h)
+        ctx.handle, ctx.eps = handle, eps
+        ctx.save_for_backward(h, f)
+        return f
+
+    @staticmethod
+    def backward(ctx, g):
+        _check_create_graph()
+        h, f = ctx.saved_tensors
+        gx = ctx.handle.grad_x(ctx.eps, h, f, g.contiguous())
+        return gx.to(ctx.handle.x.dtype), None, None, None
+
+
+def _cache_dtype(dtype):
+    if dtype == torch.float64:
+        return torch.float64
+    name = CACHE_DTYPE.replace("torch.", "")
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"OTKERNELS_NATIVE_CACHE_DTYPE={CACHE_DTYPE!r}: expected float32, bfloat16 or float16")
+    return table[name]
+
+
+def _use_cache(x, y, cost, debias, cache, item):
+    if cache is not None:
+        return bool(cache)
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    n = N * M + ((N * N + M * M) if debias else 0)  # C_xy and C_yx share one matrix
+    return B * n * item <= cache_budget()
+
+
+def _handled(x, y, cost):
+    return cost.builtin and cost.p in (1, 2) and supports(x, y) and x.dim() == 3 and _load() is not None
+
+
+def cost_handles(x, y, cost, debias=True, cache=None):
+    """``(C_xy, C_yx, C_xx, C_yy)``; ``cache`` None = decide by the memory budget.
+    Callable costs, non-CPU tensors and other dtypes go to the ``blocked`` backend."""
+    if not _handled(x, y, cost):
+        from . import blocked
+        return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
+    cdt = _cache_dtype(x.dtype)
+    item = torch.empty((), dtype=cdt).element_size()
+    if not _use_cache(x, y, cost, debias, cache, item):
+        C_xx, C_yy = (NativeCost(x, x, cost), NativeCost(y, y, cost)) if debias else (None, None)
+        return NativeCost(x, y, cost), NativeCost(y, x, cost), C_xx, C_yy
+    K, s = cost_matrix(x, y, cost.p, cdt)
+    C_xy = NativeCost(x, y, cost, cache=K, scale=s)
+    C_yx = NativeCost(y, x, cost, cache=K, scale=s, transpose=True)
+    C_xx = C_yy = None
+    if debias:
+        C_xx = NativeCost(x, x, cost, *cost_matrix(x, x, cost.p, cdt))
+        C_yy = NativeCost(y, y, cost, *cost_matrix(y, y, cost.p, cdt))
+    return C_xy, C_yx, C_xx, C_yy
+
+
+# ----------------------------------------------------------------------------- kernel sums
+def kernel_sum(x, y, b, kernel):
+    """``Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D), b (B,M) -> (B,N), gradients for x, y, b."""
+    from ..costs import Kernel
+
+    if not (isinstance(kernel, Kernel) and supports(x, y, b) and _load() is not None):
+        from . import blocked
+        return blocked.kernel_sum(x, y, b, kernel)
+    return _KernelSum.apply(x, y, b, kernel)
+
+
+class _KernelSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, b, kernel):
+        val, _ = kernel_sum_raw(x, y, b, kernel.name, kernel.blur)
+        ctx.kernel = kernel
+        ctx.save_for_backward(x, y, b)
+        return val
+
+    @staticmethod
+    def backward(ctx, g):
+        _check_create_graph()
+        x, y, b = ctx.saved_tensors
+        nx, ny, nb = ctx.needs_input_grad[:3]
+        k = ctx.kernel
+        g = g.contiguous()
+        gx = gy = gb = None
+        if nx:
+            gx = kernel_sum_raw(x, y, b, k.name, k.blur, g=g, value=False, grad=True)[1]
+        if ny or nb:  # the kernel is symmetric: the same sums with the roles of x and y swapped
+            gb, gy = kernel_sum_raw(y, x, g, k.name, k.blur, g=b, value=nb, grad=ny)
+        return gx, gy, gb, None
