@@ -10,7 +10,7 @@ from otkernels import backends
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute", "native"]
+BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute", "native", "triton", "keops"]
 
 
 @pytest.fixture(params=BACKEND_NAMES)

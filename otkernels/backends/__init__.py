@@ -8,18 +8,22 @@ Interface of a backend module (see ``tensorized.py``, the readable reference):
   first point cloud), used by the one Sinkhorn loop in ``otkernels/sinkhorn.py``;
 * ``kernel_sum(x, y, b, kernel) -> (B,N)``: ``Σ_j k(x_i, y_j) b_j`` with gradients for x, y, b.
 
-``backend="auto"`` (:func:`select`): for problems with ``B·N·M ≤ AUTO_DENSE_MAX`` the dense
-``tensorized`` backend (least overhead); above, on CPU, ``native`` (the fused C++ kernels of
-``csrc/``) when it is available, else ``blocked``; on other devices ``blocked``.  Both cache
-the cost on CPU when it fits :func:`cache_budget` and recompute tiles otherwise.  A backend
-can be disabled with ``OTKERNELS_DISABLE=name1,name2``.
+``backend="auto"`` (:func:`select`): CUDA tensors go to ``triton`` (fused GPU kernels) when
+Triton is installed, whatever the size.  Otherwise, for problems with ``B·N·M ≤
+AUTO_DENSE_MAX`` the dense ``tensorized`` backend (least overhead); above, on CPU, ``native``
+(the fused C++ kernels of ``csrc/``) when it is available, else ``blocked``; on CUDA
+``keops`` (pykeops LazyTensors) when installed, else ``blocked``; on other devices
+``blocked``.  ``native`` and ``blocked`` cache the cost on CPU when it fits
+:func:`cache_budget` and recompute tiles otherwise.  A backend can be disabled with
+``OTKERNELS_DISABLE=name1,name2``.
 """
 from __future__ import annotations
 
 import importlib
 import os
 
-_MODULES = {"tensorized": "tensorized", "blocked": "blocked", "native": "native"}
+_MODULES = {"tensorized": "tensorized", "blocked": "blocked", "native": "native",
+            "triton": "triton", "keops": "keops"}
 ALIASES = {"online": "blocked", "multiscale": "blocked"}  # geomloss's names
 AUTO_DENSE_MAX = 1500 * 1500
 
@@ -83,11 +87,19 @@ def select(B, N, M, D, device, need=None):
     usable = {k for k, (ok, _) in available().items() if ok}
     if need == "dense":
         return "tensorized"
+    if _is_cuda(device) and "triton" in usable:
+        return "triton"
     if B * N * M <= AUTO_DENSE_MAX and "tensorized" in usable:
         return "tensorized"
+    if _is_cuda(device) and "keops" in usable:
+        return "keops"
     if _is_cpu(device) and "native" in usable:
         return "native"
     return "blocked" if "blocked" in usable else "tensorized"
+
+
+def _is_cuda(device) -> bool:
+    return getattr(device, "type", None) == "cuda" or str(device).split(":")[0] == "cuda"
 
 
 def _is_cpu(device) -> bool:

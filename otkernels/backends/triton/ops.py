@@ -1,0 +1,417 @@
+"""Launchers, ``torch.autograd.Function``s and public functions over the kernels of ``kernels.py``.
+
+Public functions (shapes: x (B,N,D) or (N,D), y (B,M,D) or (M,D), vectors (B,·) or (·,)):
+
+* :func:`softmin` ``(x, y, h, eps, p)`` → ``f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)``,
+  gradients for x, y and h (two fused passes: rows ``Σ_j P_ij ∇_x C``, and the same kernel
+  with x and y swapped for ``Σ_i g_i P_ij ∇_y C`` and ``∂/∂h_j = −ε Σ_i g_i P_ij``);
+* :func:`kernel_sum` ``(x, y, b, kernel, blur)`` → ``Σ_j k(x_i, y_j) b_j`` for
+  gaussian/laplacian/energy, gradients for x, y, b;
+* :func:`argmin` / :func:`argmax` ``(x, y, h, cost)`` → values and indices of the best ``j`` for
+  ``⟨x_i, y_j⟩ + h_j`` (``cost="dot"``) or ``‖x_i − y_j‖² + h_j`` (``cost="sqdist"``); the values
+  are differentiable (the gradient flows through the selected pair);
+* the raw row passes :func:`softmin_rows`, :func:`weighted_grad`, :func:`kernel_sum_rows`
+  used by the backend's cost handles (no autograd).
+
+Dtypes: float32 (``tl.dot`` in IEEE float32 unless :func:`set_precision` opts into ``"tf32"``
+or ``"tf32x3"``), float64, and float16/bfloat16 points (tensor-core dots, float32
+accumulation; the results are float32, gradients come back in the input dtype).
+
+Where the kernels run: CUDA tensors use the compiled kernels, autotuned per (power-of-two
+bucket of N and M, ``D_PAD``, dtype); CPU tensors (or any tensor with ``TRITON_INTERPRET=1``)
+run in Triton's interpreter, with one large fixed tile (:data:`INTERPRET_CONFIG`): the
+interpreter's time grows with the number of program instances, and autotuning would only
+measure numpy.  The interpreter runs a second copy of ``kernels.py`` loaded with the
+interpret switch on, so both modes coexist in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import threading
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from . import kernels as _compiled
+
+INTERPRET_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 128}
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+_precision = os.environ.get("OTKERNELS_TRITON_PRECISION", "ieee")
+_KERNEL_MODES = {"gaussian": _compiled.GAUSSIAN, "laplacian": _compiled.LAPLACIAN, "energy": _compiled.ENERGY}
+
+
+def set_precision(precision: str) -> None:
+    """``tl.dot`` precision for float32 points: ``"ieee"`` (default, exact float32),
+    ``"tf32"`` (tensor cores, ~1e-3 relative error on each product: opt-in) or ``"tf32x3"``
+    (three TF32 products, about float32 accuracy at ~3× the TF32 cost).  Also read from
+    ``OTKERNELS_TRITON_PRECISION`` at import."""
+    global _precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    _precision = precision
+
+
+def get_precision() -> str:
+    return _precision
+
+
+# ----------------------------------------------------------------------------- dispatch
+_interpreted_module = None
+
+
+def _is_interpreted(module) -> bool:
+    return isinstance(module._softmin_fwd.fn, InterpretedFunction)
+
+
+def _interpreted():
+    """``kernels.py`` loaded a second time with Triton's interpreter on (cached)."""
+    global _interpreted_module
+    if _interpreted_module is None:
+        if _is_interpreted(_compiled):
+            _interpreted_module = _compiled
+        else:
+            name = f"{__package__}._kernels_interpreted"
+            spec = importlib.util.spec_from_file_location(name, _compiled.__file__)
+            module = importlib.util.module_from_spec(spec)
+            with triton.knobs.runtime.scope():
+                triton.knobs.runtime.interpret = True
+                spec.loader.exec_module(module)
+            sys.modules[name] = module
+            _interpreted_module = module
+    return _interpreted_module
+
+
+def interpreting(device) -> bool:
+    """Whether tensors on ``device`` run in the interpreter (CPU, or ``TRITON_INTERPRET=1``)."""
+    return torch.device(device).type != "cuda" or bool(triton.knobs.runtime.interpret) \
+        or _is_interpreted(_compiled)
+
+
+_lock = threading.Lock()
+_twins: dict = {}
+_MISSING = object()
+
+
+def _call_interpreted(self, *args, **kwargs):
+    """``JITFunction.__call__`` during a mixed-mode interpreted launch: run the function's
+    interpreted twin (Triton's own ``@jit`` helpers such as ``tl.zeros``, ``tl.sum``)."""
+    twin = _twins.get(id(self))
+    if twin is None:
+        twin = _twins[id(self)] = InterpretedFunction(self.fn)
+    return twin(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _interpreter_scope():
+    """Let an interpreted kernel run in a process where triton was imported compiled.
+
+    ``triton.language``'s own ``@jit`` functions were built as compiled ``JITFunction``s;
+    during the launch their calls are routed to interpreted twins.  The interpreter patches
+    ``triton.language`` modules while it runs and, for nested device functions, does not undo
+    all of it: the module attributes are restored afterwards so that later compilations (for a
+    GPU target) see the real ``triton.language``.  One launch at a time (a lock).
+    """
+    modules = (tl, tl.core, tl.standard, tl.math)
+    with _lock:
+        saved = [(m, dict(vars(m))) for m in modules]
+        original_call = JITFunction.__call__
+        JITFunction.__call__ = _call_interpreted
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original_call
+            for m, attrs in saved:
+                current = vars(m)
+                for k, v in attrs.items():
+                    if current.get(k, _MISSING) is not v:
+                        setattr(m, k, v)
+
+
+def _launch(name, B, N, device, args, consts):
+    """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B)``: autotuned when compiled,
+    one fixed large tile in the interpreter."""
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
+    if not interpreting(device):
+        _compiled.KERNELS[name][grid](*args, **consts)
+        return
+    native = _is_interpreted(_compiled)  # TRITON_INTERPRET=1 before triton was imported
+    tuner = (_compiled if native else _interpreted()).KERNELS[name]
+    meta = {k: v for k, v in INTERPRET_CONFIG.items() if k in tuner.configs[0].kwargs}
+    if "BLOCK_D" in meta:
+        meta["BLOCK_D"] = min(meta["BLOCK_D"], consts["D_PAD"])
+    with (contextlib.nullcontext() if native else _interpreter_scope()):
+        tuner.fn[grid](*args, **consts, **meta)
+
+
+# ----------------------------------------------------------------------------- helpers
+def acc_dtype(dtype) -> torch.dtype:
+    """Accumulator / output dtype of the kernels for points of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_points(x, y):
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"triton kernels take float16, bfloat16, float32 or float64 points, got {x.dtype}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"expected x (B,N,D) and y (B,M,D), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"x and y are on different devices: {x.device} and {y.device}")
+
+
+def _consts(x):
+    D = x.shape[2]
+    prec = _precision if x.dtype == torch.float32 else "ieee"
+    return dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=max(16, triton.next_power_of_2(D)), PRECISION=prec)
+
+
+def _sizes(x, y):
+    B, N, D = x.shape
+    M = y.shape[1]
+    return (N, M, D, *x.stride(), *y.stride(), N.bit_length(), M.bit_length())
+
+
+def sqnorms(x):
+    """‖x_i‖² (B,N) in the accumulator dtype, from the points as the kernels read them."""
+    return x.to(acc_dtype(x.dtype)).square().sum(-1).contiguous()
+
+
+def _vec(v, like):
+    return v.detach().to(acc_dtype(like.dtype)).contiguous()
+
+
+def _par(value, x):
+    return torch.full((1,), float(value), dtype=acc_dtype(x.dtype), device=x.device)
+
+
+def _batched(*ts):
+    """Add a batch dimension to (N,D) points / (N,) vectors; returns (tensors, was_batched)."""
+    batched = ts[0].dim() == 3
+    if batched:
+        return ts, True
+    return tuple(None if t is None else t.unsqueeze(0) for t in ts), False
+
+
+def _check_create_graph():
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "otkernels: double backward (create_graph=True) is not supported by the 'triton' "
+            "backend; use backend='tensorized' for higher-order derivatives.")
+
+
+# ----------------------------------------------------------------------------- raw row passes
+@torch.no_grad()
+def softmin_rows(x, y, h, eps, p=2, xx=None, yy=None):
+    """``−ε log Σ_j exp(h_j − C(x_i, y_j)/ε)``: x (B,N,D), y (B,M,D), h (B,M) -> (B,N) (acc dtype).
+
+    ``xx``, ``yy``: the squared norms (:func:`sqnorms`), if the caller keeps them."""
+    _check_points(x, y)
+    B, N = x.shape[:2]
+    out = torch.empty(B, N, dtype=acc_dtype(x.dtype), device=x.device)
+    xx = sqnorms(x) if xx is None else xx
+    yy = sqnorms(y) if yy is None else yy
+    args = (x, y, xx, yy, _vec(h, x), _par(eps, x), out, *_sizes(x, y))
+    _launch("_softmin_fwd", B, N, x.device, args, dict(P=int(p), **_consts(x)))
+    return out
+
+
+@torch.no_grad()
+def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, rowsum=False):
+    """``x_i Σ_j W_ij − Σ_j W_ij y_j`` (B,N,D) in the acc dtype.
+
+    softmin modes (``kernels.SOFTMIN_P2``/``SOFTMIN_P1``, ``par`` = ε): ``W_ij = E_ij`` (p=2) or
+    ``E_ij/‖x_i − y_j‖`` (p=1) with ``E_ij = exp(hc_j − C_ij/ε + rr_i/ε) cw_j``, so that the
+    result is ``Σ_j E_ij ∇_x C(x_i, y_j)``; with ``rowsum`` also ``Σ_j E_ij`` (B,N).
+    Kernel modes (``par`` = 1/σ²): ``W_ij = 2 k'(d²_ij) cw_j``.
+    """
+    _check_points(x, y)
+    B, N, D = x.shape
+    acc = acc_dtype(x.dtype)
+    out = torch.empty(B, N, D, dtype=acc, device=x.device)
+    rs = torch.empty(B, N, dtype=acc, device=x.device) if rowsum else out
+    xx = sqnorms(x) if xx is None else xx
+    yy = sqnorms(y) if yy is None else yy
+    dummy = xx
+    args = (x, y, xx, yy, dummy if hc is None else _vec(hc, x), dummy if rr is None else _vec(rr, x),
+            dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, *_sizes(x, y))
+    consts = dict(MODE=int(mode), HAS_CW=cw is not None, WRITE_RS=bool(rowsum), **_consts(x))
+    _launch("_weighted_grad", B, N, x.device, args, consts)
+    return (out, rs) if rowsum else out
+
+
+def _kernel_mode(kernel, blur):
+    if kernel not in _KERNEL_MODES:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {tuple(_KERNEL_MODES)}")
+    return _KERNEL_MODES[kernel], (1.0 if kernel == "energy" else 1.0 / float(blur) ** 2)
+
+
+@torch.no_grad()
+def kernel_sum_rows(x, y, b, kernel, blur, xx=None, yy=None):
+    """``Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D), b (B,M) -> (B,N) (acc dtype), no autograd."""
+    _check_points(x, y)
+    mode, inv_s2 = _kernel_mode(kernel, blur)
+    B, N = x.shape[:2]
+    out = torch.empty(B, N, dtype=acc_dtype(x.dtype), device=x.device)
+    xx = sqnorms(x) if xx is None else xx
+    yy = sqnorms(y) if yy is None else yy
+    args = (x, y, xx, yy, _vec(b, x), _par(inv_s2, x), out, *_sizes(x, y))
+    _launch("_kernel_sum_fwd", B, N, x.device, args, dict(MODE=mode, **_consts(x)))
+    return out
+
+
+@torch.no_grad()
+def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False):
+    """Values (B,N) (acc dtype) and indices (B,N) int64 of the best j, no autograd."""
+    _check_points(x, y)
+    if cost not in ("sqdist", "dot"):
+        raise ValueError(f"cost={cost!r}: expected 'sqdist' (‖x−y‖² + h) or 'dot' (⟨x,y⟩ + h)")
+    B, N = x.shape[:2]
+    M = y.shape[1]
+    acc = acc_dtype(x.dtype)
+    val = torch.empty(B, N, dtype=acc, device=x.device)
+    idx = torch.empty(B, N, dtype=torch.int64, device=x.device)
+    h = torch.zeros(B, M, dtype=acc, device=x.device) if h is None else _vec(h, x)
+    xx, yy = sqnorms(x), sqnorms(y)
+    args = (x, y, xx, yy, h, val, idx, *_sizes(x, y))
+    consts = dict(SQDIST=cost == "sqdist", MAXIMIZE=bool(maximize), **_consts(x))
+    _launch("_argminmax", B, N, x.device, args, consts)
+    return val, idx
+
+
+# ----------------------------------------------------------------------------- autograd
+class _Softmin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, h, eps, p):
+        f = softmin_rows(x.detach(), y.detach(), h.detach(), eps, p)
+        ctx.eps, ctx.p = eps, p
+        ctx.save_for_backward(x, y, h, f)
+        return f
+
+    @staticmethod
+    def backward(ctx, g):
+        _check_create_graph()
+        x, y, h, f = ctx.saved_tensors
+        eps, mode = ctx.eps, (_compiled.SOFTMIN_P2 if ctx.p == 2 else _compiled.SOFTMIN_P1)
+        nx, ny, nh = ctx.needs_input_grad[:3]
+        gx = gy = gh = None
+        if nx:  # Σ_j g_i P_ij ∇_x C(x_i, y_j), P_ij = exp(h_j − C_ij/ε + f_i/ε)
+            gx = (weighted_grad(x, y, mode, eps, hc=h, rr=f) * g[:, :, None]).to(x.dtype)
+        if ny or nh:  # swapped: rows y_j, columns x_i with log-weights f_i/ε, column weights g_i
+            gyj, rs = weighted_grad(y, x, mode, eps, hc=f / eps, rr=eps * h, cw=g, rowsum=True)
+            gy = gyj.to(y.dtype) if ny else None
+            gh = (-eps * rs).to(h.dtype) if nh else None
+        return gx, gy, gh, None, None
+
+
+class _KernelSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, b, kernel, blur):
+        out = kernel_sum_rows(x.detach(), y.detach(), b.detach(), kernel, blur)
+        ctx.kernel, ctx.blur = kernel, blur
+        ctx.save_for_backward(x, y, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        _check_create_graph()
+        x, y, b = ctx.saved_tensors
+        mode, inv_s2 = _kernel_mode(ctx.kernel, ctx.blur)
+        nx, ny, nb = ctx.needs_input_grad[:3]
+        gx = gy = gb = None
+        if nx:  # 2 g_i Σ_j b_j k'_ij (x_i − y_j)
+            gx = (weighted_grad(x, y, mode, inv_s2, cw=b) * g[:, :, None]).to(x.dtype)
+        if ny:  # 2 b_j Σ_i g_i k'_ij (y_j − x_i)
+            gy = (weighted_grad(y, x, mode, inv_s2, cw=g) * b[:, :, None].to(g.dtype)).to(y.dtype)
+        if nb:  # Σ_i g_i k(x_i, y_j): the column sum, a row sum with x and y swapped
+            gb = kernel_sum_rows(y, x, g, ctx.kernel, ctx.blur).to(b.dtype)
+        return gx, gy, gb, None, None
+
+
+class _ArgMinMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, h, cost, maximize):
+        val, idx = argminmax_rows(x.detach(), y.detach(), None if h is None else h.detach(), cost, maximize)
+        ctx.cost, ctx.has_h, ctx.M = cost, h is not None, y.shape[1]
+        ctx.save_for_backward(x, y, idx)
+        ctx.mark_non_differentiable(idx)
+        return val, idx
+
+    @staticmethod
+    def backward(ctx, g, _gidx):
+        _check_create_graph()
+        x, y, idx = ctx.saved_tensors
+        nx, ny, nh = ctx.needs_input_grad[:3]
+        g = g.to(acc_dtype(x.dtype))
+        D = x.shape[2]
+        yj = torch.gather(y.to(g.dtype), 1, idx[:, :, None].expand(-1, -1, D))  # y_{j*(i)}
+        xa = x.to(g.dtype)
+        dx = 2 * (xa - yj) if ctx.cost == "sqdist" else yj  # ∂s/∂x_i at the selected pair
+        dy = 2 * (yj - xa) if ctx.cost == "sqdist" else xa  # ∂s/∂y_j*
+        gx = (g[:, :, None] * dx).to(x.dtype) if nx else None
+        gy = None
+        if ny:
+            gy = torch.zeros(y.shape, dtype=g.dtype, device=y.device)
+            gy.scatter_add_(1, idx[:, :, None].expand(-1, -1, D), g[:, :, None] * dy)
+            gy = gy.to(y.dtype)
+        gh = None
+        if nh and ctx.has_h:
+            gh = torch.zeros(y.shape[:2], dtype=g.dtype, device=y.device).scatter_add_(1, idx, g)
+        return gx, gy, gh, None, None
+
+
+# ----------------------------------------------------------------------------- public functions
+def softmin(x, y, h, eps, p=2):
+    """``f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)``, C = ½‖x−y‖² (p=2) or ‖x−y‖ (p=1).
+
+    x (B,N,D)/(N,D), y (B,M,D)/(M,D), h (B,M)/(M,) -> (B,N)/(N,) in float32 (float64 for
+    float64 points).  Differentiable w.r.t. x, y and h (first order).
+    """
+    if p not in (1, 2):
+        raise ValueError(f"p={p!r}: expected 1 or 2")
+    (x, y, h), batched = _batched(x, y, h)
+    f = _Softmin.apply(x, y, h, float(eps), int(p))
+    return f if batched else f[0]
+
+
+def kernel_sum(x, y, b, kernel="gaussian", blur=1.0):
+    """``Σ_j k(x_i, y_j) b_j`` with geomloss's gaussian ``exp(−‖x−y‖²/2σ²)``, laplacian
+    ``exp(−‖x−y‖/σ)`` or energy ``−‖x−y‖`` kernels (σ = blur).
+
+    x (B,N,D)/(N,D), y (B,M,D)/(M,D), b (B,M)/(M,) -> (B,N)/(N,); gradients for x, y, b.
+    """
+    _kernel_mode(kernel, blur)
+    (x, y, b), batched = _batched(x, y, b)
+    out = _KernelSum.apply(x, y, b, kernel, float(blur))
+    return out if batched else out[0]
+
+
+def _argbest(x, y, h, cost, maximize):
+    (x, y, h), batched = _batched(x, y, h)
+    val, idx = _ArgMinMax.apply(x, y, h, cost, maximize)
+    return (val, idx) if batched else (val[0], idx[0])
+
+
+def argmin(x, y, h=None, cost="sqdist"):
+    """``(min_j s_ij, argmin_j s_ij)`` with ``s_ij = ‖x_i − y_j‖² + h_j`` (``cost="sqdist"``)
+    or ``⟨x_i, y_j⟩ + h_j`` (``cost="dot"``); ties go to the smallest j.
+
+    x (B,N,D)/(N,D), y (B,M,D)/(M,D), h (B,M)/(M,) or None -> values (B,N), indices (B,N)
+    int64; the values are differentiable w.r.t. x, y, h.
+    """
+    return _argbest(x, y, h, cost, False)
+
+
+def argmax(x, y, h=None, cost="dot"):
+    """``(max_j s_ij, argmax_j s_ij)``, same conventions as :func:`argmin`."""
+    return _argbest(x, y, h, cost, True)
