@@ -8,7 +8,11 @@ import torch
 import otkernels
 from otkernels import backends
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The test problems are tiny (N ≤ a few hundred, except a handful of tests): intra-op threads
+# only add synchronisation, and on this shared 2-core machine a second thread that has to wait
+# for a busy core turns a 40 µs reduction into ~10 ms.  One thread by default;
+# OTKERNELS_TEST_THREADS=n to change it.
+torch.set_num_threads(int(os.environ.get("OTKERNELS_TEST_THREADS", "1")))
 
 BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute", "native", "triton", "keops"]
 

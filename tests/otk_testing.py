@@ -1,0 +1,103 @@
+"""Shared helpers for the otkernels test-suite (imported by the test modules in tests/).
+
+Not collected by pytest (the name does not start with ``test_``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+with warnings.catch_warnings():  # pykeops prints/warns about CUDA on import
+    warnings.simplefilter("ignore")
+    import geomloss  # noqa: F401  (the reference implementation)
+
+import otkernels
+
+TOL64 = 1e-9  # relative parity in float64
+TOL32 = 1e-4  # relative parity in float32 (floor of the fp32 rule)
+
+
+# ----------------------------------------------------------------------------- errors
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| / max |expected| (absolute error when expected is all zero)."""
+    actual = actual.detach().to(torch.float64)
+    expected = expected.detach().to(torch.float64)
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def assert_rel(actual, expected, tol, what=""):
+    """Shapes equal and relative error (see :func:`rel_err`) ≤ tol, with a readable message."""
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    assert bool(torch.isfinite(actual).all()), f"{what}: non-finite values {actual}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_fp32(ours32, geo32, ref64, what="", floor=TOL32):
+    """The float32 rule: our fp32 error vs the fp64 reference ≤ max(floor, 2 × geomloss's own
+    fp32 error vs that reference)."""
+    assert tuple(ours32.shape) == tuple(ref64.shape), (
+        f"{what}: shape {tuple(ours32.shape)} != expected {tuple(ref64.shape)}")
+    assert bool(torch.isfinite(ours32).all()), f"{what}: non-finite values"
+    e_ours, e_geo = rel_err(ours32, ref64), rel_err(geo32, ref64)
+    bound = max(floor, 2 * e_geo)
+    assert e_ours <= bound, (f"{what}: float32 relative error {e_ours:.3e} vs the float64 reference "
+                             f"> max({floor:.0e}, 2 × geomloss's {e_geo:.3e})")
+
+
+# ----------------------------------------------------------------------------- data
+def clouds(N=37, M=29, D=3, B=None, dtype=torch.float64, seed=0, shift=0.5, spread=0.8,
+           zero_a=0, zero_b=0):
+    """Random clouds x (N,D)/(B,N,D), y (M,D)/(B,M,D) and positive normalised weights a, b
+    ((N,)/(B,N)).  Generated in float64 then cast, so all dtypes see the same data.
+    ``zero_a``/``zero_b``: number of zero weights (the first points of each cloud)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if B is None else (B,)
+    x = torch.randn(*lead, N, D, generator=g, dtype=torch.float64)
+    y = spread * torch.randn(*lead, M, D, generator=g, dtype=torch.float64) + shift
+    a = torch.rand(*lead, N, generator=g, dtype=torch.float64) + 0.2
+    b = torch.rand(*lead, M, generator=g, dtype=torch.float64) + 0.2
+    a[..., :zero_a] = 0
+    b[..., :zero_b] = 0
+    a = a / a.sum(-1, keepdim=True)
+    b = b / b.sum(-1, keepdim=True)
+    return tuple(t.to(dtype) for t in (x, y, a, b))
+
+
+def value_and_grads(L, inputs, names=None):
+    """Evaluate ``L(*inputs.values())`` on fresh leaves; return (value, {name: grad}).
+
+    ``names``: which inputs get gradients (default: all).  Uses ``value.sum()`` for batches.
+    """
+    names = list(inputs) if names is None else list(names)
+    leaves = {k: v.detach().clone().requires_grad_(k in names) for k, v in inputs.items()}
+    value = L(*leaves.values())
+    grads = torch.autograd.grad(value.sum(), [leaves[k] for k in names]) if names else ()
+    return value.detach(), dict(zip(names, grads))
+
+
+def geomloss_loss(**kw):
+    """geomloss.SamplesLoss with the 'tensorized' backend (the reference)."""
+    kw.setdefault("backend", "tensorized")
+    return geomloss.SamplesLoss(**kw)
+
+
+def otk_loss(**kw):
+    return otkernels.SamplesLoss(**kw)
+
+
+def unbalanced_grad_factor(p, blur, reach):
+    """otkernels's point gradients for reach≠None = geomloss's × (ρ+ε)/(ρ+ε/2)."""
+    rho, eps = reach ** p, blur ** p
+    return (rho + eps) / (rho + eps / 2)
+
+
+def fixed_eps(blur, iters):
+    """``diameter``/``scaling`` arguments giving ``iters`` Sinkhorn iterations all at
+    ε = blur^p·(1 + O(iters·1e-9)): a converged fixed-ε solve through geomloss's schedule."""
+    return dict(diameter=blur * math.exp(iters * 1e-9), scaling=math.exp(-1e-9))
