@@ -225,7 +225,7 @@ void check_grad_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 
 at::Tensor grad_cached(const at::Tensor& C, double cscale, bool transpose, const at::Tensor& a, const at::Tensor& b,
                        const at::Tensor& h, const at::Tensor& f, const at::Tensor& g, const c10::optional<at::Tensor>& s,
-                       double eps, int64_t p) {
+                       double eps, int64_t p, double fscale) {
   auto dt = compute_type(a);
   check_grad_args(a, b, h, f, g, s, dt);
   check_cache(C, dt);
@@ -244,13 +244,14 @@ at::Tensor grad_cached(const at::Tensor& C, double cscale, bool transpose, const
     typedef decltype(t) T;
     typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
     otk::grad_cached<T, S>(cptr, T(cscale), transpose, ptr<T>(a), ptr<T>(b), ptr<T>(h), ptr<T>(f), ptr<T>(g),
-                           ptr<T>(sv), mptr<T>(out), B, Na, Nb, D, int(p), eps, nt);
+                           ptr<T>(sv), mptr<T>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
   });
   return out;
 }
 
 at::Tensor grad_online(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& f,
-                       const at::Tensor& g, const c10::optional<at::Tensor>& s, double eps, int64_t p) {
+                       const at::Tensor& g, const c10::optional<at::Tensor>& s, double eps, int64_t p,
+                       double fscale) {
   auto dt = compute_type(a);
   check_grad_args(a, b, h, f, g, s, dt);
   TORCH_CHECK(p == 1 || p == 2, "otkernels native: p must be 1 or 2");
@@ -262,10 +263,10 @@ at::Tensor grad_online(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   pybind11::gil_scoped_release nogil;
   if (dt == at::kDouble)
     otk::grad_online<double>(ptr<double>(a), ptr<double>(b), ptr<double>(h), ptr<double>(f), ptr<double>(g),
-                             ptr<double>(sv), mptr<double>(out), B, Na, Nb, D, int(p), eps, nt);
+                             ptr<double>(sv), mptr<double>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
   else
     otk::grad_online<float>(ptr<float>(a), ptr<float>(b), ptr<float>(h), ptr<float>(f), ptr<float>(g),
-                            ptr<float>(sv), mptr<float>(out), B, Na, Nb, D, int(p), eps, nt);
+                            ptr<float>(sv), mptr<float>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
   return out;
 }
 
@@ -355,10 +356,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("alloc_cache", &alloc_cache, "uninitialised (B,N,M) tensor on huge pages, recycled through a pool");
   m.def("set_pool_limit", &set_pool_limit, "bytes of released caches kept for reuse; returns the pooled bytes");
   m.def("cost_matrix", &cost_matrix, "fill a (B,N,M) cost cache");
-  m.def("softmin_cached", &softmin_cached);
-  m.def("softmin_online", &softmin_online);
-  m.def("grad_cached", &grad_cached);
-  m.def("grad_online", &grad_online);
+  m.def("softmin_cached", &softmin_cached, "log Σ exp(h − C/ε) over the rows (or columns) of a cached C");
+  m.def("softmin_online", &softmin_online, "log Σ_j exp(h_j − C(x_i, y_j)/ε), C computed on the fly");
+  m.def("grad_cached", &grad_cached, "Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C, cached C");
+  m.def("grad_online", &grad_online, "the same with C computed on the fly");
   m.def("kernel_sum", &kernel_sum);
   m.def("argminmax", &argminmax);
 }

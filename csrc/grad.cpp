@@ -1,11 +1,13 @@
 // Gradient of the Sinkhorn extrapolation step from the final potentials, in one pass and
 // without building the plan:
 //
-//   out_i = g_i Σ_j s_j P_ij ∇_1 C(a_i, b_j),   P_ij = exp(h_j − C_ij/ε + f_i/ε)
+//   out_i = g_i Σ_j s_j P_ij ∇_1 C(a_i, b_j),   P_ij = exp((h_j − C_ij/ε) + fscale·f_i)
 //   ∇_1 C = a_i − b_j (p = 2),  (a_i − b_j)/C_ij (p = 1, 0 where geomloss's clamp is active)
 //
 // so out_i = g_i (a_i Σ_j w_ij − Σ_j w_ij b_j) with w_ij = s_j P_ij [/C_ij]: the second sum is
 // attention's P·V, a GEMM of the weight tile with b (D > 8) or vector accumulators (D ≤ 8).
+// fscale = 1/ε for a potential f; −1 when f is the log-sum-exp of the forward softmin, so that
+// (h_j − C_ij/ε) − lse_i is ≤ 0 with the forward's rounding (P ≤ 1 even if C/ε ≫ 1/ε_mach).
 #include "tiles.h"
 
 namespace otk {
@@ -18,7 +20,7 @@ inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Si
   const vec<T> ie = vset(-inv), fv = vset(fe), thr = vset(T(std::sqrt(T(1e-8))));
   vec<T> acc = vset(T(0));
   auto one = [&](vec<T> c, vec<T> hv, vec<T> sv, i64 j, int lanes) {
-    vec<T> w = vexp(vfma(c, ie, hv + fv));
+    vec<T> w = vexp(vfma(c, ie, hv) + fv);
     if (s) w *= sv;
     if constexpr (P == 1) w = select(c > thr, w / c, vset(T(0)));
     if (lanes < n) w = select(lanes_below<T>(lanes), w, vset(T(0)));
@@ -53,7 +55,8 @@ template <typename T> struct DirectAcc {
 // Row-direction gradient with a row loader factory: rows(q, i, j0, W, G) -> loader.
 template <typename T, int P, typename MakeRow>
 static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, i64 B,
-                      i64 Na, i64 Nb, i64 D, double eps, int nt, bool need_gemm_cost, MakeRow make_row) {
+                      i64 Na, i64 Nb, i64 D, double eps, double fscale, int nt, bool need_gemm_cost,
+                      MakeRow make_row) {
   const bool direct = D <= DIRECT_MAX_D;
   const T inv = T(1.0 / eps);
   const T half = P == 2 ? T(0.5) : T(1);
@@ -82,7 +85,7 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
       const T* bT = ct.bT.data() + q * Nb * D;
       for (i64 i = i0; i < i1; ++i) {
         DirectAcc<T> acc(bT, Nb, int(D));
-        const T fe = f[q * Na + i] * inv;
+        const T fe = T(f[q * Na + i] * fscale);
         for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, Nb - j0);
           acc.bT = bT + j0;
@@ -105,7 +108,8 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
           };
           auto ld = make_row(q, i, j0, W, aq, (const T*)nullptr, need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
                              need_gemm_cost ? ha[i - i0] : T(0), hb ? hb + j0 : nullptr);
-          wsum[i - i0] += row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, f[q * Na + i] * inv, sink);
+          wsum[i - i0] += row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, T(f[q * Na + i] * fscale),
+                                            sink);
         }
         // acc (nr×D) += Wb (nr×W) · b[j0:j0+W] (W×D)
         gemm(false, false, nr, D, W, T(1), c.Wb.data(), W, bq + j0 * D, D, T(1), c.acc.data(), D);
@@ -123,17 +127,17 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
 
 template <typename T>
 void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, i64 B, i64 Na,
-                 i64 Nb, i64 D, int p, double eps, int nt) {
+                 i64 Nb, i64 D, int p, double eps, double fscale, int nt) {
   const bool direct = D <= DIRECT_MAX_D;
   auto run = [&](auto pc) {
     constexpr int P = decltype(pc)::value;
     if (direct) {
-      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt, false,
+      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, false,
                       [D, Nb](i64, i64 i, i64, i64, const T* aq, const T* bT, const T*, T, const T*) {
                         return CostRow<T, P, DirectRow<T>, true>{DirectRow<T>(aq + i * D, bT, Nb, int(D))};
                       });
     } else {
-      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt, true,
+      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, true,
                       [](i64, i64, i64, i64, const T*, const T*, const T* G, T ha, const T* hb) {
                         return CostRow<T, P, GemmRow<T>, false>{GemmRow<T>{G, hb, ha}};
                       });
@@ -147,11 +151,12 @@ void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, con
 // Transposed cache C (B,Nb,Na): the handle's rows are the columns of C.
 template <typename T, typename S, int P>
 static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const T* h, const T* f, const T* g,
-                             const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, double eps, int nt) {
+                             const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, double eps, double fscale,
+                             int nt) {
   constexpr int n = VT<T>::N;
   constexpr i64 RB = 64, SW = 256;
   const bool direct = D <= DIRECT_MAX_D;
-  const T inv = T(1.0 / eps);
+  const T inv = T(1.0 / eps), fs = T(fscale);
   const vec<T> ie = vset(-inv), thr = vset(T(std::sqrt(T(1e-8))));
   i64 width = std::max<i64>(n, ceil_div(ceil_div(B * Na, 4 * i64(num_threads_or(nt))), n) * n);
   width = std::min<i64>(width, ceil_div(Na, n) * n);
@@ -187,8 +192,8 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
           for (i64 j = 0; j < sw; j += n) {
             const int lanes = int(std::min<i64>(n, sw - j));
             vec<T> cv = lanes == n ? ld.at(j) : ld.tail(j, lanes);
-            vec<T> fe = (lanes == n ? vload(fq + c0 + s0 + j) : vload_part(fq + c0 + s0 + j, lanes, T(0))) * inv;
-            vec<T> wv = vexp(vfma(cv, ie, hv + fe)) * si;
+            vec<T> fe = (lanes == n ? vload(fq + c0 + s0 + j) : vload_part(fq + c0 + s0 + j, lanes, T(0))) * fs;
+            vec<T> wv = vexp(vfma(cv, ie, hv) + fe) * si;
             if constexpr (P == 1) wv = select(cv > thr, wv / cv, vset(T(0)));
             if (lanes < n) wv = select(lanes_below<T>(lanes), wv, vset(T(0)));
             T* ws = c.wsum.data() + s0 + j;
@@ -228,14 +233,14 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
 
 template <typename T, typename S>
 void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, const T* h, const T* f, const T* g,
-                 const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, int nt) {
+                 const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, double fscale, int nt) {
   auto run = [&](auto pc) {
     constexpr int P = decltype(pc)::value;
     if (transpose) {
-      grad_cols_cached<T, S, P>(C, cscale, a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt);
+      grad_cols_cached<T, S, P>(C, cscale, a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt);
       return;
     }
-    grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, nt, false,
+    grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, false,
                     [C, cscale, Na, Nb](i64 q, i64 i, i64 j0, i64, const T*, const T*, const T*, T, const T*) {
                       return CachedRow<T, S>{C + (q * Na + i) * Nb + j0, cscale};
                     });
@@ -246,14 +251,14 @@ void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, c
 
 #define OTK_GRAD_CACHED(T, S)                                                                            \
   template void grad_cached<T, S>(const S*, T, bool, const T*, const T*, const T*, const T*, const T*,     \
-                                  const T*, T*, i64, i64, i64, i64, int, double, int);
+                                  const T*, T*, i64, i64, i64, i64, int, double, double, int);
 OTK_GRAD_CACHED(float, float)
 OTK_GRAD_CACHED(float, bf16_t)
 OTK_GRAD_CACHED(float, f16_t)
 OTK_GRAD_CACHED(double, double)
 template void grad_online<float>(const float*, const float*, const float*, const float*, const float*,
-                                 const float*, float*, i64, i64, i64, i64, int, double, int);
+                                 const float*, float*, i64, i64, i64, i64, int, double, double, int);
 template void grad_online<double>(const double*, const double*, const double*, const double*, const double*,
-                                  const double*, double*, i64, i64, i64, i64, int, double, int);
+                                  const double*, double*, i64, i64, i64, i64, int, double, double, int);
 
 }  // namespace otk

@@ -301,26 +301,28 @@ constexpr int COLS = 512;        // columns per tile
 template <typename T, typename S>
 void cost_matrix(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, int p, T cscale_inv, int nt);
 
-// softmin over the rows of a cached C (B,N,M): out (B,N) = −ε log Σ_j exp(h_j − C_ij/ε), h (B,M);
-// transpose: over its columns, out (B,M) = −ε log Σ_i exp(h_i − C_ij/ε), h (B,N).
+// softmin over the rows of a cached C (B,N,M), returned as the log-sum-exp
+// out (B,N) = log Σ_j exp(h_j − C_ij/ε), h (B,M) (the softmin is −ε·out);
+// transpose: over its columns, out (B,M) = log Σ_i exp(h_i − C_ij/ε), h (B,N).
 template <typename T, typename S>
 void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i64 B, i64 N, i64 M,
                     double eps, int nt);
-// softmin with C(x_i, y_j) computed on the fly: out (B,N), h (B,M).
+// the same with C(x_i, y_j) computed on the fly: out (B,N) = log Σ_j exp(h_j − C_ij/ε), h (B,M).
 template <typename T>
 void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i64 M, i64 D, int p,
                     double eps, int nt);
 
-// grad (B,Na,D) = Σ_j g_i s_j exp(h_j − C_ij/ε + f_i/ε) ∇_1 C(a_i, b_j), a (B,Na,D) the
+// grad (B,Na,D) = Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C(a_i, b_j), a (B,Na,D) the
 // first cloud, b (B,Nb,D) the second; h, s (B,Nb); f, g (B,Na); s may be null (= 1).
+// fscale = 1/ε for a potential f, −1 for the log-sum-exp returned by the softmin kernels.
 // Cached: C (B,Na,Nb), or with transpose C (B,Nb,Na) read as C(a_i, b_j) = C[j,i].
 template <typename T, typename S>
 void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, const T* h,
                  const T* f, const T* g, const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, int p,
-                 double eps, int nt);
+                 double eps, double fscale, int nt);
 template <typename T>
 void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out,
-                 i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, int nt);
+                 i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, double fscale, int nt);
 
 // Kernel sums: val (B,N) = Σ_j k(|x_i−y_j|²) w_j; grad (B,N,D) = 2 g_i Σ_j w_j k'(d²) (x_i − y_j)
 // (k' w.r.t. the unscaled d²).  kernel: 0 gaussian exp(−d²/2σ²), 1 laplacian exp(−√max(d²/σ²,1e-8)),

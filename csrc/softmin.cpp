@@ -1,4 +1,5 @@
-// Cost matrices and the Sinkhorn "softmin" reductions, f_i = −ε log Σ_j exp(h_j − C_ij/ε):
+// Cost matrices and the Sinkhorn "softmin" reductions, f_i = −ε log Σ_j exp(h_j − C_ij/ε),
+// returned as the log-sum-exp lse_i = log Σ_j exp(h_j − C_ij/ε) (f = −ε·lse):
 //
 // * over the rows of a cached C: one streaming pass per row, in chunks that stay in L1
 //   (chunk max, then Σ exp relative to the running max: one exp per element);
@@ -57,9 +58,10 @@ inline void lse_update(const L& ld, i64 W, const T* h, T inv_eps, T& m, T& s, T*
   s += hsum(a0 + a1);
 }
 
-template <typename T> inline T lse_out(T m, T s, double eps) {
-  return T(-eps * (double(m) + std::log(double(s))));
-}
+// The kernels return the log-sum-exp m + log s; the caller scales it by −ε.  Keeping it
+// unscaled lets the gradient pass reuse it exactly: t_ij − lse_i ≤ 0 with the same rounding
+// as the forward pass, so P_ij ≤ 1 even when C/ε is far beyond float precision.
+template <typename T> inline T lse_out(T m, T s) { return T(double(m) + std::log(double(s))); }
 
 // ----------------------------------------------------------------------------- cost matrix
 template <typename T, typename S, int P>
@@ -150,7 +152,7 @@ static void softmin_rows_cached(const S* C, T cscale, const T* h, T* out, i64 B,
         CachedRow<T, S> ld{row + j0, cscale};
         lse_update(ld, std::min(ROW_CHUNK, M - j0), hq + j0, inv, m, s, scratch.data());
       }
-      out[q * N + i] = lse_out(m, s, eps);
+      out[q * N + i] = lse_out(m, s);
     }
   });
 }
@@ -232,7 +234,7 @@ static void softmin_cols_cached(const S* C, T cscale, const T* h, T* out, i64 B,
         }
       }
     }
-    for (i64 j = 0; j < w; ++j) out[q * M + c0 + j] = lse_out(c.m[j], c.s[j], eps);
+    for (i64 j = 0; j < w; ++j) out[q * M + c0 + j] = lse_out(c.m[j], c.s[j]);
   });
 }
 
@@ -286,7 +288,7 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
         }
       }
     }
-    for (i64 i = i0; i < i1; ++i) out[q * N + i] = lse_out(m[i - i0], s[i - i0], eps);
+    for (i64 i = i0; i < i1; ++i) out[q * N + i] = lse_out(m[i - i0], s[i - i0]);
   });
 }
 

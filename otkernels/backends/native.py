@@ -234,20 +234,30 @@ def cost_matrix(x, y, p, dtype=None):
     return C, scale
 
 
-def softmin_cached(C, scale, transpose, h, eps):
-    """``−ε log Σ exp(h − C/ε)`` over the rows of C (B,N,M) (h (B,M) -> (B,N)), or over its
-    columns with ``transpose`` (h (B,N) -> (B,M))."""
+def lse_cached(C, scale, transpose, h, eps):
+    """``log Σ exp(h − C/ε)`` over the rows of C (B,N,M) (h (B,M) -> (B,N)), or over its
+    columns with ``transpose`` (h (B,N) -> (B,M)).  The softmin is ``−ε ×`` this."""
     B, N, M = C.shape
     dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
     h = _vec("h", h, B, N if transpose else M, dtype)
     return _ext().softmin_cached(C, float(scale), bool(transpose), h, float(eps))
 
 
-def softmin_online(x, y, h, eps, p):
-    """``−ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`` with the cost computed on the fly: (B,N)."""
+def lse_online(x, y, h, eps, p):
+    """``log Σ_j exp(h_j − C(x_i, y_j)/ε)`` with the cost computed on the fly: (B,N)."""
     x, y = _pair(x, y)
     h = _vec("h", h, x.shape[0], y.shape[1], x.dtype)
     return _ext().softmin_online(x, y, h, float(eps), int(p))
+
+
+def softmin_cached(C, scale, transpose, h, eps):
+    """``−ε log Σ exp(h − C/ε)``: see :func:`lse_cached`."""
+    return lse_cached(C, scale, transpose, h, eps).mul_(-float(eps))
+
+
+def softmin_online(x, y, h, eps, p):
+    """``−ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`` with the cost computed on the fly: (B,N)."""
+    return lse_online(x, y, h, eps, p).mul_(-float(eps))
 
 
 def _grad_args(a, b, h, f, g, s):
@@ -260,17 +270,20 @@ def _grad_args(a, b, h, f, g, s):
     return a, b, h, f, g, s
 
 
-def grad_cached(C, scale, transpose, a, b, h, f, g, s, eps, p):
+def grad_cached(C, scale, transpose, a, b, h, f, g, s, eps, p, fscale=None):
     """``Σ_j g_i s_j exp(h_j − C_ij/ε + f_i/ε) ∇_1 C(a_i, b_j)`` (B,Na,D) from a cache
-    C (B,Na,Nb), or (B,Nb,Na) read transposed."""
+    C (B,Na,Nb), or (B,Nb,Na) read transposed.  ``fscale`` replaces 1/ε as the factor of f
+    (−1 with f the log-sum-exp of the forward pass)."""
     a, b, h, f, g, s = _grad_args(a, b, h, f, g, s)
-    return _ext().grad_cached(C, float(scale), bool(transpose), a, b, h, f, g, s, float(eps), int(p))
+    fs = 1.0 / float(eps) if fscale is None else float(fscale)
+    return _ext().grad_cached(C, float(scale), bool(transpose), a, b, h, f, g, s, float(eps), int(p), fs)
 
 
-def grad_online(a, b, h, f, g, s, eps, p):
+def grad_online(a, b, h, f, g, s, eps, p, fscale=None):
     """Same as :func:`grad_cached` with the cost computed on the fly."""
     a, b, h, f, g, s = _grad_args(a, b, h, f, g, s)
-    return _ext().grad_online(a, b, h, f, g, s, float(eps), int(p))
+    fs = 1.0 / float(eps) if fscale is None else float(fscale)
+    return _ext().grad_online(a, b, h, f, g, s, float(eps), int(p), fs)
 
 
 def kernel_sum_raw(x, y, w, kernel, blur, g=None, value=True, grad=False):
@@ -314,11 +327,15 @@ class NativeCost:
         self.xd, self.y = _pair(x, y)
         self.cache, self.scale, self.transpose = cache, scale, transpose
 
+    def lse(self, eps, h):
+        """log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N)."""
+        if self.cache is None:
+            return lse_online(self.xd, self.y, h, eps, self.p)
+        return lse_cached(self.cache, self.scale, self.transpose, h, eps)
+
     def softmin(self, eps, h):
         """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient."""
-        if self.cache is None:
-            return softmin_online(self.xd, self.y, h, eps, self.p)
-        return softmin_cached(self.cache, self.scale, self.transpose, h, eps)
+        return self.lse(eps, h).mul_(-float(eps))
 
     def softmin_grad(self, eps, h):
         """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` in one fused pass."""
@@ -327,26 +344,31 @@ class NativeCost:
         return _SoftminGrad.apply(self.x, self, eps, h.detach())
 
     @torch.no_grad()
-    def grad_x(self, eps, h, f, g, s=None):
-        """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D)."""
+    def grad_x(self, eps, h, f, g, s=None, fscale=None):
+        """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D).
+
+        ``fscale`` replaces 1/ε as the factor of f: the backward of :meth:`softmin_grad`
+        passes the forward's log-sum-exp with ``fscale=−1``, which keeps P ≤ 1 exactly even
+        when C/ε is beyond float precision (where f/ε would not round-trip)."""
         if self.cache is None:
-            return grad_online(self.xd, self.y, h, f, g, s, eps, self.p)
-        return grad_cached(self.cache, self.scale, self.transpose, self.xd, self.y, h, f, g, s, eps, self.p)
+            return grad_online(self.xd, self.y, h, f, g, s, eps, self.p, fscale)
+        return grad_cached(self.cache, self.scale, self.transpose, self.xd, self.y, h, f, g, s, eps, self.p,
+                           fscale)
 
 
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
-        f = handle.softmin(eps, h)
+        lse = handle.lse(eps, h)
         ctx.handle, ctx.eps = handle, eps
-        ctx.save_for_backward(h, f)
-        return f
+        ctx.save_for_backward(h, lse)
+        return lse * (-float(eps))
 
     @staticmethod
     def backward(ctx, g):
         _check_create_graph()
-        h, f = ctx.saved_tensors
-        gx = ctx.handle.grad_x(ctx.eps, h, f, g.contiguous())
+        h, lse = ctx.saved_tensors
+        gx = ctx.handle.grad_x(ctx.eps, h, lse, g.contiguous(), fscale=-1.0)
         return gx.to(ctx.handle.x.dtype), None, None, None
 
 
