@@ -107,6 +107,38 @@ def _call_interpreted(self, *args, **kwargs):
     return twin(*args, **kwargs)
 
 
+def _bf16_dot_fix():
+    """Triton's interpreter stores bfloat16 as raw uint16 bits and its ``create_dot`` multiplies
+    those integers (triton 3.9): widen bfloat16 operands to float32 first (exact: a product of
+    two bfloat16 numbers is exact in float32, as on the tensor cores)."""
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    original = InterpreterBuilder.create_dot
+
+    def widen(t):
+        if t.dtype.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(t.data).astype(np.uint32) << 16
+            return TensorHandle(bits.view(np.float32), tl.float32)
+        return t
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    return InterpreterBuilder, original, create_dot
+
+
+@contextlib.contextmanager
+def _interpreter_fixes():
+    """Patches to Triton's interpreter for one launch (see :func:`_bf16_dot_fix`)."""
+    cls, original, fixed = _bf16_dot_fix()
+    cls.create_dot = fixed
+    try:
+        yield
+    finally:
+        cls.create_dot = original
+
+
 @contextlib.contextmanager
 def _interpreter_scope():
     """Let an interpreted kernel run in a process where triton was imported compiled.
@@ -115,22 +147,21 @@ def _interpreter_scope():
     during the launch their calls are routed to interpreted twins.  The interpreter patches
     ``triton.language`` modules while it runs and, for nested device functions, does not undo
     all of it: the module attributes are restored afterwards so that later compilations (for a
-    GPU target) see the real ``triton.language``.  One launch at a time (a lock).
+    GPU target) see the real ``triton.language``.  The caller holds ``_lock``.
     """
     modules = (tl, tl.core, tl.standard, tl.math)
-    with _lock:
-        saved = [(m, dict(vars(m))) for m in modules]
-        original_call = JITFunction.__call__
-        JITFunction.__call__ = _call_interpreted
-        try:
-            yield
-        finally:
-            JITFunction.__call__ = original_call
-            for m, attrs in saved:
-                current = vars(m)
-                for k, v in attrs.items():
-                    if current.get(k, _MISSING) is not v:
-                        setattr(m, k, v)
+    saved = [(m, dict(vars(m))) for m in modules]
+    original_call = JITFunction.__call__
+    JITFunction.__call__ = _call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original_call
+        for m, attrs in saved:
+            current = vars(m)
+            for k, v in attrs.items():
+                if current.get(k, _MISSING) is not v:
+                    setattr(m, k, v)
 
 
 def _launch(name, B, N, device, args, consts):
@@ -145,8 +176,9 @@ def _launch(name, B, N, device, args, consts):
     meta = {k: v for k, v in INTERPRET_CONFIG.items() if k in tuner.configs[0].kwargs}
     if "BLOCK_D" in meta:
         meta["BLOCK_D"] = min(meta["BLOCK_D"], consts["D_PAD"])
-    with (contextlib.nullcontext() if native else _interpreter_scope()):
-        tuner.fn[grid](*args, **consts, **meta)
+    with _lock:
+        with (contextlib.nullcontext() if native else _interpreter_scope()), _interpreter_fixes():
+            tuner.fn[grid](*args, **consts, **meta)
 
 
 # ----------------------------------------------------------------------------- helpers
