@@ -5,7 +5,9 @@ point clouds ``x (B,n,D)``, ``y (B,m,D)`` and how to apply its gradient to a wei
 ``W (B,n,m)``: ``Σ_j W_ij ∇_x C(x_i, y_j)``.  Built-in costs follow geomloss exactly:
 
 * ``p=2``: ``C = ½‖x−y‖²``, computed as ``(‖x‖² − 2⟨x,y⟩ + ‖y‖²)/2``;
-* ``p=1``: ``C = sqrt(max(‖x−y‖², 1e-8))`` (geomloss's clamp: gradient 0 at coincident points).
+* ``p=1``: ``C = sqrt(max(‖x−y‖², 1e-8))`` (geomloss's clamp: gradient 0 at coincident
+  points), computed from coordinate differences: geomloss's expanded formula loses ~3e-4
+  relative accuracy in float32 near coincident points (e.g. the diagonal of C(x, x)).
 
 A :class:`Kernel` is a function of the squared distance, ``k(‖x−y‖²)`` (gaussian, laplacian,
 energy), with the same geomloss clamps.
@@ -18,6 +20,13 @@ from typing import Callable, Optional
 import torch
 
 _DIST_CLAMP = 1e-8  # geomloss clamps squared distances at 1e-8 before a square root
+
+
+def dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(‖x_i − y_j‖², 1e-8))`` from coordinate differences (no cancellation near
+    coincident points, unlike the expanded formula): (B,n,D), (B,m,D) -> (B,n,m)."""
+    d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.clamp_min(d, math.sqrt(_DIST_CLAMP))
 
 
 def sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,10 +58,9 @@ class Cost:
         """Dense tile (B,n,m), differentiable through torch autograd."""
         if self.fn is not None:
             return self.fn(x, y)
-        d2 = sqdist(x, y)
         if self.p == 2:
-            return d2 / 2
-        return torch.sqrt(torch.clamp_min(d2, _DIST_CLAMP))
+            return sqdist(x, y) / 2
+        return dist(x, y)
 
     def apply_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                    C: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -121,22 +129,20 @@ class Kernel:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Dense kernel tile k(x_i, y_j), (B,n,D) x (B,m,D) -> (B,n,m), autograd-friendly."""
         xs, ys = self._scaled(x, y)
-        d2 = sqdist(xs, ys)
         if self.name == "gaussian":
-            return (-d2 / 2).exp()
-        d = torch.sqrt(torch.clamp_min(d2, _DIST_CLAMP))
+            return (-sqdist(xs, ys) / 2).exp()
+        d = dist(xs, ys)
         return (-d).exp() if self.name == "laplacian" else -d
 
     def value_and_dk(self, x: torch.Tensor, y: torch.Tensor):
         """Tiles ``k`` and ``∂k/∂(d2)`` w.r.t. the *unscaled* squared distance (B,n,m)."""
         xs, ys = self._scaled(x, y)
-        d2 = sqdist(xs, ys)
         s2 = 1.0 if self.name == "energy" else self.blur ** 2
         if self.name == "gaussian":
-            k = (-d2 / 2).exp()
+            k = (-sqdist(xs, ys) / 2).exp()
             return k, -k / (2 * s2)
-        d = torch.sqrt(torch.clamp_min(d2, _DIST_CLAMP))
-        live = d2 >= _DIST_CLAMP  # clamp_min passes gradient where d2 >= min
+        d = dist(xs, ys)
+        live = d > math.sqrt(_DIST_CLAMP)  # the clamp: no gradient at coincident points
         inv = torch.where(live, 1 / (2 * d * s2), torch.zeros((), dtype=d.dtype, device=d.device))
         if self.name == "laplacian":
             k = (-d).exp()

@@ -19,7 +19,8 @@ envelope gradient of the extrapolation step; ``⟨β, a_y⟩`` depends on x and 
 potential ``a``, so its gradient needs the adjoint of the fixed point: solve
 ``(I + Pᵀ) w = −Qᵀβ`` (P the symmetric plan of α row-normalised, Q the plan from y to α)
 by Richardson iterations (the spectrum of P lies in (0, 1] for the positive-definite kernels
-exp(−C/ε) of p = 1, 2), then add ``∂_x Sᵀ w`` and ``∂_α Sᵀ w``.  These extra terms are added
+exp(−C/ε) of p = 1, 2), then add ``∂_x Sᵀ w`` and ``∂_α Sᵀ w``; and ``∂⟨α, a_x⟩/∂α_i`` is
+``a_i − ε/2`` (the plan-mass term of OT_ε(α,α)), exact for any total mass.  These extra terms are added
 as ``⟨G, x⟩ − ⟨G, x⟩.detach()`` so any backend with ``softmin`` and ``grad_x`` supports them.
 """
 from __future__ import annotations
@@ -94,6 +95,8 @@ def hausdorff(handles, a, x, b, y, eps_list, potentials=False):
         tol = 1e-13 if x.dtype == torch.float64 else 1e-6
         Gx, Ga = _adjoint_terms(C_xx, C_xy, eps, a_log, f_aa, a_x.detach(), b_log, a_y.detach(), tol)
         Gy, Gb = _adjoint_terms(C_yy, C_yx, eps, b_log, g_bb, b_y.detach(), a_log, b_x.detach(), tol)
+        # ∂⟨α, a_x⟩/∂α_i = a_i − ε/2 (the plan-mass term of OT_ε(α,α)); autograd sees a_i only
+        Ga, Gb = Ga + eps / 2, Gb + eps / 2
     extra = 0.5 * ((Gx * x).sum((1, 2)) + (Ga * a).sum(1) + (Gy * y).sum((1, 2)) + (Gb * b).sum(1))
     return H + extra - extra.detach()
 

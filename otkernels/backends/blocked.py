@@ -23,7 +23,7 @@ import torch
 from . import cache_budget
 
 NAME = "blocked"
-TILE = 1 << 20  # elements in one (B, rows, cols) tile
+TILE = 1 << 18  # elements in one (B, rows, cols) tile: ~1 MB in float32, fits L2
 MAX_COLS = 8192
 
 
@@ -73,15 +73,18 @@ class BlockedCost:
             return self.cache[:, j0:j1, i0:i1].transpose(1, 2), False
         return self.cache[:, i0:i1, j0:j1], False
 
-    def _scaled(self, C, own, eps, h_j):
-        """``h_j − C_ij/ε`` as a fresh tile."""
-        if own:
+    def _scaled(self, C, own, eps, h_j, keep=False):
+        """``h_j − C_ij/ε`` as a fresh tile (forward and backward use the same float ops,
+        so the backward's exponents ``t − lse`` stay ≤ 0 even when C/ε exceeds float precision)."""
+        if own and not keep:
             return C.mul_(-1.0 / eps).add_(h_j)
+        if own:
+            return C.mul(-1.0 / eps).add_(h_j)
         return torch.add(h_j, C, alpha=-1.0 / eps)
 
     @torch.no_grad()
-    def softmin(self, eps, h):
-        """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), online over column blocks."""
+    def lse(self, eps, h):
+        """``log Σ_j exp(h_j − C_ij/ε)``: h (B,M) -> (B,N), online over column blocks."""
         B, N, M = self.x.shape[0], self.x.shape[1], self.y.shape[1]
         out = h.new_empty(B, N)
         floor = _exp_floor(h.dtype)
@@ -100,7 +103,11 @@ class BlockedCost:
                 ts = t.sub_(mx).clamp_(min=floor).exp_().sum(2, keepdim=True)
                 s = ts if s is None else s.add_(ts)
             out[:, i0:i1] = s.log_().add_(mx).squeeze(2)
-        return out.mul_(-eps)
+        return out
+
+    def softmin(self, eps, h):
+        """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N)."""
+        return self.lse(eps, h).mul_(-eps)
 
     def softmin_grad(self, eps, h):
         """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` by tiles (never builds P)."""
@@ -108,20 +115,23 @@ class BlockedCost:
             return self.softmin(eps, h)
         return _SoftminGrad.apply(self.x, self, eps, h.detach())
 
-    @torch.no_grad()
     def grad_x(self, eps, h, f, g, s=None):
         """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D).
 
         h, s (B,M); f, g (B,N); ``s`` (signed column weights) defaults to 1.
         """
+        return self._grad(eps, h, f / eps, g, s)
+
+    @torch.no_grad()
+    def _grad(self, eps, h, shift, g, s=None):
+        """``Σ_j g_i exp(h_j − C_ij/ε + shift_i) s_j ∇_x C(x_i, y_j)``, (B,N,D)."""
         B, N, M = self.x.shape[0], self.x.shape[1], self.y.shape[1]
         gx = torch.zeros_like(self.xd)
         floor = _grad_floor(h.dtype)
-        fe = f / eps
         for i0, i1 in _blocks(N, self.bn):
             for j0, j1 in _blocks(M, self.bm):
                 C, own = self.tile(i0, i1, j0, j1)
-                W = torch.add(h[:, None, j0:j1], C, alpha=-1.0 / eps).add_(fe[:, i0:i1, None])
+                W = self._scaled(C, own, eps, h[:, None, j0:j1], keep=True).add_(shift[:, i0:i1, None])
                 W = W.clamp_(min=floor).exp_().mul_(g[:, i0:i1, None])
                 if s is not None:
                     W.mul_(s[:, None, j0:j1])
@@ -132,16 +142,16 @@ class BlockedCost:
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
-        f = handle.softmin(eps, h)
+        lse = handle.lse(eps, h)
         ctx.handle, ctx.eps = handle, eps
-        ctx.save_for_backward(h, f)
-        return f
+        ctx.save_for_backward(h, lse)
+        return lse * -eps
 
     @staticmethod
     def backward(ctx, g):
         _check_create_graph()
-        h, f = ctx.saved_tensors
-        return ctx.handle.grad_x(ctx.eps, h, f, g), None, None, None
+        h, lse = ctx.saved_tensors
+        return ctx.handle._grad(ctx.eps, h, -lse, g), None, None, None
 
 
 @torch.no_grad()
