@@ -1,8 +1,8 @@
 // Cost matrices and the Sinkhorn "softmin" reductions, f_i = −ε log Σ_j exp(h_j − C_ij/ε),
 // returned as the log-sum-exp lse_i = log Σ_j exp(h_j − C_ij/ε) (f = −ε·lse):
 //
-// * over the rows of a cached C: one streaming pass per row, in chunks that stay in L1
-//   (chunk max, then Σ exp relative to the running max: one exp per element);
+// * over the rows of a cached C: one streaming pass per row, blocks of 256 values in
+//   registers (block max, rare rescale of the running sum, one exp per element);
 // * over the columns of a cached C (the transposed problem, no transpose copy): threads own
 //   column ranges, walk blocks of rows and keep a running max / sum per column;
 // * with C computed on the fly: GEMM tiles (D > 8) or direct distances (D ≤ 8), reduced
@@ -12,50 +12,48 @@
 namespace otk {
 
 // Updates the running (m, s) of one row with the tile columns [0, W):
-// m = max_j t_j, s = Σ_j exp(t_j − m), t_j = h_j − c_j/ε.  scratch: W values.
-template <typename T, typename L>
-inline void lse_update(const L& ld, i64 W, const T* h, T inv_eps, T& m, T& s, T* scratch) {
+// m = max_j t_j, s = Σ_j exp(t_j − m), t_j = h_j − c_j/ε.  Blocks of K vectors stay in
+// registers: their max, a (rare) rescale of s, then one exp per element.
+template <int K, typename T, typename L>
+inline void lse_block(const L& ld, i64 j, int lanes, const T* h, vec<T> ie, T& m, T& s) {
   constexpr int n = VT<T>::N;
-  const vec<T> ie = vset(-inv_eps);
-  vec<T> mx0 = vset(neg_inf<T>()), mx1 = mx0;
-  i64 j = 0;
-  for (; j + 2 * n <= W; j += 2 * n) {
-    vec<T> t0 = vfma(ld.at(j), ie, vload(h + j));
-    vec<T> t1 = vfma(ld.at(j + n), ie, vload(h + j + n));
-    vstore(scratch + j, t0);
-    vstore(scratch + j + n, t1);
-    mx0 = vmax(mx0, t0);
-    mx1 = vmax(mx1, t1);
+  vec<T> t[K];
+  vec<T> mx = vset(neg_inf<T>());
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) {
+    if (K == 1 && lanes < n) {
+      t[k] = vfma(ld.tail(j, lanes), ie, vload_part(h + j, lanes, T(0)));
+      t[k] = select(lanes_below<T>(lanes), t[k], vset(neg_inf<T>()));
+    } else {
+      t[k] = vfma(ld.at(j + k * n), ie, vload(h + j + k * n));
+    }
+    mx = vmax(mx, t[k]);
   }
-  for (; j + n <= W; j += n) {
-    vec<T> t0 = vfma(ld.at(j), ie, vload(h + j));
-    vstore(scratch + j, t0);
-    mx0 = vmax(mx0, t0);
-  }
-  const int rem = int(W - j);
-  veci<T> mask = lanes_below<T>(rem);
-  if (rem) {
-    vec<T> t0 = vfma(ld.tail(j, rem), ie, vload_part(h + j, rem, T(0)));
-    t0 = select(mask, t0, vset(neg_inf<T>()));
-    vstore(scratch + j, t0);
-    mx0 = vmax(mx0, t0);
-  }
-  const T cm = hmax(vmax(mx0, mx1));
-  if (!(cm > neg_inf<T>())) return;
+  const T cm = hmax(mx);
+  if (!(cm > neg_inf<T>())) return;  // every h_j = −inf here
   if (cm > m) {
     s = (m > neg_inf<T>()) ? s * sexp(m - cm) : T(0);
     m = cm;
   }
   const vec<T> mv = vset(m);
   vec<T> a0 = vset(T(0)), a1 = a0;
-  i64 k = 0;
-  for (; k + 2 * n <= j; k += 2 * n) {
-    a0 += vexp(vload(scratch + k) - mv);
-    a1 += vexp(vload(scratch + k + n) - mv);
+#pragma GCC unroll 16
+  for (int k = 0; k < K; k += 2) {
+    a0 += vexp_le0(t[k] - mv);
+    if (k + 1 < K) a1 += vexp_le0(t[k + 1] - mv);
   }
-  for (; k < j; k += n) a0 += vexp(vload(scratch + k) - mv);
-  if (rem) a1 += select(mask, vexp(vload(scratch + j) - mv), vset(T(0)));
+  if (K == 1 && lanes < n) a0 = select(lanes_below<T>(lanes), a0, vset(T(0)));
   s += hsum(a0 + a1);
+}
+
+template <typename T, typename L>
+inline void lse_update(const L& ld, i64 W, const T* h, T inv_eps, T& m, T& s) {
+  constexpr int n = VT<T>::N, K = 16;
+  const vec<T> ie = vset(-inv_eps);
+  i64 j = 0;
+  for (; j + K * n <= W; j += K * n) lse_block<K>(ld, j, n, h, ie, m, s);
+  for (; j + 4 * n <= W; j += 4 * n) lse_block<4>(ld, j, n, h, ie, m, s);
+  for (; j < W; j += n) lse_block<1>(ld, j, int(std::min<i64>(n, W - j)), h, ie, m, s);
 }
 
 // The kernels return the log-sum-exp m + log s; the caller scales it by −ε.  Keeping it
@@ -132,49 +130,74 @@ void cost_matrix(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, int p
 }
 
 // ----------------------------------------------------------------------------- cached
-constexpr i64 ROW_CHUNK = 2048;  // columns per L1 chunk of a cached row
-constexpr i64 COL_BLOCK = 16;    // rows per block of a column reduction
-constexpr i64 COL_SUB = 256;     // columns per sub-chunk of a column reduction
-
 template <typename T, typename S>
 static void softmin_rows_cached(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, i64 M, double eps,
                                 int nt) {
   const T inv = T(1.0 / eps);
   const i64 R = rows_per_task(B, N, nt, 32), nblk = ceil_div(N, R);
-  parallel_tasks(B * nblk, nt, [&] { return std::vector<T>(size_t(ROW_CHUNK)); },
-                 [&](i64 task, std::vector<T>& scratch) {
+  parallel_tasks(B * nblk, nt, [] { return 0; }, [&](i64 task, int&) {
     const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
     const T* hq = h + q * M;
     for (i64 i = i0; i < i1; ++i) {
-      const S* row = C + (q * N + i) * M;
       T m = neg_inf<T>(), s = 0;
-      for (i64 j0 = 0; j0 < M; j0 += ROW_CHUNK) {
-        CachedRow<T, S> ld{row + j0, cscale};
-        lse_update(ld, std::min(ROW_CHUNK, M - j0), hq + j0, inv, m, s, scratch.data());
-      }
+      lse_update(CachedRow<T, S>{C + (q * N + i) * M, cscale}, M, hq, inv, m, s);
       out[q * N + i] = lse_out(m, s);
     }
   });
 }
 
-// out_j = −ε log Σ_i exp(h_i − C_ij/ε) for the columns j of C (B,N,M); h (B,N), out (B,M).
+// Column reduction: lse_j = log Σ_i exp(h_i − C_ij/ε) for the columns j of C (B,N,M); h (B,N),
+// out (B,M).  Threads own column ranges; for each block of R rows and each column vector the
+// R values t_i = h_i − C_ij/ε stay in registers: one max over them, one rescale of the
+// running sum, then R exps — one exp per element, C read once, no scratch.
+template <int R, typename T, typename S>
+inline void cols_block(const S* Cq, i64 M, i64 r0, i64 c0, i64 w, const T* hq, T inv, T cscale, T* mm, T* ss) {
+  constexpr int n = VT<T>::N;
+  const vec<T> ie = vset(-inv), ninf = vset(neg_inf<T>());
+  for (i64 j = 0; j < w; j += n) {
+    const int lanes = int(std::min<i64>(n, w - j));
+    vec<T> t[R];
+    vec<T> mx = ninf;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      CachedRow<T, S> ld{Cq + (r0 + r) * M + c0, cscale};
+      t[r] = vfma(lanes == n ? ld.at(j) : ld.tail(j, lanes), ie, vset(hq[r0 + r]));
+      mx = vmax(mx, t[r]);
+    }
+    vec<T> mo = lanes == n ? vload(mm + j) : vload_part(mm + j, lanes, neg_inf<T>());
+    vec<T> so = lanes == n ? vload(ss + j) : vload_part(ss + j, lanes, T(0));
+    const vec<T> mn = vmax(mo, mx);
+    // so = 0 where mo = −inf, so the clamped exp(−inf) is harmless; lanes with mn = −inf
+    // (every h = −inf so far) must not add exp(−inf − (−inf)) = exp(nan)
+    so *= vexp_le0(select(mo > ninf, mo - mn, ninf));
+    vec<T> acc = vset(T(0));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc += vexp_le0(t[r] - mn);
+    so += select(mn > ninf, acc, vset(T(0)));
+    if (lanes == n) {
+      vstore(mm + j, mn);
+      vstore(ss + j, so);
+    } else {
+      vstore_part(mm + j, mn, lanes);
+      vstore_part(ss + j, so, lanes);
+    }
+  }
+}
+
 template <typename T, typename S>
 static void softmin_cols_cached(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, i64 M, double eps,
                                 int nt) {
   constexpr int n = VT<T>::N;
+  constexpr int R = 16;
   const T inv = T(1.0 / eps);
-  // column ranges: multiples of COL_SUB when there is enough work, ≥ 4 ranges per thread
+  // column ranges: ≥ 4 per thread when there is enough work
   i64 width = std::max<i64>(n, ceil_div(ceil_div(B * M, 4 * i64(num_threads_or(nt))), n) * n);
   width = std::min<i64>(width, ceil_div(M, n) * n);
   const i64 nrng = ceil_div(M, width);
   struct Ctx {
-    std::vector<T> m, s, t, cm;
+    std::vector<T> m, s;
   };
-  parallel_tasks(B * nrng, nt,
-                 [&] {
-                   return Ctx{std::vector<T>(size_t(width)), std::vector<T>(size_t(width)),
-                              std::vector<T>(size_t(COL_BLOCK * COL_SUB)), std::vector<T>(size_t(COL_SUB))};
-                 },
+  parallel_tasks(B * nrng, nt, [&] { return Ctx{std::vector<T>(size_t(width)), std::vector<T>(size_t(width))}; },
                  [&](i64 task, Ctx& c) {
     const i64 q = task / nrng, c0 = (task % nrng) * width, c1 = std::min(M, c0 + width);
     const i64 w = c1 - c0;
@@ -182,58 +205,9 @@ static void softmin_cols_cached(const S* C, T cscale, const T* h, T* out, i64 B,
     const T* hq = h + q * N;
     std::fill(c.m.begin(), c.m.begin() + w, neg_inf<T>());
     std::fill(c.s.begin(), c.s.begin() + w, T(0));
-    const vec<T> ie = vset(-inv);
-    for (i64 r0 = 0; r0 < N; r0 += COL_BLOCK) {
-      const i64 R = std::min(COL_BLOCK, N - r0);
-      for (i64 s0 = 0; s0 < w; s0 += COL_SUB) {
-        const i64 SW = std::min(COL_SUB, w - s0);
-        const i64 full = SW / n * n;
-        const int rem = int(SW - full);
-        const veci<T> mask = lanes_below<T>(rem);
-        T* cm = c.cm.data();
-        // pass 1: t = h_i − C_ij/ε into scratch, column max
-        for (i64 r = 0; r < R; ++r) {
-          CachedRow<T, S> ld{Cq + (r0 + r) * M + c0 + s0, cscale};
-          const vec<T> hv = vset(hq[r0 + r]);
-          T* tr = c.t.data() + r * COL_SUB;
-          for (i64 j = 0; j < full; j += n) {
-            vec<T> t = vfma(ld.at(j), ie, hv);
-            vstore(tr + j, t);
-            vec<T> prev = r == 0 ? vset(neg_inf<T>()) : vload(cm + j);
-            vstore(cm + j, vmax(prev, t));
-          }
-          if (rem) {
-            vec<T> t = select(mask, vfma(ld.tail(full, rem), ie, hv), vset(neg_inf<T>()));
-            vstore(tr + full, t);
-            vec<T> prev = r == 0 ? vset(neg_inf<T>()) : vload(cm + full);
-            vstore(cm + full, vmax(prev, t));
-          }
-        }
-        // rescale the running sums where the max grew; pass 2: add the exps
-        T* mm = c.m.data() + s0;
-        T* ss = c.s.data() + s0;
-        const i64 span = rem ? full + n : full;
-        for (i64 j = 0; j < span; j += n) {
-          const int lim = int(std::min<i64>(n, SW - j));
-          vec<T> mo = vload_part(mm + j, lim, neg_inf<T>()), so = vload_part(ss + j, lim, T(0));
-          vec<T> mn = vmax(mo, vload(cm + j));
-          // exp(−inf − finite) → exp(lo)·0 = 0 since so = 0 where mo = −inf
-          so *= vexp(select(mo > vset(neg_inf<T>()), mo - mn, vset(neg_inf<T>())));
-          vec<T> acc = vset(T(0));
-          for (i64 r = 0; r < R; ++r) acc += vexp(vload(c.t.data() + r * COL_SUB + j) - mn);
-          // lanes whose max is −inf (h = −inf everywhere) stay at s = 0
-          acc = select(mn > vset(neg_inf<T>()), acc, vset(T(0)));
-          so += acc;
-          if (lim == n) {
-            vstore(mm + j, mn);
-            vstore(ss + j, so);
-          } else {
-            vstore_part(mm + j, mn, lim);
-            vstore_part(ss + j, so, lim);
-          }
-        }
-      }
-    }
+    i64 r0 = 0;
+    for (; r0 + R <= N; r0 += R) cols_block<R>(Cq, M, r0, c0, w, hq, inv, cscale, c.m.data(), c.s.data());
+    for (; r0 < N; ++r0) cols_block<1>(Cq, M, r0, c0, w, hq, inv, cscale, c.m.data(), c.s.data());
     for (i64 j = 0; j < w; ++j) out[q * M + c0 + j] = lse_out(c.m[j], c.s[j]);
   });
 }
@@ -255,10 +229,9 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
   ColumnTerms<T> ct(y, B, M, D, direct, !direct, half);
   const i64 R = rows_per_task(B, N, nt, ROWS), nblk = ceil_div(N, R);
   struct Ctx {
-    std::vector<T> G, t;
+    std::vector<T> G;
   };
-  parallel_tasks(B * nblk, nt,
-                 [&] { return Ctx{std::vector<T>(direct ? 0 : size_t(R * COLS)), std::vector<T>(size_t(COLS))}; },
+  parallel_tasks(B * nblk, nt, [&] { return Ctx{std::vector<T>(direct ? 0 : size_t(R * COLS))}; },
                  [&](i64 task, Ctx& c) {
     const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
     const T* xq = x + q * N * D;
@@ -271,7 +244,7 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
         for (i64 j0 = 0; j0 < M; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, M - j0);
           CostRow<T, P, DirectRow<T>, true> ld{DirectRow<T>(xq + i * D, bT + j0, M, int(D))};
-          lse_update(ld, W, hq + j0, inv, m[i - i0], s[i - i0], c.t.data());
+          lse_update(ld, W, hq + j0, inv, m[i - i0], s[i - i0]);
         }
       }
     } else {
@@ -284,7 +257,7 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
              c.G.data(), W);
         for (i64 i = i0; i < i1; ++i) {
           CostRow<T, P, GemmRow<T>, false> ld{GemmRow<T>{c.G.data() + (i - i0) * W, hb + j0, ha[i - i0]}};
-          lse_update(ld, W, hq + j0, inv, m[i - i0], s[i - i0], c.t.data());
+          lse_update(ld, W, hq + j0, inv, m[i - i0], s[i - i0]);
         }
       }
     }

@@ -1,0 +1,307 @@
+"""Native backend (csrc/, issue 4): one softmin pass and a full Sinkhorn divergence
+(forward + backward w.r.t. x), native vs blocked torch vs geomloss tensorized vs geomloss
+online (KeOps), plus this machine's peaks measured in the same run.
+
+    pytest benchmarks/bench_native.py --benchmark-only            # ~10 min on 2 cores
+    pytest benchmarks/bench_native.py --benchmark-only --large    # + the slowest (~30 min)
+
+* Data: float32 ``x ~ randn(N, D)``, ``y ~ randn(N, D) + 0.5`` (seed 0), N = M ∈ {5k, 10k},
+  D ∈ {3, 128}, 2 torch threads.  Sinkhorn: p=2, blur=0.05, scaling=0.5, debias=True.
+* Softmin pass: ``−ε log Σ_j exp(h_j − C_ij/ε)`` at the last ε of the schedule (blur² =
+  0.0025) with uniform log-weights h, each backend's own way: native and blocked on the
+  cost they cache (and with tiles recomputed, "-online"/"-recompute"), geomloss tensorized
+  ``softmin_tensorized`` on its dense cost matrix, geomloss online its KeOps LazyTensor
+  reduction (compiled before timing).  Caches are built outside the timed region.
+* Every configuration shares one pytest-benchmark group (``native softmin N=.. D=..``,
+  ``native divergence N=.. D=..``), so ratios come from one run; the module prints a summary
+  (ratios, achieved exp/s, GB/s, GFLOP/s against the peaks of group ``native peaks``) and
+  writes it to ``.benchmarks/native_summary.json``.
+* Correctness: each softmin pass is checked against the float64 dense value, each divergence
+  against the float64 native value (itself checked against geomloss by the tests), 1e-4
+  relative: a fast wrong answer fails.
+* The machine is shared: timings are the minimum over rounds (``pedantic``), and everything
+  that takes more than a minute runs once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+import otkernels
+from otkernels.backends import blocked, native
+from otkernels.costs import Cost
+
+THREADS = 2
+SIZES = (5000, 10000)
+DIMS = (3, 128)
+BLUR = 0.05
+EPS = BLUR ** 2
+PARAMS = dict(loss="sinkhorn", p=2, blur=BLUR, scaling=0.5, debias=True)
+REL_TOL = 1e-4
+
+SOFTMIN = ("native", "native-online", "blocked", "blocked-recompute", "geomloss-tensorized", "geomloss-online")
+DIVERGENCE = ("geomloss-tensorized", "geomloss-online", "blocked", "native")
+
+# (competitor, N, D) that take many minutes on the 2-core reference machine: only with --large
+LARGE_ONLY = {
+    ("divergence", "geomloss-online", 5000, 128): "geomloss online (KeOps CPU) ~145 s at N=5k D=128",
+    ("divergence", "geomloss-online", 10000, 128): "geomloss online (KeOps CPU) ~10 min at N=10k D=128",
+    ("divergence", "geomloss-online", 10000, 3): "geomloss online (KeOps CPU) several minutes at N=10k",
+    ("divergence", "blocked", 10000, 128): "blocked torch ~5 min at N=10k D=128",
+    ("divergence", "blocked", 10000, 3): "blocked torch several minutes at N=10k",
+    ("divergence", "blocked", 5000, 128): "blocked torch ~1.5 min at N=5k D=128",
+    ("softmin", "blocked-recompute", 10000, 128): "blocked recompute pass ~6 s, several rounds",
+    ("softmin", "geomloss-online", 10000, 128): "KeOps pass ~10 s at N=10k D=128",
+}
+
+_RESULTS: dict = {}   # (kind, N, D, competitor) -> seconds (min over rounds)
+_EXTRA: dict = {}     # peaks and derived rates
+_DATA: dict = {}
+
+
+# ----------------------------------------------------------------------------- helpers
+def set_threads():
+    torch.set_num_threads(THREADS)
+
+
+def data(N, D):
+    if (N, D) not in _DATA:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(N, D, generator=g, dtype=torch.float64)
+        y = torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5
+        _DATA.clear()  # keep one configuration's tensors (and caches) alive at a time
+        _DATA[N, D] = (x.float(), y.float())
+    return _DATA[N, D]
+
+
+def keops_status():
+    """``(usable, reason)``: pykeops imports *and* compiles a small reduction here."""
+    if "keops" not in _EXTRA:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from pykeops.torch import LazyTensor
+            s = (-((LazyTensor(torch.randn(8, 1, 3)) - LazyTensor(torch.randn(1, 9, 3))) ** 2).sum(-1)).exp().sum(1)
+            _EXTRA["keops"] = (bool(torch.isfinite(s).all()), "pykeops compiles")
+        except Exception as e:  # import error or compiler failure
+            _EXTRA["keops"] = (False, f"KeOps unusable here: {type(e).__name__}: {str(e)[:200]}")
+    return _EXTRA["keops"]
+
+
+def skip_if_needed(kind, name, N, D, large):
+    if not native.available()[0] and name.startswith("native"):
+        pytest.skip(f"native backend unavailable: {native.available()[1]}")
+    if name == "geomloss-online":
+        ok, why = keops_status()
+        if not ok:
+            pytest.skip(why)
+    why = LARGE_ONLY.get((kind, name, N, D))
+    if why and not large:
+        pytest.skip(f"{why}: run with --large")
+
+
+def run(benchmark, fn, rounds, kind, N, D, name):
+    """Time ``fn`` (min over ``rounds``, one warm-up for fast functions) and record it."""
+    set_threads()
+    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
+    _RESULTS[kind, N, D, name] = benchmark.stats.stats.min
+    return out
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+# ----------------------------------------------------------------------------- peaks
+@pytest.mark.benchmark(group="native peaks")
+@pytest.mark.parametrize("what", ["matmul", "exp", "copy", "read"])
+def test_peak(benchmark, what):
+    """This machine's reference rates: torch GEMM (GFLOP/s), torch.exp (exp/s), memory copy
+    and read (GB/s), on 2 threads, measured in the same run as the kernels."""
+    set_threads()
+    if what == "matmul":
+        a, b = torch.randn(10000, 128), torch.randn(128, 10000)
+        out = torch.empty(10000, 10000)
+        run(benchmark, lambda: torch.mm(a, b, out=out), 3, "peak", 0, 0, what)
+        _EXTRA["peak GFLOP/s (torch matmul 10k x 128 x 10k)"] = 2 * 1e8 * 128 / _RESULTS["peak", 0, 0, what] / 1e9
+    elif what == "exp":
+        x = torch.rand(10 ** 8) * -20.0  # no denormals: arguments in [−20, 0]
+        out = torch.empty_like(x)
+        run(benchmark, lambda: torch.exp(x, out=out), 3, "peak", 0, 0, what)
+        _EXTRA["peak exp/s (torch.exp, 1e8 float32)"] = 1e8 / _RESULTS["peak", 0, 0, what]
+    elif what == "copy":
+        x = torch.rand(10 ** 8)
+        out = torch.empty_like(x)
+        out.copy_(x)  # fault the pages in first
+        run(benchmark, lambda: out.copy_(x), 3, "peak", 0, 0, what)
+        _EXTRA["peak GB/s (400 MB copy, read + write)"] = 8e8 / _RESULTS["peak", 0, 0, what] / 1e9
+    else:
+        x = torch.rand(10 ** 8)
+        run(benchmark, lambda: x.sum(), 3, "peak", 0, 0, what)
+        _EXTRA["peak GB/s (400 MB read, torch.sum)"] = 4e8 / _RESULTS["peak", 0, 0, what] / 1e9
+
+
+# ----------------------------------------------------------------------------- softmin pass
+def _softmin_case(name, N, D):
+    """(callable, description) for one softmin pass of competitor ``name``."""
+    x, y = data(N, D)
+    xb, yb = x[None], y[None]
+    h = torch.full((1, N), -float(torch.log(torch.tensor(float(N)))))
+    cost = Cost(2)
+    if name in ("native", "native-online"):
+        hs = native.cost_handles(xb, yb, cost, debias=False, cache=(name == "native"))
+        return (lambda: hs[0].softmin(EPS, h)), hs
+    if name in ("blocked", "blocked-recompute"):
+        hs = blocked.cost_handles(xb, yb, cost, debias=False, cache=(name == "blocked"))
+        return (lambda: hs[0].softmin(EPS, h)), hs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from geomloss._legacy import sinkhorn_samples as gs
+    if name == "geomloss-tensorized":
+        C = gs.cost_routines[2](xb, yb)
+        return (lambda: gs.softmin_tensorized(EPS, C, h)), C
+    fn = lambda: gs.softmin_online_lazytensor(EPS, (xb, yb), h, p=2)  # noqa: E731
+    fn()  # compile the KeOps formula outside the timing
+    return fn, None
+
+
+def _softmin_reference(N, D):
+    """float64 dense softmin for the pass (rows in blocks)."""
+    key = ("ref", N, D)
+    if key not in _EXTRA:
+        x, y = (t.double() for t in data(N, D))
+        h = -torch.log(torch.tensor(float(N), dtype=torch.float64))
+        out = []
+        for i in range(0, N, 1000):
+            C = ((x[i:i + 1000, None, :] - y[None, :, :]) ** 2).sum(-1) / 2 if D <= 8 else (
+                ((x[i:i + 1000] ** 2).sum(-1)[:, None] + (y ** 2).sum(-1)[None] - 2 * x[i:i + 1000] @ y.T) / 2)
+            out.append(-EPS * (h - C / EPS).logsumexp(1))
+        _EXTRA[key] = torch.cat(out)
+    return _EXTRA[key]
+
+
+def _softmin_params():
+    for N in SIZES:
+        for D in DIMS:
+            for name in SOFTMIN:
+                yield pytest.param(N, D, name, id=f"n{N}-d{D}-{name}")
+
+
+@pytest.mark.parametrize("N,D,name", list(_softmin_params()))
+def test_softmin_pass(benchmark, request, N, D, name):
+    skip_if_needed("softmin", name, N, D, request.config.getoption("--large"))
+    benchmark.group = f"native softmin N={N} D={D}"
+    fn, keep = _softmin_case(name, N, D)
+    slow = name.startswith("geomloss") or name.endswith(("recompute", "online"))
+    out = run(benchmark, fn, 2 if slow else 5, "softmin", N, D, name)
+    err = rel(out.reshape(-1), _softmin_reference(N, D))
+    benchmark.extra_info["rel_err_vs_float64"] = err
+    assert err <= REL_TOL, f"{name}: softmin relative error {err:.2e} vs the float64 reference"
+    t = _RESULTS["softmin", N, D, name]
+    benchmark.extra_info["exp_per_s"] = N * N / t
+    if name == "native":
+        benchmark.extra_info["cache_GB_per_s"] = 4 * N * N / t / 1e9
+    if name == "native-online" and D > 8:
+        benchmark.extra_info["GEMM_GFLOP_per_s"] = 2 * N * N * D / t / 1e9
+    del keep
+
+
+# ----------------------------------------------------------------------------- divergence
+def _divergence_loss(name):
+    if name.startswith("geomloss"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import geomloss
+        return geomloss.SamplesLoss(**PARAMS, backend=name.split("-")[1])
+    return otkernels.SamplesLoss(**PARAMS, backend=name)
+
+
+def _fwd_bwd(loss, x, y):
+    xg = x.detach().clone().requires_grad_()
+    v = loss(xg, y)
+    v.backward()
+    return v.detach(), xg.grad
+
+
+def _divergence_reference(N, D):
+    key = ("div-ref", N, D)
+    if key not in _EXTRA:
+        x, y = data(N, D)
+        if native.available()[0]:
+            v, g = _fwd_bwd(otkernels.SamplesLoss(**PARAMS, backend="native"), x.double(), y.double())
+            _EXTRA[key] = (v.item(), g.float(), "otkernels native float64")
+        else:
+            v, g = _fwd_bwd(otkernels.SamplesLoss(**PARAMS, backend="blocked"), x.double(), y.double())
+            _EXTRA[key] = (v.item(), g.float(), "otkernels blocked float64")
+    return _EXTRA[key]
+
+
+def _divergence_params():
+    for N in SIZES:
+        for D in DIMS:
+            for name in DIVERGENCE:
+                yield pytest.param(N, D, name, id=f"n{N}-d{D}-{name}")
+
+
+@pytest.mark.parametrize("N,D,name", list(_divergence_params()))
+def test_divergence(benchmark, request, N, D, name):
+    skip_if_needed("divergence", name, N, D, request.config.getoption("--large"))
+    benchmark.group = f"native divergence N={N} D={D}"
+    x, y = data(N, D)
+    loss = _divergence_loss(name)
+    if name == "geomloss-online":
+        _fwd_bwd(loss, x[:50], y[:50])  # compile the KeOps formulas outside the timing
+    rounds = 3 if name == "native" else 1
+    v, g = run(benchmark, lambda: _fwd_bwd(loss, x, y), rounds, "divergence", N, D, name)
+    rv, rg, what = _divergence_reference(N, D)
+    err_v, err_g = abs(v.item() - rv) / abs(rv), rel(g, rg)
+    benchmark.extra_info.update(value=v.item(), reference=what, rel_err_value=err_v, rel_err_grad=err_g)
+    assert err_v <= REL_TOL, f"{name}: value {v.item()} vs {what} {rv}: {err_v:.2e}"
+    assert err_g <= 10 * REL_TOL, f"{name}: gradient relative error {err_g:.2e} vs {what}"
+
+
+# ----------------------------------------------------------------------------- summary
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    yield
+    if not _RESULTS:
+        return
+    lines, summary = [], {"results_s": {" ".join(map(str, k)): v for k, v in _RESULTS.items()}}
+    peaks = {k: v for k, v in _EXTRA.items() if isinstance(k, str) and k.startswith("peak")}
+    summary["peaks"] = peaks
+    lines.append("native backend summary (min seconds over rounds, 2 threads)")
+    for k, v in peaks.items():
+        lines.append(f"  {k}: {v:.3g}")
+    for N in SIZES:
+        for D in DIMS:
+            r = {n: _RESULTS.get(("softmin", N, D, n)) for n in SOFTMIN}
+            if r["native"]:
+                parts = [f"{n} {t * 1e3:.1f} ms" for n, t in r.items() if t]
+                lines.append(f"  softmin N={N} D={D}: " + ", ".join(parts))
+                if r["blocked"]:
+                    lines.append(f"    native / blocked speed-up: {r['blocked'] / r['native']:.1f}x")
+                t = r["native"]
+                lines.append(f"    native cached pass: {N * N / t:.3g} exp/s, {4 * N * N / t / 1e9:.2f} GB/s of cache")
+                if r["native-online"] and D > 8:
+                    lines.append(f"    native online pass: {2 * N * N * D / r['native-online'] / 1e9:.1f} GFLOP/s (GEMM)"
+                                 f", {N * N / r['native-online']:.3g} exp/s")
+            d = {n: _RESULTS.get(("divergence", N, D, n)) for n in DIVERGENCE}
+            if d["native"]:
+                parts = [f"{n} {t:.2f} s" for n, t in d.items() if t]
+                lines.append(f"  divergence fwd+bwd N={N} D={D}: " + ", ".join(parts))
+                geo = [t for n, t in d.items() if n.startswith("geomloss") and t]
+                if geo:
+                    lines.append(f"    native vs fastest geomloss: {min(geo) / d['native']:.1f}x")
+    summary["lines"] = lines
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        (tr.write_line if tr else print)(line)
+    os.makedirs(".benchmarks", exist_ok=True)
+    with open(os.path.join(".benchmarks", "native_summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1, default=str)
