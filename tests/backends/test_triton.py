@@ -117,6 +117,48 @@ def test_softmin_unbatched_and_small_tiles(monkeypatch):
             assert_rel(a, b, TOL64, f"p={p} d/d{name}")
 
 
+@pytest.mark.parametrize("direct_max_d", [8, 0], ids=["direct", "dot"])
+def test_small_d_both_paths(direct_max_d, monkeypatch):
+    """D ≤ 8 computes distances from coordinate differences; the tl.dot path (D padded to 16)
+    must agree too: softmin p=1/p=2, a kernel sum and argmin at D = 3, with gradients."""
+    monkeypatch.setattr(ops, "DIRECT_MAX_D", direct_max_d)
+    x, y, h = make(2, 40, 33, 3)
+    x[:, :2] = y[:, :2]
+    for p in (1, 2):
+        xl, yl, hl = leaves(x, y, h)
+        f = ops.softmin(xl, yl, hl, 0.3, p)
+        g = grads(f, (xl, yl, hl))
+        xr, yr, hr = leaves(x, y, h)
+        fr = ref_softmin(xr, yr, hr, 0.3, p)
+        gr = grads(fr, (xr, yr, hr))
+        assert_rel(f, fr, TOL64, f"p={p}")
+        for name, a, b in zip("xyh", g, gr):
+            assert_rel(a, b, TOL64, f"p={p} d/d{name}")
+    b = h.exp()
+    xl, yl, bl = leaves(x, y, b)
+    out = ops.kernel_sum(xl, yl, bl, "laplacian", 0.5)
+    g = grads(out, (xl, yl, bl))
+    xr, yr, br = leaves(x, y, b)
+    outr = ref_kernel_sum(xr, yr, br, "laplacian", 0.5)
+    for name, a, r in zip("vxyb", (out,) + g, (outr,) + grads(outr, (xr, yr, br))):
+        assert_rel(a, r, TOL64, f"laplacian {name}")
+    val, idx = ops.argmin(x, y, h)
+    valr, idxr = (((x[:, :, None] - y[:, None]) ** 2).sum(-1) + h[:, None]).min(2)
+    assert torch.equal(idx, idxr)
+    assert_rel(val, valr, TOL64, "argmin values")
+
+
+def test_energy_float32_near_coincident_points():
+    """Direct distances (D ≤ 8) keep float32 kernels accurate at coincident points, where
+    ‖x‖² + ‖y‖² − 2⟨x,y⟩ would leave ~1e-7‖x‖² and sqrt would turn it into ~3e-4‖x‖."""
+    x, _, _ = make(1, 64, 1, 3)
+    x = x * 10
+    a = torch.rand(1, 64, dtype=torch.float64)
+    ref = ref_kernel_sum(x, x, a, "energy", 1.0)
+    ours = ops.kernel_sum(x.float(), x.float(), a.float(), "energy", 1.0)
+    assert_rel(ours, ref, 1e-6, "energy self term, float32")
+
+
 def test_softmin_float32_rule():
     """float32: error vs float64 ≤ max(4 × dense torch float32's error, 1e-6)."""
     x, y, h = make(2, 150, 131, 17)

@@ -14,6 +14,17 @@ base 2: ``exp2`` with ``log2(e)`` folded into the scale), a weighted kernel sum,
 softmax-weighted ``P·Y`` (attention's P·V), or a running arg-min/max.  Column reductions are
 the same kernels with x and y swapped by the caller (no transposed copies).
 
+For D ≤ 8 (``DIRECT``) the tiles come from coordinate differences instead of ``tl.dot``: the
+dot's K would be padded to 16 anyway, and ``‖x‖² + ‖y‖² − 2⟨x,y⟩`` cancels near coincident
+points, which the square roots of p=1 and of the laplacian/energy kernels amplify.
+
+Tuning: ``@triton.autotune`` over tile shapes × warps × stages, keyed on the power-of-two
+buckets of N and M and on ``D_PAD``; ``_prune_for`` drops the shapes whose registers would
+spill at that D (a per-thread estimate calibrated with ``ptxas -v``, see
+tests/backends/test_triton_compile.py).  The forward kernels hold the whole padded D up to
+256 and walk D by chunks of 128 above (``block_d``); the gradient keeps a (BLOCK_N, D)
+accumulator and shrinks its tiles with D instead.
+
 Conventions: pointers capitalised, strides explicit for the (B, N, D) point clouds, vectors
 (B, N) contiguous in the accumulator dtype ``ACC`` (float64 for float64 points, float32
 otherwise: float16/bfloat16 points feed the tensor cores, everything else is float32);
@@ -38,39 +49,57 @@ ENERGY = 4
 
 
 # ----------------------------------------------------------------------------- configs
-def _configs(with_block_d=True):
-    """Autotuning space: tile shapes × pipeline depth (× D chunk), trimmed by :func:`_keep`."""
-    return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, **({"BLOCK_D": bd} if with_block_d else {})),
-                          num_warps=w, num_stages=s)
-            for bn in (64, 128) for bm in (32, 64, 128) for bd in ((64, 128) if with_block_d else (0,))
-            for w in (4, 8) for s in (2, 3)
-            if _keep(bn, bm, w)]
+# (BLOCK_N, BLOCK_M, num_warps) candidates; num_stages 2 or 3 for each.
+# The small tiles are there for large D, where the bigger ones would spill.
+_TILES = [(16, 32, 4), (32, 32, 8), (32, 64, 4), (32, 64, 8), (64, 32, 8), (64, 64, 4), (64, 64, 8),
+          (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)]
 
 
-def _keep(bn, bm, w):
-    """8 warps for tiles of ≥ 128×64 elements, 4 below; at most 128×128."""
-    return bn * bm <= 128 * 128 and (w == 8) == (bn * bm >= 128 * 64)
+def _configs():
+    """Autotuning space: tile shapes × warps × pipeline depth, trimmed per problem by :func:`_prune_for`."""
+    return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm), num_warps=w, num_stages=s)
+            for bn, bm, w in _TILES for s in (2, 3)]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Adapt the configs to the problem: the D chunk is at most ``D_PAD`` (one chunk: the x
-    tile is loaded once per program); large D with float32/float64 keeps smaller row blocks
-    (the x tile and the accumulators live in registers)."""
-    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
-    acc = kwargs.get("ACC", named_args.get("ACC"))
-    wide = d_pad >= 256 or (d_pad >= 128 and acc == tl.float64)
-    out, seen = [], set()
-    for c in configs:
-        kw = dict(c.kwargs)
-        if "BLOCK_D" in kw:
-            kw["BLOCK_D"] = min(kw["BLOCK_D"], d_pad)
-        if wide and kw["BLOCK_N"] * kw["BLOCK_M"] > 64 * 64 and kw.get("BLOCK_D", d_pad) == d_pad:
-            continue
-        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out or configs[:1]
+def register_words(kernel, bn, bm, w, d_pad, direct=0):
+    """Rough 32-bit registers per thread that a kernel's tiles need (calibrated with ``ptxas -v``
+    on sm_80 and sm_90, see tests/backends/test_triton_compile.py): the forward kernels hold the
+    (bn, bm) score tile (their x tile feeds the tensor cores from shared memory); the gradient
+    also holds the x tile and the (bn, D) accumulator."""
+    if kernel == "_weighted_grad":
+        return (2 * bn * d_pad + (4 if direct else 3) * bn * bm) / (32 * w)
+    if direct:  # no x tile, but the difference, distance and score tiles are live together
+        return 3 * bn * bm / (32 * w)
+    if d_pad > 256:  # D walked by chunks inside the column loop: ptxas spilled far more
+        return 2 * (2 * bn * block_d(d_pad) + bn * bm) / (32 * w)
+    return (bn * d_pad + bn * bm) / (32 * w)
+
+
+# words/thread above which ptxas spilled (sm_80, sm_90; D = 128, 256, 512; float32, bfloat16)
+BUDGET = {"_weighted_grad": 120, "fwd": 160}
+
+
+def _prune_for(kernel):
+    def prune(configs, named_args, **kwargs):
+        """Drop the tile shapes whose registers would spill at this ``D_PAD``, and the tiles
+        under 64×64 when larger ones fit; keep at least one."""
+        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
+        direct = kwargs.get("DIRECT", named_args.get("DIRECT", 0))
+        budget = BUDGET.get(kernel, BUDGET["fwd"])
+
+        def words(c):
+            return register_words(kernel, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, d_pad, direct)
+        kept = [c for c in configs if words(c) <= budget
+                and (kernel == "_weighted_grad" or d_pad <= 256 or c.num_stages == 2)]  # D chunks: 2 stages
+        big = [c for c in kept if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= 64 * 64]
+        return big or kept or [min(configs, key=words)]
+    return prune
+
+
+def block_d(d_pad: int) -> int:
+    """D chunk of the forward kernels: the whole padded D up to 256 (the x tile is loaded once
+    per program; chunking D = 128 by 64 made ptxas spill), chunks of 128 above."""
+    return d_pad if d_pad <= 256 else 128
 
 
 _KEY = ["N_KEY", "M_KEY", "D_PAD"]  # N_KEY = N.bit_length(): retune per power of two, not per N
@@ -85,12 +114,41 @@ def _load_rows(Base, offs, mask, offs_d, D, stride_n, stride_d):
 
 
 @triton.jit
+def _direct_xy(Xb, Yb, offs_n, mask_n, offs_m, mask_m, sxn, sxd, sym, syd,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr, ACC: tl.constexpr):
+    """``−½‖x_i − y_j‖²`` from coordinate differences (D = DIRECT ≤ 8): no cancellation near
+    coincident points, where ``‖x‖² + ‖y‖² − 2⟨x,y⟩`` loses ~1e-7·‖x‖² in float32, which
+    ``sqrt`` (p=1, laplacian, energy) turns into ~3e-4·‖x‖."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
+    for d in tl.static_range(DIRECT):
+        xc = tl.load(Xb + offs_n * sxn + d * sxd, mask=mask_n, other=0.0).to(ACC)
+        yc = tl.load(Yb + offs_m * sym + d * syd, mask=mask_m, other=0.0).to(ACC)
+        diff = xc[:, None] - yc[None, :]
+        acc += diff * diff
+    return -0.5 * acc
+
+
+@triton.jit
+def _norms(Ptr, offs, mask, BLOCK: tl.constexpr, DIRECT: tl.constexpr, ACC: tl.constexpr):
+    """Squared norms of a block of points; zeros in direct mode, where the tiles hold
+    ``−½‖x − y‖²`` in place of ``⟨x, y⟩`` (so that ``‖x‖² + ‖y‖² − 2·tile = ‖x − y‖²``)."""
+    if DIRECT > 0:
+        v = tl.zeros((BLOCK,), ACC)
+    else:
+        v = tl.load(Ptr + offs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, sxn, sxd, sym, syd,
              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-             PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """``⟨x_i, y_j⟩`` on a (BLOCK_N, BLOCK_M) tile in ``ACC``.  With ``BLOCK_D == D_PAD`` ``x`` is
-    the program's x tile (loaded once by the caller); else the dot walks D by chunks."""
-    if BLOCK_D == D_PAD:
+             PRECISION: tl.constexpr, ACC: tl.constexpr, DIRECT: tl.constexpr):
+    """``⟨x_i, y_j⟩`` on a (BLOCK_N, BLOCK_M) tile in ``ACC`` (``−½‖x_i − y_j‖²`` in direct mode,
+    ``DIRECT`` = D ≤ 8).  With ``BLOCK_D == D_PAD`` ``x`` is the program's x tile (loaded once
+    by the caller); else the dot walks D by chunks."""
+    if DIRECT > 0:
+        xy = _direct_xy(Xb, Yb, offs_n, mask_n, offs_m, mask_m, sxn, sxd, sym, syd, BLOCK_N, BLOCK_M, DIRECT, ACC)
+    elif BLOCK_D == D_PAD:
         y = _load_rows(Yb, offs_m, mask_m, tl.arange(0, D_PAD), D, sym, syd)
         xy = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
     else:
@@ -105,9 +163,9 @@ def _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, sxn, sxd, sym, syd,
 
 @triton.jit
 def _x_tile(Xb, offs_n, mask_n, D, sxn, sxd,
-            BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+            BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr):
     """The program's x tile (BLOCK_N, D_PAD) when it is used whole, else a small placeholder."""
-    if BLOCK_D == D_PAD:
+    if BLOCK_D == D_PAD and DIRECT == 0:
         x = _load_rows(Xb, offs_n, mask_n, tl.arange(0, D_PAD), D, sxn, sxd)
     else:
         x = tl.zeros((BLOCK_N, BLOCK_D), Xb.dtype.element_ty)
@@ -151,13 +209,13 @@ def _kernel_values(xy, xx, yy, inv_s2, MODE: tl.constexpr, GRAD: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- softmin
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_softmin_fwd")})
 @triton.jit
 def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
                  N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
                  N_KEY, M_KEY,
-                 P: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                 P: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """``Out_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)`` (online log-sum-exp over column blocks)."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -167,16 +225,16 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
     Yb = Y + pid_b * stride_yb
     eps = tl.load(Par)
     k = _LOG2E / eps
-    xx = tl.load(XX + pid_b * N + offs_n, mask=mask_n, other=0.0)
-    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D)
+    xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT)
     m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
     l_i = tl.zeros((BLOCK_N,), ACC)
     for j0 in range(0, M, BLOCK_M):
         offs_m = j0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
-                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC)
-        yy = tl.load(YY + pid_b * M + offs_m, mask=mask_m, other=0.0)
+                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+        yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
         h = tl.load(H + pid_b * M + offs_m, mask=mask_m, other=0.0)
         s = _softmin_scores(xy, xx, yy, h, k, P)
         s = tl.where(mask_m[None, :], s, float("-inf"))
@@ -190,14 +248,13 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
 
 
 # ----------------------------------------------------------------------------- P·Y gradients
-@triton.autotune(configs=_configs(with_block_d=False), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_weighted_grad")})
 @triton.jit
 def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
                    N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
                    N_KEY, M_KEY,
                    MODE: tl.constexpr, HAS_CW: tl.constexpr, WRITE_RS: tl.constexpr,
-                   ACC: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC: tl.constexpr, D_PAD: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """``Out_i = x_i Σ_j W_ij − Σ_j W_ij y_j`` with
 
@@ -217,7 +274,7 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
     Yb = Y + pid_b * stride_yb
     par = tl.load(Par)
     x = _load_rows(Xb, offs_n, mask_n, offs_d, D, stride_xn, stride_xd)
-    xx = tl.load(XX + pid_b * N + offs_n, mask=mask_n, other=0.0)
+    xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
     if MODE < 2:
         k = _LOG2E / par
         r = tl.load(Rr + pid_b * N + offs_n, mask=mask_n, other=0.0) * k
@@ -230,11 +287,16 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
         offs_m = j0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         y = _load_rows(Yb, offs_m, mask_m, offs_d, D, stride_ym, stride_yd)
-        xy = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
-        yy = tl.load(YY + pid_b * M + offs_m, mask=mask_m, other=0.0)
+        if DIRECT > 0:
+            xy = _direct_xy(Xb, Yb, offs_n, mask_n, offs_m, mask_m, stride_xn, stride_xd, stride_ym, stride_yd,
+                            BLOCK_N, BLOCK_M, DIRECT, ACC)
+        else:
+            xy = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
+        yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
         if MODE < 2:
             h = tl.load(Hc + pid_b * M + offs_m, mask=mask_m, other=0.0)
-            W = tl.exp2(_softmin_scores(xy, xx, yy, h, k, 2 - MODE) + r[:, None])
+            e = _softmin_scores(xy, xx, yy, h, k, 2 - MODE) + r[:, None]
+            W = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], e, float("-inf")))
         else:
             W = _kernel_values(xy, xx, yy, par, MODE, True)
         if HAS_CW:
@@ -255,13 +317,13 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
 
 
 # ----------------------------------------------------------------------------- kernel sums
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_kernel_sum_fwd")})
 @triton.jit
 def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
                     N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
                     N_KEY, M_KEY,
-                    MODE: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    MODE: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """``Out_i = Σ_j k(x_i, y_j) b_j`` for the radial kernel ``MODE`` (``Par`` = 1/σ²)."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -270,15 +332,15 @@ def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
     Xb = X + pid_b * stride_xb
     Yb = Y + pid_b * stride_yb
     inv_s2 = tl.load(Par)
-    xx = tl.load(XX + pid_b * N + offs_n, mask=mask_n, other=0.0)
-    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D)
+    xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT)
     acc = tl.zeros((BLOCK_N,), ACC)
     for j0 in range(0, M, BLOCK_M):
         offs_m = j0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
-                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC)
-        yy = tl.load(YY + pid_b * M + offs_m, mask=mask_m, other=0.0)
+                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+        yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
         b = tl.load(Bw + pid_b * M + offs_m, mask=mask_m, other=0.0)
         kv = _kernel_values(xy, xx, yy, inv_s2, MODE, False)
         acc += tl.sum(kv * b[None, :], 1)
@@ -286,14 +348,15 @@ def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
 
 
 # ----------------------------------------------------------------------------- arg-min / max
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_argminmax")})
 @triton.jit
 def _argminmax(X, Y, XX, YY, H, Val, Idx,
                N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
                N_KEY, M_KEY,
                SQDIST: tl.constexpr, MAXIMIZE: tl.constexpr,
-               ACC: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+               ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr,
+               PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Best ``j`` of ``s_ij = ⟨x_i, y_j⟩ + h_j`` (or ``‖x_i − y_j‖² + h_j`` with ``SQDIST``),
     largest with ``MAXIMIZE`` else smallest; ties go to the first index."""
     pid_n = tl.program_id(0)
@@ -302,18 +365,18 @@ def _argminmax(X, Y, XX, YY, H, Val, Idx,
     mask_n = offs_n < N
     Xb = X + pid_b * stride_xb
     Yb = Y + pid_b * stride_yb
-    xx = tl.load(XX + pid_b * N + offs_n, mask=mask_n, other=0.0)
-    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D)
+    xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT)
     best = tl.full((BLOCK_N,), float("-inf"), ACC)  # of t = s (max) or −s (min)
     arg = tl.zeros((BLOCK_N,), tl.int32)
     for j0 in range(0, M, BLOCK_M):
         offs_m = j0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
-                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC)
+                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
         h = tl.load(H + pid_b * M + offs_m, mask=mask_m, other=0.0)
         if SQDIST:
-            yy = tl.load(YY + pid_b * M + offs_m, mask=mask_m, other=0.0)
+            yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
             s = xx[:, None] + (yy + h)[None, :] - 2.0 * xy
         else:
             s = xy + h[None, :]

@@ -40,7 +40,7 @@ from triton.runtime.jit import JITFunction
 
 from . import kernels as _compiled
 
-INTERPRET_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 128}
+INTERPRET_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 128}  # BLOCK_D: D chunk, ≤ D_PAD
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 _precision = os.environ.get("OTKERNELS_TRITON_PRECISION", "ieee")
 _KERNEL_MODES = {"gaussian": _compiled.GAUSSIAN, "laplacian": _compiled.LAPLACIAN, "energy": _compiled.ENERGY}
@@ -174,8 +174,8 @@ def _launch(name, B, N, device, args, consts):
     native = _is_interpreted(_compiled)  # TRITON_INTERPRET=1 before triton was imported
     tuner = (_compiled if native else _interpreted()).KERNELS[name]
     meta = {k: v for k, v in INTERPRET_CONFIG.items() if k in tuner.configs[0].kwargs}
-    if "BLOCK_D" in meta:
-        meta["BLOCK_D"] = min(meta["BLOCK_D"], consts["D_PAD"])
+    if "BLOCK_D" in consts:
+        consts = dict(consts, BLOCK_D=min(INTERPRET_CONFIG["BLOCK_D"], consts["D_PAD"]))
     with _lock:
         with (contextlib.nullcontext() if native else _interpreter_scope()), _interpreter_fixes():
             tuner.fn[grid](*args, **consts, **meta)
@@ -202,10 +202,20 @@ def _check_points(x, y):
         raise ValueError(f"x and y are on different devices: {x.device} and {y.device}")
 
 
-def _consts(x):
+DIRECT_MAX_D = 8  # distances from coordinate differences up to this D (see kernels._direct_xy)
+
+
+def _consts(x, chunked=True, distances=True):
+    """Constexprs shared by the kernels; ``chunked``: the kernel takes a ``BLOCK_D``;
+    ``distances``: the tiles only enter through ‖x − y‖² (direct mode allowed)."""
     D = x.shape[2]
+    d_pad = max(16, triton.next_power_of_2(D))
     prec = _precision if x.dtype == torch.float32 else "ieee"
-    return dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=max(16, triton.next_power_of_2(D)), PRECISION=prec)
+    direct = D if (distances and D <= DIRECT_MAX_D) else 0
+    out = dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=d_pad, DIRECT=direct, PRECISION=prec)
+    if chunked:
+        out["BLOCK_D"] = _compiled.block_d(d_pad)
+    return out
 
 
 def _sizes(x, y):
@@ -277,7 +287,7 @@ def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, 
     dummy = xx
     args = (x, y, xx, yy, dummy if hc is None else _vec(hc, x), dummy if rr is None else _vec(rr, x),
             dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, *_sizes(x, y))
-    consts = dict(MODE=int(mode), HAS_CW=cw is not None, WRITE_RS=bool(rowsum), **_consts(x))
+    consts = dict(MODE=int(mode), HAS_CW=cw is not None, WRITE_RS=bool(rowsum), **_consts(x, chunked=False))
     _launch("_weighted_grad", B, N, x.device, args, consts)
     return (out, rs) if rowsum else out
 
@@ -316,7 +326,7 @@ def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False):
     h = torch.zeros(B, M, dtype=acc, device=x.device) if h is None else _vec(h, x)
     xx, yy = sqnorms(x), sqnorms(y)
     args = (x, y, xx, yy, h, val, idx, *_sizes(x, y))
-    consts = dict(SQDIST=cost == "sqdist", MAXIMIZE=bool(maximize), **_consts(x))
+    consts = dict(SQDIST=cost == "sqdist", MAXIMIZE=bool(maximize), **_consts(x, distances=cost == "sqdist"))
     _launch("_argminmax", B, N, x.device, args, consts)
     return val, idx
 
