@@ -18,7 +18,8 @@ online (KeOps), plus this machine's peaks measured in the same run.
   writes it to ``.benchmarks/native_summary.json``.
 * Correctness: each softmin pass is checked against the float64 dense value, each divergence
   against the float64 native value (itself checked against geomloss by the tests), 1e-4
-  relative: a fast wrong answer fails.
+  relative (gradients 2e-2: float32's own conditioning at C/ε ~ 1e5): a fast wrong answer
+  fails.
 * The machine is shared: timings are the minimum over rounds (``pedantic``), and everything
   that takes more than a minute runs once.
 """
@@ -42,7 +43,10 @@ DIMS = (3, 128)
 BLUR = 0.05
 EPS = BLUR ** 2
 PARAMS = dict(loss="sinkhorn", p=2, blur=BLUR, scaling=0.5, debias=True)
-REL_TOL = 1e-4
+REL_TOL = 1e-4       # value, and softmin pass, vs float64
+GRAD_REL_TOL = 2e-2  # float32 gradient vs float64: at C/ε ~ 1e5 (D=128, ε=0.0025) float32's
+                     # 6e-8 relative rounding of C/ε moves the plan P by ~0.5% (geomloss's own
+                     # float32 gradient is 7e-3 away from the float64 one at N=10k, D=128)
 
 SOFTMIN = ("native", "native-online", "blocked", "blocked-recompute", "geomloss-tensorized", "geomloss-online")
 DIVERGENCE = ("geomloss-tensorized", "geomloss-online", "blocked", "native")
@@ -263,7 +267,7 @@ def test_divergence(benchmark, request, N, D, name):
     err_v, err_g = abs(v.item() - rv) / abs(rv), rel(g, rg)
     benchmark.extra_info.update(value=v.item(), reference=what, rel_err_value=err_v, rel_err_grad=err_g)
     assert err_v <= REL_TOL, f"{name}: value {v.item()} vs {what} {rv}: {err_v:.2e}"
-    assert err_g <= 10 * REL_TOL, f"{name}: gradient relative error {err_g:.2e} vs {what}"
+    assert err_g <= GRAD_REL_TOL, f"{name}: gradient relative error {err_g:.2e} vs {what}"
 
 
 # ----------------------------------------------------------------------------- summary

@@ -242,7 +242,7 @@ void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, c
     }
     grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, false,
                     [C, cscale, Na, Nb](i64 q, i64 i, i64 j0, i64, const T*, const T*, const T*, T, const T*) {
-                      return CachedRow<T, S>{C + (q * Na + i) * Nb + j0, cscale};
+                      return CachedRow<T, S, true>{C + (q * Na + i) * Nb + j0, cscale};
                     });
   };
   if (p == 1) run(std::integral_constant<int, 1>());

@@ -97,19 +97,41 @@ inline vec<double> vsqrt(vec<double> a) {
 }
 template <typename V> inline elem_t<V> hmax(V a) {
   typedef elem_t<V> T;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) return _mm512_reduce_max_ps((__m512)a);
+  else return _mm512_reduce_max_pd((__m512d)a);
+#else
   T m = a[0];
   for (int k = 1; k < VT<T>::N; ++k) m = a[k] > m ? a[k] : m;
   return m;
+#endif
 }
 template <typename V> inline elem_t<V> hsum(V a) {
-  // pairwise, so float sums of 16 lanes keep their accuracy
+  // a tree of pairwise sums, so float sums of 16 lanes keep their accuracy
   typedef elem_t<V> T;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) return _mm512_reduce_add_ps((__m512)a);
+  else return _mm512_reduce_add_pd((__m512d)a);
+#else
   constexpr int n = VT<T>::N;
   T t[n];
   std::memcpy(t, &a, sizeof(a));
   for (int w = n / 2; w >= 1; w /= 2)
     for (int k = 0; k < w; ++k) t[k] += t[k + w];
   return t[0];
+#endif
+}
+// any lane of a > b
+template <typename V> inline bool any_gt(V a, V b) {
+  typedef elem_t<V> T;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ) != 0;
+  else return _mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GT_OQ) != 0;
+#else
+  for (int k = 0; k < VT<T>::N; ++k)
+    if (a[k] > b[k]) return true;
+  return false;
+#endif
 }
 template <typename T> inline vec<T> iota() {
   vec<T> r;
@@ -294,7 +316,7 @@ struct BlasOneThread {
 
 // Tile sizes.
 constexpr int DIRECT_MAX_D = 8;  // D ≤ this: distances computed directly, else GEMM tiles
-constexpr int ROWS = 64;         // rows per task (GEMM tiles)
+constexpr int ROWS = 256;        // rows per task (GEMM tiles: 256 × 512 keeps MKL near its peak)
 constexpr int COLS = 512;        // columns per tile
 
 // ----------------------------------------------------------------------------- kernel API

@@ -11,11 +11,18 @@
 
 namespace otk {
 
-// Updates the running (m, s) of one row with the tile columns [0, W):
-// m = max_j t_j, s = Σ_j exp(t_j − m), t_j = h_j − c_j/ε.  Blocks of K vectors stay in
-// registers: their max, a (rare) rescale of s, then one exp per element.
+// Row state of an online log-sum-exp: the running max m and Σ exp(t − m) kept as a vector
+// (reduced once per row by lse_out).
+template <typename T> struct RowLse {
+  T m = neg_inf<T>();
+  vec<T> acc = vset(T(0));
+};
+
+// Updates a row's state with the tile columns [0, W), t_j = h_j − c_j/ε.  Blocks of K
+// vectors stay in registers: when their max exceeds m (rare after the first blocks) the
+// sum is rescaled, then one exp per element.
 template <int K, typename T, typename L>
-inline void lse_block(const L& ld, i64 j, int lanes, const T* h, vec<T> ie, T& m, T& s) {
+inline void lse_block(const L& ld, i64 j, int lanes, const T* h, vec<T> ie, RowLse<T>& st) {
   constexpr int n = VT<T>::N;
   vec<T> t[K];
   vec<T> mx = vset(neg_inf<T>());
@@ -29,13 +36,15 @@ inline void lse_block(const L& ld, i64 j, int lanes, const T* h, vec<T> ie, T& m
     }
     mx = vmax(mx, t[k]);
   }
-  const T cm = hmax(mx);
-  if (!(cm > neg_inf<T>())) return;  // every h_j = −inf here
-  if (cm > m) {
-    s = (m > neg_inf<T>()) ? s * sexp(m - cm) : T(0);
-    m = cm;
+  vec<T> mv = vset(st.m);
+  if (any_gt(mx, mv)) {
+    const T cm = hmax(mx);
+    if (st.m > neg_inf<T>()) st.acc *= sexp(st.m - cm);
+    st.m = cm;
+    mv = vset(cm);
+  } else if (!(st.m > neg_inf<T>())) {
+    return;  // every t = −inf so far
   }
-  const vec<T> mv = vset(m);
   vec<T> a0 = vset(T(0)), a1 = a0;
 #pragma GCC unroll 16
   for (int k = 0; k < K; k += 2) {
@@ -43,23 +52,24 @@ inline void lse_block(const L& ld, i64 j, int lanes, const T* h, vec<T> ie, T& m
     if (k + 1 < K) a1 += vexp_le0(t[k + 1] - mv);
   }
   if (K == 1 && lanes < n) a0 = select(lanes_below<T>(lanes), a0, vset(T(0)));
-  s += hsum(a0 + a1);
+  st.acc += a0 + a1;
 }
 
 template <typename T, typename L>
-inline void lse_update(const L& ld, i64 W, const T* h, T inv_eps, T& m, T& s) {
+inline void lse_update(const L& ld, i64 W, const T* h, T inv_eps, RowLse<T>& st) {
   constexpr int n = VT<T>::N, K = 16;
   const vec<T> ie = vset(-inv_eps);
   i64 j = 0;
-  for (; j + K * n <= W; j += K * n) lse_block<K>(ld, j, n, h, ie, m, s);
-  for (; j + 4 * n <= W; j += 4 * n) lse_block<4>(ld, j, n, h, ie, m, s);
-  for (; j < W; j += n) lse_block<1>(ld, j, int(std::min<i64>(n, W - j)), h, ie, m, s);
+  for (; j + K * n <= W; j += K * n) lse_block<K>(ld, j, n, h, ie, st);
+  for (; j + 4 * n <= W; j += 4 * n) lse_block<4>(ld, j, n, h, ie, st);
+  for (; j < W; j += n) lse_block<1>(ld, j, int(std::min<i64>(n, W - j)), h, ie, st);
 }
 
 // The kernels return the log-sum-exp m + log s; the caller scales it by −ε.  Keeping it
 // unscaled lets the gradient pass reuse it exactly: t_ij − lse_i ≤ 0 with the same rounding
 // as the forward pass, so P_ij ≤ 1 even when C/ε is far beyond float precision.
 template <typename T> inline T lse_out(T m, T s) { return T(double(m) + std::log(double(s))); }
+template <typename T> inline T lse_out(const RowLse<T>& st) { return lse_out(st.m, hsum(st.acc)); }
 
 // ----------------------------------------------------------------------------- cost matrix
 template <typename T, typename S, int P>
@@ -139,9 +149,9 @@ static void softmin_rows_cached(const S* C, T cscale, const T* h, T* out, i64 B,
     const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
     const T* hq = h + q * M;
     for (i64 i = i0; i < i1; ++i) {
-      T m = neg_inf<T>(), s = 0;
-      lse_update(CachedRow<T, S>{C + (q * N + i) * M, cscale}, M, hq, inv, m, s);
-      out[q * N + i] = lse_out(m, s);
+      RowLse<T> st;
+      lse_update(CachedRow<T, S, true>{C + (q * N + i) * M, cscale}, M, hq, inv, st);
+      out[q * N + i] = lse_out(st);
     }
   });
 }
@@ -236,15 +246,14 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
     const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
     const T* xq = x + q * N * D;
     const T* hq = h + q * M;
-    T m[ROWS], s[ROWS];
-    for (i64 r = 0; r < i1 - i0; ++r) { m[r] = neg_inf<T>(); s[r] = 0; }
+    RowLse<T> st[ROWS];
     if (direct) {
       const T* bT = ct.bT.data() + q * M * D;
       for (i64 i = i0; i < i1; ++i) {
         for (i64 j0 = 0; j0 < M; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, M - j0);
           CostRow<T, P, DirectRow<T>, true> ld{DirectRow<T>(xq + i * D, bT + j0, M, int(D))};
-          lse_update(ld, W, hq + j0, inv, m[i - i0], s[i - i0]);
+          lse_update(ld, W, hq + j0, inv, st[i - i0]);
         }
       }
     } else {
@@ -257,11 +266,11 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
              c.G.data(), W);
         for (i64 i = i0; i < i1; ++i) {
           CostRow<T, P, GemmRow<T>, false> ld{GemmRow<T>{c.G.data() + (i - i0) * W, hb + j0, ha[i - i0]}};
-          lse_update(ld, W, hq + j0, inv, m[i - i0], s[i - i0]);
+          lse_update(ld, W, hq + j0, inv, st[i - i0]);
         }
       }
     }
-    for (i64 i = i0; i < i1; ++i) out[q * N + i] = lse_out(m[i - i0], s[i - i0]);
+    for (i64 i = i0; i < i1; ++i) out[q * N + i] = lse_out(st[i - i0]);
   });
 }
 

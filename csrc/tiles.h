@@ -45,11 +45,15 @@ inline i64 rows_per_task(i64 B, i64 N, int nt, i64 maxR) {
 }
 
 // ----------------------------------------------------------------------------- loaders
-template <typename T, typename S> struct CachedRow {
+constexpr int PREFETCH_BYTES = 2048;  // software prefetch distance along one cached row
+// (helps the single-stream row reductions; the column reduction reads 16 rows at once)
+
+template <typename T, typename S, bool Prefetch = false> struct CachedRow {
   const S* p;
   T scale;  // stored value × scale = cost (f16 storage only)
   static constexpr bool scaled = std::is_same<S, f16_t>::value;
   vec<T> at(i64 j) const {
+    if constexpr (Prefetch) __builtin_prefetch(reinterpret_cast<const char*>(p + j) + PREFETCH_BYTES);
     vec<T> v = sload(p + j);
     if constexpr (scaled) v *= scale;
     return v;
