@@ -7,8 +7,9 @@ shaped like the weights) as geomloss 0.3.  The work is done by the backends in
 (``kernel_losses.py``) and the ε-Hausdorff divergence (``hausdorff.py``).
 
 ``backend="auto"`` rule (:func:`otkernels.backends.select`): dense ``tensorized`` when
-``B·N·M ≤ 1500²`` (or for a custom ``kernel`` callable), else ``blocked`` (cost cached on CPU
-when it fits the memory budget, tiles recomputed otherwise).  geomloss's ``"online"`` and
+``B·N·M ≤ 1500²`` (or for a custom ``kernel`` callable), else on CPU ``native`` (the fused
+C++ kernels, when built) or ``blocked`` (cost cached on CPU when it fits the memory budget,
+tiles recomputed otherwise); see :func:`otkernels.backends.select` for GPUs.  geomloss's ``"online"`` and
 ``"multiscale"`` map to ``blocked``; ``multiscale``'s kernel truncation and cluster labels
 are not implemented: otkernels computes the exact (online) value and says so in a warning.
 """
