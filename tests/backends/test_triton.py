@@ -177,6 +177,30 @@ def test_softmin_float32_rule():
         assert rel(gx, gr) <= max(4 * rel(gt, gr), 1e-5), (rel(gx, gr), rel(gt, gr))
 
 
+@pytest.mark.parametrize("D, scale, eps", [(32, 3.0, 1e-3), (3, 10.0, 1e-4)])
+def test_softmin_grad_float32_when_cost_over_eps_is_huge(D, scale, eps):
+    """C/ε ~ 1e5–1e6: float32 exponents carry ~1e-2 absolute error, so a backward that rebuilds
+    P_ij = exp(h_j − C_ij/ε + f_i/ε) from the stored f has rows that no longer sum to 1 (1e-2
+    relative gradient errors).  The fused pass normalises the plan where it computes it: the
+    x-gradient is as accurate as dense torch float32 (FlashAttention's rule, factor 4)."""
+    g = torch.Generator().manual_seed(0)
+    x = scale * torch.randn(1, 120, D, generator=g, dtype=torch.float64)
+    y = scale * torch.randn(1, 110, D, generator=g, dtype=torch.float64)
+    h = torch.full((1, 110), -4.7, dtype=torch.float64)
+    results = {}
+    for name, dt, fn in (("ref", torch.float64, ref_softmin), ("torch32", torch.float32, ref_softmin),
+                         ("ours", torch.float32, ops.softmin)):
+        xl = x.to(dt).requires_grad_()
+        f = fn(xl, y.to(dt), h.to(dt), eps, 2)
+        results[name] = (f, torch.autograd.grad(f.sum(), xl)[0])
+    (fr, gr), (ft, gt), (fo, go) = results["ref"], results["torch32"], results["ours"]
+    assert rel(fo, fr) <= max(4 * rel(ft, fr), 1e-6)
+    assert rel(go, gr) <= max(4 * rel(gt, gr), 1e-6), (rel(go, gr), rel(gt, gr))
+    C = tb.cost_handles(x.float().requires_grad_(), y.float(), Cost(2), debias=False)[0]
+    (gh,) = torch.autograd.grad(C.softmin_grad(eps, h.float()).sum(), C.x)
+    assert rel(gh, gr) <= max(4 * rel(gt, gr), 1e-6), "backend handle's softmin_grad"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_softmin_half_inputs(dtype):
     """float16/bfloat16 points: tensor-core dots with float32 accumulation, float32 results.
@@ -390,6 +414,8 @@ def test_interpreter_leaves_triton_language_intact():
     """Mixed mode (triton imported compiled, kernels interpreted) must restore the
     ``triton.language`` modules that the interpreter patches, so GPU compilation still works."""
     import triton.language as tl
+    if ops._is_interpreted(ops._compiled):
+        pytest.skip("TRITON_INTERPRET=1 at import: everything is interpreted (no mixed mode)")
     mods = (tl, tl.core, tl.standard, tl.math)
     before = [dict(vars(m)) for m in mods]
     x, y, h = make(1, 9, 7, 2)

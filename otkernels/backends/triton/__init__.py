@@ -72,7 +72,9 @@ class TritonCost:
         return out.to(h.dtype)
 
     def softmin_grad(self, eps, h):
-        """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` in one fused pass."""
+        """Same value, differentiable w.r.t. x: one fused pass computes the value and
+        ``Σ_j P_ij ∇_x C(x_i, y_j)`` with the plan normalised in the pass (attention's forward
+        with V = y); the backward only scales it by the incoming gradient."""
         if not self.x.requires_grad:
             return self.softmin(eps, h)
         return _SoftminGrad.apply(self.x, self, eps, h.detach())
@@ -87,16 +89,16 @@ class TritonCost:
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
-        f = handle.softmin(eps, h)
-        ctx.handle, ctx.eps = handle, eps
-        ctx.save_for_backward(h, f)
-        return f
+        f, G = ops.softmin_and_grad(handle.xd, handle.y, h, eps, handle.p, handle.xx, handle.yy)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(G)
+        return f.to(h.dtype)
 
     @staticmethod
     def backward(ctx, g):
         _check_create_graph()
-        h, f = ctx.saved_tensors
-        return ctx.handle.grad_x(ctx.eps, h, f, g), None, None, None
+        (G,) = ctx.saved_tensors
+        return (G * g[:, :, None].to(G.dtype)).to(ctx.x_dtype), None, None, None
 
 
 def cost_handles(x, y, cost, debias=True, cache=None):

@@ -102,7 +102,9 @@ def block_d(d_pad: int) -> int:
     return d_pad if d_pad <= 256 else 128
 
 
-_KEY = ["N_KEY", "M_KEY", "D_PAD"]  # N_KEY = N.bit_length(): retune per power of two, not per N
+# Autotuning keys: N_KEY = N.bit_length() retunes per power of two, not per N (a training loop
+# with varying sizes would retune at every step); the dtypes of the tensors are added by triton.
+_KEY = ["N_KEY", "M_KEY", "D_PAD", "DIRECT"]
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -209,7 +211,8 @@ def _kernel_values(xy, xx, yy, inv_s2, MODE: tl.constexpr, GRAD: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- softmin
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_softmin_fwd")})
+@triton.autotune(configs=_configs(), key=_KEY + ["P"],
+                 prune_configs_by={"early_config_prune": _prune_for("_softmin_fwd")})
 @triton.jit
 def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
                  N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
@@ -248,12 +251,13 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
 
 
 # ----------------------------------------------------------------------------- P·Y gradients
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_weighted_grad")})
+@triton.autotune(configs=_configs(), key=_KEY + ["MODE"],
+                 prune_configs_by={"early_config_prune": _prune_for("_weighted_grad")})
 @triton.jit
-def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
+def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
                    N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
                    N_KEY, M_KEY,
-                   MODE: tl.constexpr, HAS_CW: tl.constexpr, WRITE_RS: tl.constexpr,
+                   MODE: tl.constexpr, HAS_CW: tl.constexpr, WRITE_RS: tl.constexpr, NORMALIZED: tl.constexpr,
                    ACC: tl.constexpr, D_PAD: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """``Out_i = x_i Σ_j W_ij − Σ_j W_ij y_j`` with
@@ -261,6 +265,10 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
     * softmin (MODE 0, 1): ``W_ij = E_ij · w_ij``, ``E_ij = exp(Hc_j − C_ij/ε + Rr_i/ε) Cw_j``
       (the plan), ``w = 1`` for p=2 (∇_x C = x − y) and ``1/‖x_i − y_j‖`` for p=1 (0 inside
       the clamp); ``WRITE_RS`` also stores the plan's row sums ``RowSum_i = Σ_j E_ij``;
+    * softmin, ``NORMALIZED``: ``E_ij = softmax_j(Hc_j − C_ij/ε)`` normalised in this pass (the
+      online max and sum of :func:`_softmin_fwd`, attention's forward with V = y), so the rows
+      sum to 1 to rounding even where ``C/ε`` exceeds float32's precision; ``Fout`` receives
+      the softmin ``−ε log Σ_j exp(Hc_j − C_ij/ε)`` of the same pass (``Rr`` is not read);
     * kernels (MODE 2, 3, 4): ``W_ij = 2 ∂k/∂d²(x_i, y_j) · Cw_j`` (``Par`` = 1/σ²).
 
     The (BLOCK_M, D_PAD) y tile serves both the cost ``tl.dot`` and the ``W·Y`` ``tl.dot``.
@@ -277,12 +285,14 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
     xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
     if MODE < 2:
         k = _LOG2E / par
-        r = tl.load(Rr + pid_b * N + offs_n, mask=mask_n, other=0.0) * k
-        if MODE == 0:
-            r -= xx * (0.5 * k)
+        if not NORMALIZED:
+            r = tl.load(Rr + pid_b * N + offs_n, mask=mask_n, other=0.0) * k
+            if MODE == 0:
+                r -= xx * (0.5 * k)
     acc = tl.zeros((BLOCK_N, D_PAD), ACC)
     sw = tl.zeros((BLOCK_N,), ACC)
     rs = tl.zeros((BLOCK_N,), ACC)
+    m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
     for j0 in range(0, M, BLOCK_M):
         offs_m = j0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -295,14 +305,24 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
         yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
         if MODE < 2:
             h = tl.load(Hc + pid_b * M + offs_m, mask=mask_m, other=0.0)
-            e = _softmin_scores(xy, xx, yy, h, k, 2 - MODE) + r[:, None]
-            W = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], e, float("-inf")))
+            e = _softmin_scores(xy, xx, yy, h, k, 2 - MODE)
+            if NORMALIZED:  # online softmax: rescale what was accumulated to the new row max
+                e = tl.where(mask_m[None, :], e, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(e, 1))
+                alpha = tl.exp2(m_i - m_new)
+                W = tl.exp2(e - m_new[:, None])
+                rs = rs * alpha + tl.sum(W, 1)
+                sw = sw * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            else:
+                W = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], e + r[:, None], float("-inf")))
         else:
             W = _kernel_values(xy, xx, yy, par, MODE, True)
         if HAS_CW:
             W = W * tl.load(Cw + pid_b * M + offs_m, mask=mask_m, other=0.0)[None, :]
         W = tl.where(mask_m[None, :], W, 0.0)
-        if WRITE_RS:
+        if WRITE_RS and not NORMALIZED:
             rs += tl.sum(W, 1)
         if MODE == 1:  # ∇_x ‖x − y‖ = (x − y)/‖x − y‖, zero where the clamp is active
             d2 = xx[:, None] + yy[None, :] - 2.0 * xy
@@ -311,13 +331,20 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum,
         acc = tl.dot(W.to(y.dtype), y, acc, input_precision=PRECISION, out_dtype=ACC)
     out = x.to(ACC) * sw[:, None] - acc
     row = pid_b * N + offs_n
+    if NORMALIZED:
+        out = out / rs[:, None]
+        f = (m_i + tl.log2(rs)) * (-par / _LOG2E)
+        if MODE == 0:
+            f += 0.5 * xx
+        tl.store(Fout + row, f, mask=mask_n)
     tl.store(Out + row[:, None] * D + offs_d[None, :], out, mask=mask_n[:, None] & (offs_d[None, :] < D))
-    if WRITE_RS:
+    if WRITE_RS and not NORMALIZED:
         tl.store(RowSum + row, rs, mask=mask_n)
 
 
 # ----------------------------------------------------------------------------- kernel sums
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_kernel_sum_fwd")})
+@triton.autotune(configs=_configs(), key=_KEY + ["MODE"],
+                 prune_configs_by={"early_config_prune": _prune_for("_kernel_sum_fwd")})
 @triton.jit
 def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
                     N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
@@ -348,7 +375,8 @@ def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
 
 
 # ----------------------------------------------------------------------------- arg-min / max
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_for("_argminmax")})
+@triton.autotune(configs=_configs(), key=_KEY + ["SQDIST"],
+                 prune_configs_by={"early_config_prune": _prune_for("_argminmax")})
 @triton.jit
 def _argminmax(X, Y, XX, YY, H, Val, Idx,
                N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,

@@ -269,6 +269,25 @@ def softmin_rows(x, y, h, eps, p=2, xx=None, yy=None):
 
 
 @torch.no_grad()
+def softmin_and_grad(x, y, h, eps, p=2, xx=None, yy=None):
+    """One fused pass: ``f_i = −ε log Σ_j exp(h_j − C_ij/ε)`` (B,N) and ``Σ_j P_ij ∇_x C(x_i, y_j)``
+    (B,N,D) with ``P = softmax_j(h_j − C_ij/ε)`` normalised in the same pass (attention's
+    forward with V = y); acc dtype."""
+    _check_points(x, y)
+    B, N, D = x.shape
+    acc = acc_dtype(x.dtype)
+    out = torch.empty(B, N, D, dtype=acc, device=x.device)
+    f = torch.empty(B, N, dtype=acc, device=x.device)
+    xx = sqnorms(x) if xx is None else xx
+    yy = sqnorms(y) if yy is None else yy
+    mode = _compiled.SOFTMIN_P2 if p == 2 else _compiled.SOFTMIN_P1
+    args = (x, y, xx, yy, _vec(h, x), xx, xx, _par(eps, x), out, f, f, *_sizes(x, y))
+    consts = dict(MODE=mode, HAS_CW=False, WRITE_RS=False, NORMALIZED=True, **_consts(x, chunked=False))
+    _launch("_weighted_grad", B, N, x.device, args, consts)
+    return f, out
+
+
+@torch.no_grad()
 def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, rowsum=False):
     """``x_i Σ_j W_ij − Σ_j W_ij y_j`` (B,N,D) in the acc dtype.
 
@@ -286,8 +305,9 @@ def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, 
     yy = sqnorms(y) if yy is None else yy
     dummy = xx
     args = (x, y, xx, yy, dummy if hc is None else _vec(hc, x), dummy if rr is None else _vec(rr, x),
-            dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, *_sizes(x, y))
-    consts = dict(MODE=int(mode), HAS_CW=cw is not None, WRITE_RS=bool(rowsum), **_consts(x, chunked=False))
+            dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, dummy, *_sizes(x, y))
+    consts = dict(MODE=int(mode), HAS_CW=cw is not None, WRITE_RS=bool(rowsum), NORMALIZED=False,
+                  **_consts(x, chunked=False))
     _launch("_weighted_grad", B, N, x.device, args, consts)
     return (out, rs) if rowsum else out
 
@@ -335,8 +355,11 @@ def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False):
 class _Softmin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, h, eps, p):
-        f = softmin_rows(x.detach(), y.detach(), h.detach(), eps, p)
-        ctx.eps, ctx.p = eps, p
+        if ctx.needs_input_grad[0]:  # value and Σ_j P_ij ∇_x C in one pass (attention's forward)
+            f, G = softmin_and_grad(x.detach(), y.detach(), h.detach(), eps, p)
+        else:
+            f, G = softmin_rows(x.detach(), y.detach(), h.detach(), eps, p), None
+        ctx.eps, ctx.p, ctx.G = eps, p, G
         ctx.save_for_backward(x, y, h, f)
         return f
 
@@ -347,8 +370,8 @@ class _Softmin(torch.autograd.Function):
         eps, mode = ctx.eps, (_compiled.SOFTMIN_P2 if ctx.p == 2 else _compiled.SOFTMIN_P1)
         nx, ny, nh = ctx.needs_input_grad[:3]
         gx = gy = gh = None
-        if nx:  # Σ_j g_i P_ij ∇_x C(x_i, y_j), P_ij = exp(h_j − C_ij/ε + f_i/ε)
-            gx = (weighted_grad(x, y, mode, eps, hc=h, rr=f) * g[:, :, None]).to(x.dtype)
+        if nx:  # Σ_j g_i P_ij ∇_x C(x_i, y_j), from the forward pass
+            gx = (ctx.G * g[:, :, None].to(ctx.G.dtype)).to(x.dtype)
         if ny or nh:  # swapped: rows y_j, columns x_i with log-weights f_i/ε, column weights g_i
             gyj, rs = weighted_grad(y, x, mode, eps, hc=f / eps, rr=eps * h, cw=g, rowsum=True)
             gy = gyj.to(y.dtype) if ny else None
