@@ -7,6 +7,8 @@ GPU implementation to test the Triton kernels against.  Same interface as ``bloc
   the handle of the swapped pair (C(y, x));
 * ``grad_x``: a sum reduction of ``P_ij s_j ∇_x C(x_i, y_j)`` with
   ``P_ij = exp(h_j − C_ij/ε + f_i/ε)`` (``∇_x C = x_i − y_j`` for p=2, its unit vector for p=1);
+  ``softmin_grad``'s backward normalises the plan inside a ``SumSoftMaxWeight`` reduction
+  instead (accurate in float32 when ``C/ε`` is huge);
 * kernel sums ``Σ_j k(x_i, y_j) b_j`` and their closed-form gradients (two formulas per
   kernel: the gradients w.r.t. y and b reuse them with x and y swapped).
 
@@ -124,10 +126,28 @@ class KeOpsCost:
         return (-eps * lse[:, :, 0]).to(h.dtype)
 
     def softmin_grad(self, eps, h):
-        """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` (one KeOps sum reduction)."""
+        """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` with the row-normalised plan
+        (:meth:`plan_grad`)."""
         if not self.x.requires_grad:
             return self.softmin(eps, h)
         return _SoftminGrad.apply(self.x, self, eps, h.detach())
+
+    @torch.no_grad()
+    def plan_grad(self, eps, h):
+        """``Σ_j P_ij ∇_x C(x_i, y_j)`` with ``P = softmax_j(h_j − C_ij/ε)`` normalised inside one
+        KeOps ``SumSoftMaxWeight`` reduction (online max): the rows sum to 1 to rounding even when
+        ``C/ε`` exceeds float32's precision, unlike ``exp(h_j − C_ij/ε + f_i/ε)`` rebuilt from a
+        stored ``f``.  (B,N,D)."""
+        dt = self.xd.dtype
+        x_i, y_j = _i(self.xd), _j(self.y)
+        ie = _param(1 / eps, self.xd)
+        if self.p == 2:
+            C, V = x_i.sqdist(y_j) / 2, x_i - y_j
+        else:
+            t = x_i.sqdist(y_j) - _CLAMP
+            C = (t.relu() + _CLAMP).sqrt()
+            V = (x_i - y_j) * (t.step() / C)
+        return (_j(h.to(dt)) - C * ie).sumsoftmaxweight(V, dim=2).to(self.x.dtype)
 
     @torch.no_grad()
     def grad_x(self, eps, h, f, g, s=None):
@@ -151,16 +171,16 @@ class KeOpsCost:
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
-        f = handle.softmin(eps, h)
         ctx.handle, ctx.eps = handle, eps
-        ctx.save_for_backward(h, f)
-        return f
+        ctx.save_for_backward(h)
+        return handle.softmin(eps, h)
 
     @staticmethod
     def backward(ctx, g):
         _check_create_graph()
-        h, f = ctx.saved_tensors
-        return ctx.handle.grad_x(ctx.eps, h, f, g), None, None, None
+        (h,) = ctx.saved_tensors
+        G = ctx.handle.plan_grad(ctx.eps, h)
+        return G * g[:, :, None].to(G.dtype), None, None, None
 
 
 def cost_handles(x, y, cost, debias=True, cache=None):
