@@ -201,6 +201,21 @@ def test_softmin_grad_float32_when_cost_over_eps_is_huge(D, scale, eps):
     assert rel(gh, gr) <= max(4 * rel(gt, gr), 1e-6), "backend handle's softmin_grad"
 
 
+def test_tf32_rounds_operands(interpret_env, monkeypatch):
+    """``set_precision("tf32")``: the kernels round the dot operands to the nearest TF32 (the
+    interpreter then multiplies exactly, as the tensor cores do on rounded inputs).  A softmin
+    pass keeps ~2^-11 relative accuracy and a D = 48 Sinkhorn divergence stays within 1e-4 of
+    float64 (truncated TF32 inputs would bias it by ~7e-4 at D = 128)."""
+    monkeypatch.setattr(ops, "_precision", "tf32")
+    x, y, h = make(1, 150, 140, 48)
+    ref = ref_softmin(x, y, h, 0.5, 2)
+    err = rel(ops.softmin(x.float(), y.float(), h.float(), 0.5, 2), ref)
+    assert 1e-6 < err < 2.0 ** -10, f"tf32 softmin error {err:.1e}: not rounded to TF32, or too large"
+    v32 = otkernels.SamplesLoss("sinkhorn", p=2, blur=0.05, backend="triton")(x[0].float(), y[0].float())
+    v64 = otkernels.SamplesLoss("sinkhorn", p=2, blur=0.05, backend="tensorized")(x[0], y[0])
+    assert_rel(v32, v64, 1e-4, "tf32 divergence")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_softmin_half_inputs(dtype):
     """float16/bfloat16 points: tensor-core dots with float32 accumulation, float32 results.

@@ -47,10 +47,11 @@ _KERNEL_MODES = {"gaussian": _compiled.GAUSSIAN, "laplacian": _compiled.LAPLACIA
 
 
 def set_precision(precision: str) -> None:
-    """``tl.dot`` precision for float32 points: ``"ieee"`` (default, exact float32),
-    ``"tf32"`` (tensor cores, ~1e-3 relative error on each product: opt-in) or ``"tf32x3"``
-    (three TF32 products, about float32 accuracy at ~3× the TF32 cost).  Also read from
-    ``OTKERNELS_TRITON_PRECISION`` at import."""
+    """``tl.dot`` precision for float32 points: ``"ieee"`` (default, exact float32, no tensor
+    cores), ``"tf32"`` (tensor cores; the kernels round the operands to the nearest TF32, since
+    the hardware's truncation biases products by ~2^-11: ~5e-4 relative error per product,
+    unbiased) or ``"tf32x3"`` (three TF32 products, about float32 accuracy at ~3× the TF32
+    cost).  Also read from ``OTKERNELS_TRITON_PRECISION`` at import."""
     global _precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
