@@ -9,13 +9,12 @@ Interface of a backend module (see ``tensorized.py``, the readable reference):
 * ``kernel_sum(x, y, b, kernel) -> (B,N)``: ``Σ_j k(x_i, y_j) b_j`` with gradients for x, y, b.
 
 ``backend="auto"`` (:func:`select`): CUDA tensors go to ``triton`` (fused GPU kernels) when
-Triton is installed, whatever the size.  Otherwise, for problems with ``B·N·M ≤
-AUTO_DENSE_MAX`` the dense ``tensorized`` backend (least overhead); above, on CPU, ``native``
-(the fused C++ kernels of ``csrc/``) when it is available, else ``blocked``; on CUDA
-``keops`` (pykeops LazyTensors) when installed, else ``blocked``; on other devices
-``blocked``.  ``native`` and ``blocked`` cache the cost on CPU when it fits
-:func:`cache_budget` and recompute tiles otherwise.  A backend can be disabled with
-``OTKERNELS_DISABLE=name1,name2``.
+Triton is installed, else to ``keops`` (pykeops LazyTensors) when installed, whatever the
+size.  Otherwise, for problems with ``B·N·M ≤ AUTO_DENSE_MAX`` the dense ``tensorized``
+backend (least overhead); above, on CPU, ``native`` (the fused C++ kernels of ``csrc/``) when
+it is available, else ``blocked``; on other devices ``blocked``.  ``native`` and ``blocked``
+cache the cost on CPU when it fits :func:`cache_budget` and recompute tiles otherwise.  A
+backend can be disabled with ``OTKERNELS_DISABLE=name1,name2``.
 """
 from __future__ import annotations
 
@@ -87,12 +86,12 @@ def select(B, N, M, D, device, need=None):
     usable = {k for k, (ok, _) in available().items() if ok}
     if need == "dense":
         return "tensorized"
-    if _is_cuda(device) and "triton" in usable:
-        return "triton"
+    if _is_cuda(device):
+        for name in ("triton", "keops"):
+            if name in usable:
+                return name
     if B * N * M <= AUTO_DENSE_MAX and "tensorized" in usable:
         return "tensorized"
-    if _is_cuda(device) and "keops" in usable:
-        return "keops"
     if _is_cpu(device) and "native" in usable:
         return "native"
     return "blocked" if "blocked" in usable else "tensorized"
