@@ -3,15 +3,19 @@
 Public functions (shapes: x (B,N,D) or (N,D), y (B,M,D) or (M,D), vectors (B,·) or (·,)):
 
 * :func:`softmin` ``(x, y, h, eps, p)`` → ``f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)``,
-  gradients for x, y and h (two fused passes: rows ``Σ_j P_ij ∇_x C``, and the same kernel
-  with x and y swapped for ``Σ_i g_i P_ij ∇_y C`` and ``∂/∂h_j = −ε Σ_i g_i P_ij``);
+  gradients for x, y and h: when x needs a gradient the forward pass also computes
+  ``Σ_j P_ij ∇_x C`` with the plan normalised in the pass (attention's forward, V = y); the
+  backward for y and h is one pass of the same kernel with x and y swapped
+  (``Σ_i g_i P_ij ∇_y C`` and ``∂/∂h_j = −ε Σ_i g_i P_ij``, the plan rebuilt from the stored
+  ``f``: in float32 this loses accuracy once ``C/ε`` approaches 1e5);
 * :func:`kernel_sum` ``(x, y, b, kernel, blur)`` → ``Σ_j k(x_i, y_j) b_j`` for
   gaussian/laplacian/energy, gradients for x, y, b;
 * :func:`argmin` / :func:`argmax` ``(x, y, h, cost)`` → values and indices of the best ``j`` for
   ``⟨x_i, y_j⟩ + h_j`` (``cost="dot"``) or ``‖x_i − y_j‖² + h_j`` (``cost="sqdist"``); the values
   are differentiable (the gradient flows through the selected pair);
-* the raw row passes :func:`softmin_rows`, :func:`weighted_grad`, :func:`kernel_sum_rows`
-  used by the backend's cost handles (no autograd).
+* the raw row passes :func:`softmin_rows`, :func:`softmin_and_grad`, :func:`weighted_grad`,
+  :func:`kernel_sum_rows`, :func:`argminmax_rows` used by the backend's cost handles (no
+  autograd).
 
 Dtypes: float32 (``tl.dot`` in IEEE float32 unless :func:`set_precision` opts into ``"tf32"``
 or ``"tf32x3"``), float64, and float16/bfloat16 points (tensor-core dots, float32
