@@ -84,18 +84,44 @@ def _interpreted():
             name = f"{__package__}._kernels_interpreted"
             spec = importlib.util.spec_from_file_location(name, _compiled.__file__)
             module = importlib.util.module_from_spec(spec)
-            with triton.knobs.runtime.scope():
-                triton.knobs.runtime.interpret = True
+            with _interpret_switch():
                 spec.loader.exec_module(module)
             sys.modules[name] = module
             _interpreted_module = module
     return _interpreted_module
 
 
+def _interpret_requested() -> bool:
+    """``TRITON_INTERPRET`` as triton reads it (``triton.knobs`` since triton 3.4, else the env)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@contextlib.contextmanager
+def _interpret_switch():
+    """Turn the interpreter on while ``@triton.jit`` decorates (i.e. while a module loads)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        with knobs.runtime.scope():
+            knobs.runtime.interpret = True
+            yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
 def interpreting(device) -> bool:
     """Whether tensors on ``device`` run in the interpreter (CPU, or ``TRITON_INTERPRET=1``)."""
-    return torch.device(device).type != "cuda" or bool(triton.knobs.runtime.interpret) \
-        or _is_interpreted(_compiled)
+    return torch.device(device).type != "cuda" or _interpret_requested() or _is_interpreted(_compiled)
 
 
 _lock = threading.Lock()
