@@ -1,9 +1,8 @@
 """One Sinkhorn forward+backward in a fresh process, for peak-RSS measurements.
 
 ``python benchmarks/memory_child.py N D BACKEND`` prints one JSON line: value, seconds,
-this process's RSS just before the solve and its peak RSS (KB; the peak before the solve
-too: imports can peak above the steady state).  The parent
-(``bench_memory.py``) also reads the child's peak RSS from ``os.wait4``.
+this process's RSS just before the solve and its peak RSS (``VmHWM``, KB; also the peak
+before the solve: imports can peak above the steady state).
 """
 import json
 import os
@@ -15,13 +14,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import make_data, set_threads  # noqa: E402
 
 
-def current_rss_kb():
-    """Resident set size now (KB), from /proc/self/statm (Linux); ru_maxrss is the peak."""
+def _status_kb(field):
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process image, KB, from /proc/self/status.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak RSS across fork/vfork + exec into the
+    child's ``ru_maxrss`` (and so into the parent's ``RUSAGE_CHILDREN``/``wait4`` figure),
+    which would report the pytest process's size, not this solve's."""
     try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except (OSError, ValueError, IndexError):
-        return None
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main(N, D, backend):
@@ -35,8 +41,7 @@ def main(N, D, backend):
     x.requires_grad_()
     loss = otkernels.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5, debias=True,
                                  backend=backend)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_now = current_rss_kb()
+    rss_now, hwm0 = _status_kb("VmRSS"), _status_kb("VmHWM")
     t, c = time.perf_counter(), time.process_time()
     v = loss(x, y)
     t_fwd = time.perf_counter() - t
@@ -44,7 +49,8 @@ def main(N, D, backend):
     out = dict(N=N, D=D, backend=backend, value=v.item(),
                seconds=time.perf_counter() - t, forward_s=t_fwd, cpu_s=time.process_time() - c,
                grad_finite=bool(torch.isfinite(x.grad).all()),
-               rss_before_kb=rss_now, maxrss_before_kb=rss0, rss_peak_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               rss_before_kb=rss_now, peak_before_kb=hwm0, rss_peak_kb=_status_kb("VmHWM"),
+               ru_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                cache_budget=backends.cache_budget(),
                # the rule of the blocked and native backends: cache C_xy, C_xx, C_yy if they fit
                cost_cached=(N * N * 3) * x.element_size() <= backends.cache_budget(),

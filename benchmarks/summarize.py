@@ -50,12 +50,13 @@ def sinkhorn_table(rows):
 
 
 def memory_table(rows):
-    out = ["| backend | N=M | D | cost cached | peak RSS | RSS before solve | solve time | total (with start) | value |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    out = ["| backend | N=M | D | cost cached | peak RSS (VmHWM) | RSS before solve | peak − before | solve time | total (with start) | value |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for b in sorted(rows, key=lambda b: (b["extra_info"].get("backend", ""), b["extra_info"].get("N", 0))):
         e = b["extra_info"]
         out.append(f"| {e['backend']} | {e['N']} | {e['D']} | {e['cost_cached']} "
                    f"| {e['peak_rss_mb']:.0f} MB | {e['rss_before_kb'] / 1024:.0f} MB "
+                   f"| {e['peak_rss_mb'] - e['rss_before_kb'] / 1024:.0f} MB "
                    f"| {fmt_time(e['seconds'])} | {fmt_time(b['stats']['min'])} | {e['value']:.7g} |")
     return out
 
