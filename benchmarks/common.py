@@ -8,7 +8,7 @@ import time
 
 # KeOps compiles each new formula (~10 s on CPU); keep the binaries between runs.
 os.environ.setdefault("KEOPS_CACHE_FOLDER",
-                      os.path.join(os.path.expanduser("~"), ".cache", "keops-otkernels-bench"))
+                      os.path.join(os.path.expanduser("~"), ".cache", "keops-otkernels"))
 
 import torch  # noqa: E402
 

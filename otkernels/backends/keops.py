@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
+import warnings
 
 import torch
 
@@ -37,7 +39,6 @@ _CLAMP = 1e-8
 @functools.lru_cache(maxsize=None)
 def _import_status():
     try:
-        import warnings
         with warnings.catch_warnings():  # pykeops warns about CUDA on CPU machines
             warnings.simplefilter("ignore")
             import pykeops
@@ -64,6 +65,24 @@ def available():
         return True, f"{why} on CPU (OTKERNELS_KEOPS_CPU=1: slow, each new formula compiles)"
     return False, (f"{why}, but no CUDA device: the keops backend targets GPUs (set "
                    "OTKERNELS_KEOPS_CPU=1 to run its formulas on CPU)")
+
+
+def _heal_cache(fn):
+    """Run a KeOps reduction; if it fails to load a truncated binary from the KeOps cache (a
+    compilation killed half-way, or two processes compiling the same formula), delete that
+    binary and run once more: KeOps then compiles it again."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ImportError as e:
+            m = re.search(r"(/\S+\.so)\b", str(e))
+            if m is None or not os.path.isfile(m.group(1)):
+                raise
+            warnings.warn(f"otkernels: removing a broken KeOps binary and compiling it again: {e}")
+            os.remove(m.group(1))
+            return fn(*args, **kwargs)
+    return run
 
 
 def _lazy():
@@ -118,6 +137,7 @@ class KeOpsCost:
         self.x, self.xd, self.y, self.p = x, _float(x.detach()), _float(y.detach()), cost.p
 
     @torch.no_grad()
+    @_heal_cache
     def softmin(self, eps, h):
         """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient."""
         x_i, y_j = _i(self.xd), _j(self.y)
@@ -133,6 +153,7 @@ class KeOpsCost:
         return _SoftminGrad.apply(self.x, self, eps, h.detach())
 
     @torch.no_grad()
+    @_heal_cache
     def plan_grad(self, eps, h):
         """``Σ_j P_ij ∇_x C(x_i, y_j)`` with ``P = softmax_j(h_j − C_ij/ε)`` normalised inside one
         KeOps ``SumSoftMaxWeight`` reduction (online max): the rows sum to 1 to rounding even when
@@ -150,6 +171,7 @@ class KeOpsCost:
         return (_j(h.to(dt)) - C * ie).sumsoftmaxweight(V, dim=2).to(self.x.dtype)
 
     @torch.no_grad()
+    @_heal_cache
     def grad_x(self, eps, h, f, g, s=None):
         """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D)."""
         dt = self.xd.dtype
@@ -211,12 +233,14 @@ def _kernel_formula(x, y, name, blur, grad):
 
 
 @torch.no_grad()
+@_heal_cache
 def _kernel_rows(x, y, b, name, blur):
     """``Σ_j k(x_i, y_j) b_j`` (B,N)."""
     return (_kernel_formula(x, y, name, blur, False) * _j(b)).sum(dim=2)[:, :, 0]
 
 
 @torch.no_grad()
+@_heal_cache
 def _kernel_grad_rows(x, y, w, name, blur):
     """``Σ_j 2 k'(d²_ij) w_j (x_i − y_j)`` (B,N,D)."""
     return (_kernel_formula(x, y, name, blur, True) * _j(w) * (_i(x) - _j(y))).sum(dim=2)

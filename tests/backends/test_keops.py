@@ -1,7 +1,7 @@
 """The KeOps backend (``otkernels/backends/keops.py``) on CPU, where pykeops compiles C++.
 
 KeOps builds one binary per (formula, D, dtype): ~10–25 s each on this CPU the first time,
-then cached in ``KEOPS_CACHE_FOLDER`` (set below to ``~/.cache/keops-otkernels-tests`` unless
+then cached in ``KEOPS_CACHE_FOLDER`` (set below to ``~/.cache/keops-otkernels`` unless
 already set, before pykeops is imported).  So the tests share a few formulas: float64, D = 3
 (plus D = 17, marked ``slow``, and two float32 formulas), about fifteen compilations in all:
 ~5 min on a cold cache on this shared 2-core machine, ~10 s warm.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("KEOPS_CACHE_FOLDER", os.path.join(os.path.expanduser("~"), ".cache", "keops-otkernels-tests"))
+os.environ.setdefault("KEOPS_CACHE_FOLDER", os.path.join(os.path.expanduser("~"), ".cache", "keops-otkernels"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
