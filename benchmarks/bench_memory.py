@@ -12,7 +12,9 @@ after a few benchmarks in the same pytest process that figure is pytest's size (
 * always on, with ``OTKERNELS_CACHE_BYTES=0`` (tiles recomputed): ``blocked`` at N=M=10k
   (its recomputed tiles are slow: ~50 passes over N·M costs) and ``native`` at N=M=20k;
 * N=M=100k (the costs would take 3 × 40 GB: never cached): only with ``--large``; ``native``
-  takes minutes, ``blocked`` about an hour on 2 cores.
+  takes minutes; ``blocked`` runs with ``scaling=0.1`` (4 ε-steps instead of 10: the peak
+  memory of a Sinkhorn solve does not depend on the number of iterations, and with the
+  default 0.5 it would take about an hour on 2 cores).
 """
 import json
 import os
@@ -28,13 +30,13 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_child.p
 RSS_TARGET_KB = 2 * 1024 * 1024  # 2 GiB
 
 
-def run_child(N, D, backend, env):
+def run_child(N, D, backend, env, scaling=0.5):
     import otkernels  # the child imports the same otkernels as this process
     root = os.path.dirname(os.path.dirname(os.path.abspath(otkernels.__file__)))
     path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env = {**os.environ, "PYTHONPATH": path, **env}
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen([sys.executable, CHILD, str(N), str(D), backend],
+        p = subprocess.Popen([sys.executable, CHILD, str(N), str(D), backend, str(scaling)],
                              stdout=subprocess.PIPE, stderr=err, text=True,
                              env=env)
         stdout = p.stdout.read()
@@ -49,15 +51,15 @@ def run_child(N, D, backend, env):
     return res
 
 
-CASES = [  # backend, N, --large only
-    ("blocked", 10000, False), ("native", 20000, False),
-    ("blocked", 100000, True), ("native", 100000, True),
+CASES = [  # backend, N, --large only, ε-scaling
+    ("blocked", 10000, False, 0.5), ("native", 20000, False, 0.5),
+    ("blocked", 100000, True, 0.1), ("native", 100000, True, 0.5),
 ]
 
 
-@pytest.mark.parametrize("backend,N,large_only", [
+@pytest.mark.parametrize("backend,N,large_only,scaling", [
     pytest.param(*c, id=f"{c[0]}-n{c[1]}") for c in CASES])
-def test_peak_rss(benchmark, large, backend, N, large_only):
+def test_peak_rss(benchmark, large, backend, N, large_only, scaling):
     from otkernels import backends
     if large_only and not large:
         pytest.skip(f"N=M={N} takes many minutes: run with --large")
@@ -67,7 +69,7 @@ def test_peak_rss(benchmark, large, backend, N, large_only):
     env = {} if large_only else {"OTKERNELS_CACHE_BYTES": "0"}
     D = 3
     benchmark.group = f"peak RSS D={D}"
-    res = benchmark.pedantic(run_child, args=(N, D, backend, env),
+    res = benchmark.pedantic(run_child, args=(N, D, backend, env, scaling),
                              rounds=1, iterations=1, warmup_rounds=0)
     rss = res["rss_peak_kb"]
     benchmark.extra_info.update(res, env=env, peak_rss_mb=round(rss / 1024, 1),

@@ -1,6 +1,6 @@
 """One Sinkhorn forward+backward in a fresh process, for peak-RSS measurements.
 
-``python benchmarks/memory_child.py N D BACKEND`` prints one JSON line: value, seconds,
+``python benchmarks/memory_child.py N D BACKEND [SCALING]`` prints one JSON line: value, seconds,
 this process's RSS just before the solve and its peak RSS (``VmHWM``, KB; also the peak
 before the solve: imports can peak above the steady state).
 """
@@ -30,7 +30,7 @@ def _status_kb(field):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def main(N, D, backend):
+def main(N, D, backend, scaling=0.5):
     import torch
 
     import otkernels
@@ -39,14 +39,14 @@ def main(N, D, backend):
     set_threads()
     x, y = make_data(N, N, D)
     x.requires_grad_()
-    loss = otkernels.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5, debias=True,
+    loss = otkernels.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=scaling, debias=True,
                                  backend=backend)
     rss_now, hwm0 = _status_kb("VmRSS"), _status_kb("VmHWM")
     t, c = time.perf_counter(), time.process_time()
     v = loss(x, y)
     t_fwd = time.perf_counter() - t
     v.backward()
-    out = dict(N=N, D=D, backend=backend, value=v.item(),
+    out = dict(N=N, D=D, backend=backend, scaling=scaling, value=v.item(),
                seconds=time.perf_counter() - t, forward_s=t_fwd, cpu_s=time.process_time() - c,
                grad_finite=bool(torch.isfinite(x.grad).all()),
                rss_before_kb=rss_now, peak_before_kb=hwm0, rss_peak_kb=_status_kb("VmHWM"),
@@ -60,4 +60,5 @@ def main(N, D, backend):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "blocked")
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "blocked",
+         float(sys.argv[4]) if len(sys.argv) > 4 else 0.5)

@@ -50,21 +50,40 @@ def sinkhorn_table(rows):
 
 
 def memory_table(rows):
-    out = ["| backend | N=M | D | cost cached | peak RSS (VmHWM) | RSS before solve | peak − before | solve time | total (with start) | value |",
-           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| backend | N=M | D | ε-scaling | cost cached | peak RSS (VmHWM) | RSS before solve | peak − before | solve time | total (with start) | value |",
+           "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for b in sorted(rows, key=lambda b: (b["extra_info"].get("backend", ""), b["extra_info"].get("N", 0))):
         e = b["extra_info"]
-        out.append(f"| {e['backend']} | {e['N']} | {e['D']} | {e['cost_cached']} "
+        out.append(f"| {e['backend']} | {e['N']} | {e['D']} | {e.get('scaling', 0.5)} | {e['cost_cached']} "
                    f"| {e['peak_rss_mb']:.0f} MB | {e['rss_before_kb'] / 1024:.0f} MB "
                    f"| {e['peak_rss_mb'] - e['rss_before_kb'] / 1024:.0f} MB "
                    f"| {fmt_time(e['seconds'])} | {fmt_time(b['stats']['min'])} | {e['value']:.7g} |")
     return out
 
 
+def _fmt_extra(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
 def generic_table(rows):
-    out = ["| benchmark | time (min) | rounds |", "|---|---:|---:|"]
+    """Any other group: time, speed relative to the slowest row of the group, and the scalar
+    ``extra_info`` fields the rows record (values, rates, errors)."""
+    keys = []
+    for b in rows:
+        for k, v in b.get("extra_info", {}).items():
+            if isinstance(v, (int, float, str, bool)) and k not in keys:
+                keys.append(k)
+    slowest = max(b["stats"]["min"] for b in rows)
+    extra = "".join(f" {k} |" for k in keys)
+    out = ["| benchmark | time (min) | vs slowest | rounds |" + extra,
+           "|---|---:|---:|---:|" + "---:|" * len(keys)]
     for b in sorted(rows, key=lambda b: b["stats"]["min"]):
-        out.append(f"| {b['name']} | {fmt_time(b['stats']['min'])} | {b['stats']['rounds']} |")
+        e, t = b.get("extra_info", {}), b["stats"]["min"]
+        cells = [_fmt_extra(e[k]) if k in e else "" for k in keys]
+        out.append(f"| {b['name']} | {fmt_time(t)} | {slowest / t:.2f}× | {b['stats']['rounds']} |"
+                   + "".join(f" {c} |" for c in cells))
     return out
 
 
@@ -95,9 +114,9 @@ def summarize(path):
 
 def _group_key(g):
     """'sinkhorn N=10000 D=3' sorts by (kind, N, D) numerically."""
-    parts = g.split()
+    parts = g.split() or [""]
     nums = [int(p.split("=")[1]) for p in parts if "=" in p and p.split("=")[1].isdigit()]
-    return (parts[0], nums)
+    return (parts[0], nums, g)
 
 
 if __name__ == "__main__":
