@@ -1,0 +1,129 @@
+"""Samplers: DDPM ancestral, DDIM (Song et al. 2021), and OT-guided DDIM.
+
+All take a trained ε-network ``model(x, t, y)`` and a :class:`GaussianDiffusion`, start from
+``noise`` (B,C,H,W) (or draw it from ``generator``), and return images (B,C,H,W) in [-1, 1].
+Class-conditional models take ``y`` (B,) and a classifier-free ``guidance_scale``.
+"""
+from __future__ import annotations
+
+import torch
+
+from otkernels import SamplesLoss
+
+from .process import GaussianDiffusion, _extract
+
+
+def _start(shape, noise, generator, device):
+    if noise is not None:
+        return noise.to(device).clone()
+    return torch.randn(shape, generator=generator, device="cpu").to(device)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def ddpm_sample(model, diffusion: GaussianDiffusion, shape=None, noise=None, y=None, guidance_scale: float = 1.0,
+                generator: torch.Generator | None = None, clip: bool = True) -> torch.Tensor:
+    """Ancestral sampling through all T steps: x_{t-1} ~ q(x_{t-1} | x_t, x̂0(x_t))."""
+    dev = _device(model)
+    x = _start(shape, noise, generator, dev)
+    for i in reversed(range(diffusion.T)):
+        t = torch.full((x.shape[0],), i, device=dev, dtype=torch.long)
+        _, x0 = diffusion.model_predictions(model, x, t, y, guidance_scale, clip=clip)
+        mean, _, log_var = diffusion.q_posterior(x0, x, t)
+        z = torch.randn(x.shape, generator=generator).to(dev) if i > 0 else torch.zeros_like(x)
+        x = mean + (0.5 * log_var).exp() * z
+    return x.clamp(-1, 1)
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` evenly spaced timesteps from T-1 down to 0 (the 'trailing'-free linspace)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, T={T}], got {steps}")
+    return torch.linspace(T - 1, 0, steps).round().long().tolist()
+
+
+def _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator):
+    """x_{t_prev} from (x̂0, ε̂): √ᾱ'·x̂0 + √(1−ᾱ'−σ²)·ε̂ + σ·z, σ = η·√((1−ᾱ')/(1−ᾱ)·(1−ᾱ/ᾱ'))."""
+    abar = _extract(diffusion.alphas_cumprod, t, x)
+    abar_prev = _extract(diffusion.alphas_cumprod, t_prev, x) if t_prev[0] >= 0 else torch.ones_like(abar)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()
+    x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    if eta > 0 and t_prev[0] >= 0:
+        x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model, diffusion: GaussianDiffusion, shape=None, steps: int = 50, eta: float = 0.0, noise=None,
+                y=None, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                clip: bool = True) -> torch.Tensor:
+    """DDIM with ``steps`` steps; ``eta=0`` is deterministic given the noise, ``eta=1`` ~ DDPM."""
+    dev = _device(model)
+    x = _start(shape, noise, generator, dev)
+    ts = ddim_timesteps(diffusion.T, steps)
+    for i, s in enumerate(ts):
+        t = torch.full((x.shape[0],), s, device=dev, dtype=torch.long)
+        t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
+        eps, x0 = diffusion.model_predictions(model, x, t, y, guidance_scale, clip=clip)
+        x = _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator)
+    return x.clamp(-1, 1)
+
+
+def ot_move(x0: torch.Tensor, ref: torch.Tensor, loss: SamplesLoss, scale: float = 0.1, iters: int = 1,
+            optimizer: str = "sgd", lr: float = 0.05, feature_fn=None) -> torch.Tensor:
+    """Move x̂0 (B,C,H,W) toward the reference images ref (M,C,H,W) by reducing ``loss``
+    between them (flattened, or through ``feature_fn``).
+
+    ``optimizer="sgd"``: ``iters`` steps x ← x − scale·B·∇L.  With p=2 and uniform weights
+    B·∇_{x_i}L ≈ x_i − T(x_i) (T the entropic transport map), so ``scale`` is the fraction of
+    the way to the matched reference.  ``optimizer="adam"``: ``iters`` Adam steps with ``lr``."""
+    B = x0.shape[0]
+    y = ref if feature_fn is None else feature_fn(ref)
+    y = y.reshape(len(y), -1).detach()
+    x = x0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr) if optimizer == "adam" else None
+    for _ in range(iters):
+        with torch.enable_grad():
+            fx = x if feature_fn is None else feature_fn(x)
+            L = loss(fx.reshape(B, -1).float(), y.float())
+            (g,) = torch.autograd.grad(L, x)
+        if opt is None:
+            x = (x - scale * B * g).detach().requires_grad_(True)
+        else:
+            x.grad = g
+            opt.step()
+    return x.detach()
+
+
+@torch.no_grad()
+def ddim_sample_with_ot(model, diffusion: GaussianDiffusion, ref: torch.Tensor, shape=None, steps: int = 50,
+                        ot_scale: float = 0.1, ot_ref_n: int = 128, ot_inner_iters: int = 1, eta: float = 0.0,
+                        ot_blur: float = 0.35, ot_p: int = 2, ot_optimizer: str = "sgd", ot_lr: float = 0.05,
+                        ot_first_k: int | None = None, feature_fn=None, noise=None, y=None,
+                        guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM in which each step's x̂0 is moved toward a fresh minibatch of ``ot_ref_n`` real
+    images from ``ref`` (M,C,H,W) by reducing the Sinkhorn loss (see :func:`ot_move`), clipped
+    to [-1, 1]; ε is recomputed from the moved x̂0 before the DDIM update.  ``ot_first_k``:
+    guide only the first k steps (None: all).  ``feature_fn``: measure the loss in that space
+    (e.g. a feature net's ``embed``) instead of pixels."""
+    dev = _device(model)
+    x = _start(shape, noise, generator, dev)
+    ref = ref.to(dev)
+    loss = SamplesLoss("sinkhorn", p=ot_p, blur=ot_blur)
+    ts = ddim_timesteps(diffusion.T, steps)
+    for i, s in enumerate(ts):
+        t = torch.full((x.shape[0],), s, device=dev, dtype=torch.long)
+        t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
+        eps, x0 = diffusion.model_predictions(model, x, t, y, guidance_scale, clip=True)
+        if ot_first_k is None or i < ot_first_k:
+            pick = torch.randperm(len(ref), generator=generator)[:ot_ref_n].to(dev)
+            x0 = ot_move(x0, ref[pick], loss, ot_scale, ot_inner_iters, ot_optimizer, ot_lr, feature_fn).clamp(-1, 1)
+            eps = diffusion.predict_noise_from_start(x, t, x0)
+        x = _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator)
+    return x.clamp(-1, 1)
+
+
+SAMPLERS = ("ddpm", "ddim", "ddim-ot")

@@ -1,0 +1,355 @@
+"""Training: the Trainer (Adam, EMA, gradient clipping, CUDA autocast, per-epoch logs, sample
+grids, atomic checkpoints, exact resume) and the OT-enhanced loss
+
+    L = L_eps + λ(epoch) · Sinkhorn_p,blur( squash(x̂0), reference batch )
+
+where x̂0 = predict_start_from_noise(x_t, t, ε̂) and the reference batch is drawn from a pool
+of training images disjoint from the current batch, compared in pixel space or in the feature
+net's embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from otkernels import SamplesLoss
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import DiffusionConfig
+from .data import ImageData, batches, load_data
+from .evaluation import feature_metrics, plot_history, save_grid
+from .features import classify, embed, load_or_train_feature_net
+from .model import Unet
+from .process import GaussianDiffusion
+from .sample import ddim_sample
+
+
+def build_model(cfg: DiffusionConfig, channels: int) -> Unet:
+    return Unet(cfg.dim, cfg.dim_mults, channels, cfg.resnet_blocks, cfg.attn_levels, dropout=cfg.dropout,
+                num_classes=10 if cfg.class_cond else None, cond_drop_prob=cfg.cond_drop_prob)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def feature_net_for(cfg: DiffusionConfig, data: ImageData, device="cpu"):
+    """The dataset's feature net, cached at ``cfg.feature_path`` (default
+    ``<out_dir>/../features/<dataset>-<size>.pt``), trained on first use with its own seed
+    inside ``fork_rng``: the caller's RNG streams are untouched."""
+    path = cfg.feature_path or os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "features",
+                                            f"{cfg.dataset}-{data.shape[-1]}.pt")
+    with torch.random.fork_rng(devices=[]):
+        return load_or_train_feature_net(path, data.x_train, data.y_train, data.x_test, data.y_test,
+                                         epochs=cfg.feature_epochs, seed=cfg.seed, device=device,
+                                         dataset=cfg.dataset)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters; decay warms up as
+    min(decay, (1+n)/(10+n)) so early averages are not dominated by the initialisation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.995):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, s):
+        self.model.load_state_dict(s["model"])
+        self.updates = s["updates"]
+
+
+class OTLoss:
+    """Sinkhorn loss between x̂0 (B,C,H,W) squashed to [-1, 1] and reference images (M,C,H,W),
+    flattened (``space="pixel"``) or embedded by a frozen feature net (``"feature"``)."""
+
+    def __init__(self, p: int = 2, blur: float = 0.35, space: str = "pixel", feature_net=None,
+                 squash: str = "clamp"):
+        if space == "feature" and feature_net is None:
+            raise ValueError("ot_space='feature' needs a feature net")
+        self.loss = SamplesLoss("sinkhorn", p=p, blur=blur)
+        self.space, self.net, self.squash = space, feature_net, squash
+
+    def __call__(self, x0_hat: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        x = x0_hat.float().clamp(-1, 1) if self.squash == "clamp" else torch.tanh(x0_hat.float())
+        ref = ref.float()
+        if self.space == "feature":
+            x, ref = self.net.embed(x), self.net.embed(ref).detach()
+        return self.loss(x.flatten(1), ref.flatten(1))
+
+
+class ReferencePool:
+    """A fixed random subset of the training images (``size``); :meth:`draw` returns a batch of
+    them that excludes the current training batch's indices."""
+
+    def __init__(self, n_train: int, size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.idx = torch.randperm(n_train, generator=g)[:size]
+
+    def draw(self, n: int, exclude: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cand = self.idx[~torch.isin(self.idx, exclude)]
+        if len(cand) == 0:
+            raise ValueError("the OT reference pool is contained in the training batch: raise ot_pool_size")
+        return cand[torch.randperm(len(cand), generator=generator)[:n]]
+
+
+def ot_weight(cfg: DiffusionConfig, epoch: float) -> float:
+    """λ at (fractional) ``epoch``: 0 before ot_start_epoch, a linear ramp over ot_warmup_epochs,
+    then ot_lambda."""
+    if cfg.ot_lambda == 0 or epoch < cfg.ot_start_epoch:
+        return 0.0
+    if cfg.ot_warmup_epochs == 0:
+        return cfg.ot_lambda
+    return cfg.ot_lambda * min(1.0, (epoch - cfg.ot_start_epoch) / cfg.ot_warmup_epochs)
+
+
+class Trainer:
+    """Trains a Unet on ``cfg``'s dataset; writes to ``cfg.out_dir``:
+    ``checkpoint.pt`` (every ``ckpt_every`` epochs, atomic), ``log.json``, ``log.csv``,
+    ``curves.png``, ``samples_<epoch>.png``.  ``resume=True`` continues from the checkpoint
+    exactly (model, EMA, optimizer, step/epoch, torch/numpy/python/data-order RNG states)."""
+
+    def __init__(self, cfg: DiffusionConfig, data: ImageData | None = None, resume: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.data = data if data is not None else load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train,
+                                                            cfg.n_test, cfg.seed)
+        self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.beta_schedule, cfg.objective)
+        self.model = build_model(cfg, self.data.shape[0]).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
+        self.order_gen = torch.Generator().manual_seed(cfg.seed)      # batch order
+        self.ref_gen = torch.Generator().manual_seed(cfg.seed + 1)    # OT reference batches
+        self.pool = ReferencePool(len(self.data.x_train), cfg.ot_pool_size, cfg.seed + 2)
+        self.epoch, self.step, self.history = 0, 0, []
+        self._features, self._ot_loss = None, None
+        self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+        if resume and os.path.exists(self.ckpt_path):
+            self.load(self.ckpt_path)
+            log(f"resumed from {self.ckpt_path} at epoch {self.epoch} (step {self.step})")
+        elif cfg.init_from:
+            ck = load_checkpoint(cfg.init_from, map_location=self.device)
+            self.model.load_state_dict(ck["model"])
+            self.ema.load_state_dict(ck["ema"])
+            log(f"fine-tuning from {cfg.init_from} (epoch {ck['epoch']})")
+
+    # ------------------------------------------------------------------ parts built on demand
+    @property
+    def features(self):
+        """The dataset's feature net (cached at cfg.feature_path), trained on first use with its
+        own seed: the training RNG streams are untouched."""
+        if self._features is None:
+            self._features = feature_net_for(self.cfg, self.data, self.device)
+        return self._features
+
+    @property
+    def ot_loss(self) -> OTLoss:
+        if self._ot_loss is None:
+            c = self.cfg
+            self._ot_loss = OTLoss(c.ot_p, c.ot_blur, c.ot_space, self.features if c.ot_space == "feature" else None,
+                                   c.ot_squash)
+        return self._ot_loss
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, idx: torch.Tensor) -> dict:
+        """One optimizer step on the training images ``idx``; returns the loss terms."""
+        cfg, d, dev = self.cfg, self.data, self.device
+        x0 = d.x_train[idx].to(dev)
+        y = d.y_train[idx].to(dev) if cfg.class_cond else None
+        t = self.diffusion.sample_timesteps(len(idx), cfg.timestep_sampler, device=dev)
+        noise = torch.randn_like(x0)
+        w = ot_weight(cfg, self.epoch + (self.step % self.steps_per_epoch) / self.steps_per_epoch)
+        with self._autocast():
+            loss_eps, x0_hat = self.diffusion.training_loss(self.model, x0, t, noise, y)
+            loss, loss_ot = loss_eps, None
+            if w > 0:
+                keep = t < (cfg.ot_max_t or cfg.timesteps)
+                if keep.sum() >= 2:
+                    ref = d.x_train[self.pool.draw(cfg.ot_ref_batch or cfg.batch_size, idx, self.ref_gen)].to(dev)
+                    loss_ot = self.ot_loss(x0_hat[keep], ref)
+                    loss = loss_eps + w * loss_ot
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": loss.item(), "loss_eps": loss_eps.item(),
+                "loss_ot": None if loss_ot is None else loss_ot.item(), "ot_weight": w}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.data.x_train) // self.cfg.batch_size)
+
+    def train(self) -> list:
+        """Run the remaining epochs; returns the per-epoch history."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.step, disable=not cfg.progress,
+                   desc="train", dynamic_ncols=True)
+        while self.epoch < cfg.epochs:
+            self.model.train()
+            t0, terms = time.perf_counter(), []
+            for idx in batches(len(self.data.x_train), cfg.batch_size, self.order_gen):
+                terms.append(self.train_step(idx))
+                bar.update(1)
+                bar.set_postfix(epoch=self.epoch + 1, loss=f"{terms[-1]['loss']:.4f}")
+            self.epoch += 1
+            mean = lambda k: (float(np.mean(v)) if (v := [s[k] for s in terms if s[k] is not None]) else None)  # noqa: E731
+            rec = {"epoch": self.epoch, "step": self.step, "loss": mean("loss"), "loss_eps": mean("loss_eps"),
+                   "loss_ot": mean("loss_ot"), "ot_weight": mean("ot_weight"), "epoch_time": time.perf_counter() - t0}
+            rec["val_loss"] = self.validation_loss()
+            last = self.epoch == cfg.epochs
+            if (last and cfg.eval_final) or (cfg.eval_every and self.epoch % cfg.eval_every == 0):
+                rec.update(self.evaluate(cfg.eval_n, grid_path=os.path.join(cfg.out_dir, f"samples_{self.epoch:04d}.png")))
+            self.history.append(rec)
+            self.write_logs()
+            if last or self.epoch % cfg.ckpt_every == 0:
+                self.save(self.ckpt_path)
+            if rec.get("ot_train") is not None:
+                bar.write(f"epoch {self.epoch}: loss {rec['loss']:.4f} val {rec['val_loss']:.4f} "
+                          f"OT(gen,train) {rec['ot_train']:.3f} OT(gen,test) {rec['ot_test']:.3f}")
+        bar.close()
+        return self.history
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The ε-loss of the EMA model on (up to val_n) test images, fixed noise and timesteps."""
+        cfg, d = self.cfg, self.data
+        x = d.x_test[: cfg.val_n]
+        g = torch.Generator().manual_seed(cfg.seed + 12345)
+        t = torch.randint(0, cfg.timesteps, (len(x),), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        total = 0.0
+        for i in range(0, len(x), 500):
+            sl = slice(i, i + 500)
+            y = d.y_test[: cfg.val_n][sl].to(self.device) if cfg.class_cond else None
+            with self._autocast():
+                loss, _ = self.diffusion.training_loss(self.ema.model, x[sl].to(self.device), t[sl].to(self.device),
+                                                       noise[sl].to(self.device), y)
+            total += loss.item() * len(x[sl])
+        return total / len(x)
+
+    @torch.no_grad()
+    def generate(self, n: int, seed: int, steps: int | None = None, batch_size: int = 1000) -> torch.Tensor:
+        """n DDIM samples (n,C,H,W) from the EMA model with a seeded generator (class labels
+        drawn uniformly for a conditional model)."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        with torch.random.fork_rng(devices=[]), self._autocast():
+            for i in range(0, n, batch_size):
+                b = min(batch_size, n - i)
+                y = torch.randint(0, 10, (b,), generator=g).to(self.device) if cfg.class_cond else None
+                out.append(ddim_sample(self.ema.model, self.diffusion, (b, *self.data.shape), steps or cfg.sample_steps,
+                                       cfg.sample_eta, y=y, generator=g).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, n: int, grid_path: str | None = None) -> dict:
+        """Feature-space OT / MMD / FID of n generated samples vs train and vs test, and the
+        feature net's class histogram of the samples; a sample grid at ``grid_path``."""
+        cfg, d = self.cfg, self.data
+        t0 = time.perf_counter()
+        x = self.generate(n, seed=cfg.seed + 1000 * self.epoch)
+        net = self.features
+        with torch.random.fork_rng(devices=[]):
+            f_gen = embed(net, x)
+            probs = torch.cat([net(x[i:i + 1000].to(self.device)).float().softmax(1).cpu() for i in range(0, n, 1000)])
+            rec = {}
+            for split, xr in (("train", d.x_train), ("test", d.x_test)):
+                m = feature_metrics(embed(net, xr[: max(n, 2000)]), f_gen, cfg.metric_blur, fake_probs=probs)
+                rec.update({f"{k}_{split}": v for k, v in m.items()})
+            q = classify(net, x)
+            rec.update(classes_present=q["classes_present"], max_class_share=q["max_class_share"],
+                       mean_confidence=q["mean_confidence"])
+        if grid_path:
+            save_grid(x[: cfg.grid_n], grid_path)
+        rec["eval_time"] = time.perf_counter() - t0
+        return rec
+
+    # ------------------------------------------------------------------ logs and checkpoints
+    def write_logs(self) -> None:
+        out = self.cfg.out_dir
+        with open(os.path.join(out, "log.json"), "w") as f:
+            json.dump({"config": self.cfg.to_dict(), "history": self.history}, f, indent=1)
+        keys = list(dict.fromkeys(k for h in self.history for k in h))
+        with open(os.path.join(out, "log.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(self.history)
+        try:
+            plot_history(self.history, os.path.join(out, "curves.png"))
+        except ImportError:  # matplotlib missing: logs only
+            pass
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "history": self.history, "config": self.cfg.to_dict(),
+                "rng": rng_state(self.order_gen, self.ref_gen)}
+
+    def save(self, path: str) -> None:
+        save_checkpoint(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        ck = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["opt"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.epoch, self.step, self.history = ck["epoch"], ck["step"], ck["history"]
+        set_rng_state(ck["rng"], self.order_gen, self.ref_gen)
+
+
+def load_model(path: str, device="cpu"):
+    """(EMA model, GaussianDiffusion, config) from a training checkpoint, ready to sample."""
+    ck = load_checkpoint(path, map_location=device)
+    cfg = DiffusionConfig(**ck["config"])
+    channels = ck["ema"]["model"]["init_conv.weight"].shape[1]
+    model = build_model(cfg, channels).to(device)
+    model.load_state_dict(ck["ema"]["model"])
+    return model.eval().requires_grad_(False), GaussianDiffusion(cfg.timesteps, cfg.beta_schedule, cfg.objective), cfg
+
+

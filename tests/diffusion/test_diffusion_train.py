@@ -1,0 +1,114 @@
+import json
+import os
+
+import pytest
+import torch
+
+import diffusion.checkpoint as ckpt_mod
+from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.train import OTLoss, Trainer, load_model, ot_weight
+
+
+def _params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_ot_loss_sends_gradient_to_the_model(tiny_cfg):
+    tr = Trainer(tiny_cfg.replace(ot_lambda=0.1, ot_blur=0.35, ot_p=2))
+    d = tr.data
+    idx = torch.arange(16)
+    t = torch.randint(0, 50, (16,))
+    _, x0_hat = tr.diffusion.training_loss(tr.model, d.x_train[idx], t, torch.randn(16, 1, 8, 8))
+    ref = d.x_train[tr.pool.draw(16, idx, tr.ref_gen)]
+    loss = tr.ot_loss(x0_hat, ref)
+    loss.backward()
+    grads = [p.grad for p in tr.model.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    assert torch.isfinite(loss)
+
+
+def test_ot_loss_feature_space_gradient(tiny_cfg):
+    tr = Trainer(tiny_cfg.replace(ot_lambda=0.1, ot_space="feature", ot_squash="tanh"))
+    x = torch.randn(8, 1, 8, 8, requires_grad=True)
+    loss = tr.ot_loss(x, tr.data.x_train[:8])
+    loss.backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tr.features.parameters())  # the feature net stays frozen
+
+
+def test_reference_pool_disjoint_from_batch(tiny_cfg):
+    tr = Trainer(tiny_cfg)
+    idx = tr.pool.idx[:40]
+    ref = tr.pool.draw(100, idx, tr.ref_gen)
+    assert len(set(ref.tolist()) & set(idx.tolist())) == 0
+    assert set(ref.tolist()) <= set(tr.pool.idx.tolist())
+
+
+def test_ot_weight_schedule(tiny_cfg):
+    c = tiny_cfg.replace(ot_lambda=0.2, ot_start_epoch=2, ot_warmup_epochs=4)
+    assert [ot_weight(c, e) for e in (0, 1.9, 2, 4, 6, 10)] == pytest.approx([0, 0, 0, 0.1, 0.2, 0.2])
+    assert ot_weight(tiny_cfg, 5) == 0.0
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(ot_lambda=0.1, ot_ref_batch=16, dropout=0.1)  # every RNG stream in use
+    straight = Trainer(cfg.replace(out_dir=str(tmp_path / "a")))
+    straight.train()
+
+    first = Trainer(cfg.replace(out_dir=str(tmp_path / "b"), epochs=1))
+    first.train()
+    del first
+    resumed = Trainer(cfg.replace(out_dir=str(tmp_path / "b")), resume=True)
+    assert resumed.epoch == 1
+    resumed.train()
+    assert resumed.step == straight.step
+    assert torch.equal(_params(resumed.model), _params(straight.model))
+    assert torch.equal(_params(resumed.ema.model), _params(straight.ema.model))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"w": torch.arange(5), "epoch": 1}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial checkpoint bytes")  # part of the temp file is written ...
+        raise KeyboardInterrupt("simulated crash during the write")  # ... then the process dies
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"w": torch.zeros(5), "epoch": 2}, path)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    ck = load_checkpoint(path)
+    assert ck["epoch"] == 1 and torch.equal(ck["w"], torch.arange(5))
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temp file left behind
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_trainer_logs_metrics_grids_and_checkpoint(tiny_cfg):
+    cfg = tiny_cfg.replace(epochs=1, eval_final=True, ot_lambda=0.1)
+    tr = Trainer(cfg)
+    hist = tr.train()
+    rec = hist[-1]
+    for k in ("loss", "loss_ot", "val_loss", "ot_train", "ot_test", "mmd2_train", "fid_test", "classes_present"):
+        assert rec[k] is not None, k
+    out = cfg.out_dir
+    for name in ("checkpoint.pt", "log.json", "log.csv", "curves.png", "samples_0001.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert json.load(open(os.path.join(out, "log.json")))["history"][0]["epoch"] == 1
+    assert os.path.exists(cfg.feature_path)  # the feature net is cached
+    model, diffusion, c2 = load_model(os.path.join(out, "checkpoint.pt"))
+    assert c2 == cfg and diffusion.T == cfg.timesteps
+    x = tr.generate(4, seed=0)
+    assert x.shape == (4, 1, 8, 8)
+
+
+def test_finetune_from_checkpoint(tiny_cfg, tmp_path):
+    base = Trainer(tiny_cfg.replace(epochs=1))
+    base.train()
+    ft = Trainer(tiny_cfg.replace(out_dir=str(tmp_path / "ft"), init_from=base.ckpt_path, ot_lambda=0.1))
+    assert torch.equal(_params(ft.model), _params(base.model))
+    assert ft.epoch == 0
