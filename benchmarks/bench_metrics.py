@@ -1,0 +1,103 @@
+"""``otkernels.metrics.evaluate`` vs the same numbers from prdc + scipy + geomloss.
+
+Metric set: Sinkhorn divergence (p=2, blur=0.05, scaling=0.5), biased gaussian MMD² (σ = the
+median heuristic, fixed for both), FID, precision/recall (k=3), density/coverage (k=5), on
+float32 features ``x ~ randn(N, 128)``, ``y ~ randn(N, 128) + 0.5`` (``common.make_data``),
+2 threads.  Group ``"evaluate-{N}-d128"``: N = 5k by default, 20k with ``--large``.
+
+Each competitor runs once in a fresh process (``metrics_child.py``) that reports the
+evaluation's own seconds (after a warm-up; the pytest time adds the child's start) and its
+peak RSS (``VmHWM``).  Competitors:
+
+* ``otkernels``: default cost-cache budget (half the available RAM: the Sinkhorn costs are
+  cached when they fit, 4.8 GB at 20k);
+* ``otkernels-cache1GB``: ``OTKERNELS_CACHE_BYTES=1e9`` (at 20k the costs are recomputed in
+  tiles: the O(N) memory path, target < 2 GiB peak RSS);
+* ``reference``: prdc (two calls, k=3 and k=5), numpy/scipy FID, geomloss tensorized.
+
+The values of every run are checked against the first one of the group: Sinkhorn and MMD to
+1e-3 relative (float32), FID to 1e-5, the k-NN fractions to 2/N (float32 distance
+rounding can flip a point at a ball's boundary).  The reference's record holds the speed-up
+of each otkernels run (``speedup_<name>``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from common import THREADS, make_data
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics_child.py")
+D = 128
+SIZES = ((5000, False), (20000, True))  # (N, --large only)
+COMPETITORS = (("otkernels", {}), ("otkernels-cache1GB", {"OTKERNELS_CACHE_BYTES": "1e9"}),
+               ("reference", {}))
+RSS_TARGET_KB = 2 * 1024 * 1024
+TOL = {"sinkhorn": 1e-3, "mmd2_biased": 1e-3, "fid": 1e-5, "mmd_bandwidth": 0.0}
+
+_RESULTS: dict = {}  # N -> {competitor: child result}
+
+
+def bandwidth(N):
+    from otkernels import metrics
+
+    x, y = make_data(N, N, D)
+    return metrics.median_bandwidth(x, y)
+
+
+def run_child(mode, N, sigma, env):
+    import otkernels
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(otkernels.__file__)))
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(THREADS),
+           "OPENBLAS_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), **env}
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.run([sys.executable, CHILD, mode, str(N), str(D), repr(sigma)],
+                           stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"metrics child {mode} failed ({p.returncode}):\n{err.read()[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def check_agreement(got, ref, N, what):
+    for name, v in ref.items():
+        assert name in got, f"{what}: {name} missing"
+        if name in TOL:
+            tol = TOL[name] * max(abs(v), 1e-12)
+        else:  # precision, recall, density, coverage: fractions of N points
+            tol = 2.0 / N
+        assert abs(got[name] - v) <= tol, f"{what}: {name} = {got[name]} vs {v} (tol {tol:.3g})"
+
+
+@pytest.mark.parametrize("N,large_only", [pytest.param(n, lo, id=f"n{n}") for n, lo in SIZES])
+@pytest.mark.parametrize("name,env", [pytest.param(c, e, id=c) for c, e in COMPETITORS])
+def test_evaluate(benchmark, large, N, large_only, name, env):
+    if large_only and not large:
+        pytest.skip(f"N={N}: the reference takes many minutes and ~10 GB: run with --large")
+    benchmark.group = f"evaluate-{N // 1000}k-d{D}"
+    sigma = bandwidth(N)
+    mode = "reference" if name == "reference" else "otkernels"
+    res = benchmark.pedantic(run_child, args=(mode, N, sigma, env), rounds=1, iterations=1,
+                             warmup_rounds=0)
+    rss = res["rss_peak_kb"]
+    info = benchmark.extra_info
+    info.update(res, competitor=name, env=env, peak_rss_mb=round(rss / 1024, 1), threads=THREADS)
+    done = _RESULTS.setdefault(N, {})
+    for other, r in done.items():
+        check_agreement(res["values"], r["values"], N, f"{name} vs {other}")
+    done[name] = res
+    if "reference" in done:
+        ref_s = done["reference"]["seconds"]
+        for other, r in done.items():
+            if other != "reference":
+                info[f"speedup_{other}"] = ref_s / r["seconds"]
+    assert res["threads"] == THREADS
+    if name == "otkernels-cache1GB":
+        assert rss < RSS_TARGET_KB, f"peak RSS {rss / 1024:.0f} MB (target < 2 GiB)"
