@@ -7,6 +7,7 @@ a small eigen-decomposition here, and precision/recall/MMR are left out.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -46,7 +47,9 @@ def feature_metrics(real: torch.Tensor, fake: torch.Tensor, blur: float = 0.5, p
     if HAS_METRICS:
         sigma = _metrics.median_bandwidth(real, fake)
         out["mmd2"] = float(_metrics.mmd2(real, fake, "gaussian", sigma))
-        out["fid"] = float(_metrics.fid(real, fake))
+        with warnings.catch_warnings():  # ReLU features are often rank-deficient: FID is still exact
+            warnings.filterwarnings("ignore", message=".*singular.*", category=RuntimeWarning)
+            out["fid"] = float(_metrics.fid(real, fake))
         if hasattr(_metrics, "precision_recall"):
             pr = _metrics.precision_recall(real, fake)
             pr = pr if isinstance(pr, dict) else dict(zip(("precision", "recall"), pr))

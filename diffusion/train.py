@@ -242,7 +242,7 @@ class Trainer:
             if (last and cfg.eval_final) or (cfg.eval_every and self.epoch % cfg.eval_every == 0):
                 rec.update(self.evaluate(cfg.eval_n, grid_path=os.path.join(cfg.out_dir, f"samples_{self.epoch:04d}.png")))
             self.history.append(rec)
-            self.write_logs()
+            self.write_logs(plot=last or "ot_train" in rec)
             if last or self.epoch % cfg.ckpt_every == 0:
                 self.save(self.ckpt_path)
             if rec.get("ot_train") is not None:
@@ -309,7 +309,8 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ logs and checkpoints
-    def write_logs(self) -> None:
+    def write_logs(self, plot: bool = True) -> None:
+        """log.json (config + history) and log.csv every epoch; curves.png when ``plot``."""
         out = self.cfg.out_dir
         with open(os.path.join(out, "log.json"), "w") as f:
             json.dump({"config": self.cfg.to_dict(), "history": self.history}, f, indent=1)
@@ -318,10 +319,11 @@ class Trainer:
             w = csv.DictWriter(f, keys)
             w.writeheader()
             w.writerows(self.history)
-        try:
-            plot_history(self.history, os.path.join(out, "curves.png"))
-        except ImportError:  # matplotlib missing: logs only
-            pass
+        if plot:
+            try:
+                plot_history(self.history, os.path.join(out, "curves.png"))
+            except ImportError:  # matplotlib missing: logs only
+                pass
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
