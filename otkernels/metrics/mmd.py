@@ -174,6 +174,12 @@ class _PolySum(torch.autograd.Function):
         return gx, gy, None, None, None
 
 
+def _augment(a, scale, last):
+    """(..., n, D) -> (..., n, D + 1): ``[scale·a, last]``."""
+    pad = torch.full(a.shape[:-1] + (1,), last, dtype=a.dtype, device=a.device)
+    return torch.cat([a * scale, pad], -1)
+
+
 def _poly_params(degree, gamma, coef0, D):
     degree = check_int("degree", degree, minimum=1)
     gamma = 1.0 / D if gamma is None else float(gamma)
@@ -227,20 +233,20 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
         idx.append((ir, iff))
     chunk = max(1, TILE // (m * m))  # subsets per batched matmul
     scores = []
-    eye = torch.eye(m, dtype=torch.bool, device=x.device)
     for c0 in range(0, subsets, chunk):
         sel = idx[c0:c0 + chunk]
         xr = torch.stack([x[i.to(x.device)] for i, _ in sel])
         yf = torch.stack([y[j.to(y.device)] for _, j in sel])
+        # γ⟨a, b⟩ + c in one bmm: [γa, c]·[b, 1]
+        xa, ya = _augment(xr, gamma, coef0), _augment(yf, gamma, coef0)
+        xb, yb = _augment(xr, 1.0, 1.0), _augment(yf, 1.0, 1.0)
 
         def ksum(a, b, diag):
-            k = torch.baddbmm(torch.full((), coef0, dtype=a.dtype, device=a.device), a,
-                              b.transpose(1, 2), alpha=gamma).pow_(degree)
-            if diag:
-                k.masked_fill_(eye, 0)
-            return k.sum((1, 2), dtype=torch.float64)
+            k = torch.bmm(a, b.transpose(1, 2)).pow_(degree)
+            tot = k.sum((1, 2)).double()
+            return tot - torch.diagonal(k, dim1=1, dim2=2).sum(1).double() if diag else tot
 
-        v = (ksum(xr, xr, True) + ksum(yf, yf, True)) / (m * (m - 1)) - 2 * ksum(xr, yf, False) / m ** 2
+        v = (ksum(xa, xb, True) + ksum(ya, yb, True)) / (m * (m - 1)) - 2 * ksum(xa, yb, False) / m ** 2
         scores.append(v)
     scores = torch.cat(scores)
-    return float(scores.mean()), float(scores.std(unbiased=False)) if subsets > 1 else 0.0
+    return float(scores.mean()), float(scores.std(unbiased=False))
