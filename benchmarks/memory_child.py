@@ -52,8 +52,8 @@ def main(N, D, backend, scaling=0.5):
                rss_before_kb=rss_now, peak_before_kb=hwm0, rss_peak_kb=_status_kb("VmHWM"),
                ru_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                cache_budget=backends.cache_budget(),
-               # the rule of the blocked and native backends: cache C_xy, C_xx, C_yy if they fit
-               cost_cached=(N * N * 3) * x.element_size() <= backends.cache_budget(),
+               # the rule of the blocked and native backends: cache C_xy, C_xx, C_yy greedily
+               cost_cached=any(backends.cache_plan([N * N * x.element_size()] * 3)),
                resolved=backends.select(1, N, N, D, x.device) if backend == "auto" else backend,
                threads=torch.get_num_threads(), otkernels=os.path.dirname(otkernels.__file__))
     print(json.dumps(out))

@@ -51,6 +51,20 @@ def cache_budget() -> int:
         return 2 << 30
 
 
+def cache_plan(nbytes, cache=None):
+    """Which cost matrices to cache, greedily in the given order (callers list ``C_xy`` first:
+    it serves two of the four reductions of each Sinkhorn iteration, then ``C_xx``, ``C_yy``):
+    a matrix is cached when it fits what the earlier ones left of :func:`cache_budget`.
+    ``cache`` True / False forces all / none.  ``nbytes`` list of ints -> list of bools."""
+    if cache is not None:
+        return [bool(cache)] * len(nbytes)
+    left, plan = cache_budget(), []
+    for n in nbytes:
+        plan.append(0 < n <= left)
+        left -= n if plan[-1] else 0
+    return plan
+
+
 def _disabled():
     return {s.strip() for s in os.environ.get("OTKERNELS_DISABLE", "").split(",") if s.strip()}
 

@@ -6,8 +6,8 @@ closed forms in ``torch.autograd.Function``s that walk the tiles again: for the 
 extrapolation ``∂f_i/∂x_i = Σ_j P_ij ∇_x C(x_i, y_j)`` (attention's P·V), for kernel sums
 the three products with ``k`` and ``∂k/∂d²``.
 
-*Cached strategy*: when the cost matrices fit :func:`otkernels.backends.cache_budget` on a
-CPU tensor, they are computed once and every pass reads tiles from them (the loop reuses
+*Cached strategy*: the cost matrices that fit :func:`otkernels.backends.cache_budget` on a
+CPU tensor (greedily, ``C_xy`` first, then ``C_xx``, ``C_yy``) are computed once and every pass reads tiles from them (the loop reuses
 them ~60 times; recomputing a 10k×10k×128 GEMM costs more than reading 400 MB).  The
 column reduction of a symmetric cost reads the same matrix transposed, so ``C_xy`` and
 ``C_yx`` share one cache.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cache_budget
+from . import cache_budget, cache_plan
 
 NAME = "blocked"
 TILE = 1 << 18  # elements in one (B, rows, cols) tile: ~1 MB in float32, fits L2
@@ -165,32 +165,34 @@ def dense_cost(x, y, cost):
     return C
 
 
-def _use_cache(x, y, cost, debias, cache):
-    if cache is not None:
-        return bool(cache)
-    if x.device.type != "cpu":  # on GPUs recomputing tiles beats reading a cached cost
-        return False
-    B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    n = N * M * (1 if cost.symmetric else 2) + ((N * N + M * M) if debias else 0)
-    return B * n * x.element_size() <= cache_budget()
-
-
 def cost_handles(x, y, cost, debias=True, cache=None):
-    """``(C_xy, C_yx, C_xx, C_yy)`` handles; ``cache`` None = decide by the memory budget."""
-    if not _use_cache(x, y, cost, debias, cache):
-        C_xx, C_yy = (BlockedCost(x, x, cost), BlockedCost(y, y, cost)) if debias else (None, None)
-        return BlockedCost(x, y, cost), BlockedCost(y, x, cost), C_xx, C_yy
+    """``(C_xy, C_yx, C_xx, C_yy)`` handles; ``cache`` None = decide by the memory budget
+    (:func:`otkernels.backends.cache_plan`: ``C_xy`` first, then ``C_xx``, ``C_yy``; never on
+    GPUs, where recomputing tiles beats reading a cached cost)."""
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    item = x.element_size()
+    sizes = [B * N * M * item * (1 if cost.symmetric else 2)]
+    sizes += [B * N * N * item, B * M * M * item] if debias else []
+    if cache is None and x.device.type != "cpu":
+        cache = False
+    plan = cache_plan(sizes, cache)
     xd, yd = x.detach(), y.detach()
-    K_xy = dense_cost(xd, yd, cost)
-    C_xy = BlockedCost(x, y, cost, cache=K_xy)
-    if cost.symmetric:
-        C_yx = BlockedCost(y, x, cost, cache=K_xy, transpose=True)
+
+    def handle(a, b, ad, bd, cached):
+        return BlockedCost(a, b, cost, cache=dense_cost(ad, bd, cost) if cached else None)
+
+    if plan[0]:
+        K_xy = dense_cost(xd, yd, cost)
+        C_xy = BlockedCost(x, y, cost, cache=K_xy)
+        if cost.symmetric:  # the column reduction reads C_xy transposed
+            C_yx = BlockedCost(y, x, cost, cache=K_xy, transpose=True)
+        else:
+            C_yx = BlockedCost(y, x, cost, cache=dense_cost(yd, xd, cost))
     else:
-        C_yx = BlockedCost(y, x, cost, cache=dense_cost(yd, xd, cost))
+        C_xy, C_yx = BlockedCost(x, y, cost), BlockedCost(y, x, cost)
     C_xx = C_yy = None
     if debias:
-        C_xx = BlockedCost(x, x, cost, cache=dense_cost(xd, xd, cost))
-        C_yy = BlockedCost(y, y, cost, cache=dense_cost(yd, yd, cost))
+        C_xx, C_yy = handle(x, x, xd, xd, plan[1]), handle(y, y, yd, yd, plan[2])
     return C_xy, C_yx, C_xx, C_yy
 
 

@@ -15,9 +15,10 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
   ``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)`` in one pass (never builds P); kernel sums and their
   gradients; argmax ⟨x, y⟩ + h / argmin |x − y|² + h.  float32 and float64; exp arguments are
   clamped (−86 / −700) and every thread flushes denormals, so no denormal slow path.
-* **Cached strategy.**  When the cost matrices fit :func:`otkernels.backends.cache_budget`
-  they are computed once (one GEMM) and each of the ~60 passes of the Sinkhorn loop reads
-  them; otherwise tiles are recomputed.  C_xy and C_yx share one matrix (column reductions
+* **Cached strategy.**  The cost matrices that fit :func:`otkernels.backends.cache_budget`
+  (greedily: ``C_xy`` first, which serves two of the four reductions per iteration, then
+  ``C_xx``, ``C_yy``; :func:`otkernels.backends.cache_plan`) are computed once (one GEMM) and
+  each of the ~60 passes of the Sinkhorn loop reads them; the others recompute tiles.  C_xy and C_yx share one matrix (column reductions
   read it in place).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
   through a pool (:func:`set_pool_limit`, :func:`empty_cache`): page faults on 1.2 GB of
   fresh memory cost more than the GEMMs that fill it.
@@ -43,7 +44,7 @@ import warnings
 
 import torch
 
-from . import cache_budget
+from . import cache_budget, cache_plan
 
 NAME = "native"
 FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
@@ -384,14 +385,6 @@ def _cache_dtype(dtype):
     return table[name]
 
 
-def _use_cache(x, y, cost, debias, cache, item):
-    if cache is not None:
-        return bool(cache)
-    B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    n = N * M + ((N * N + M * M) if debias else 0)  # C_xy and C_yx share one matrix
-    return B * n * item <= cache_budget()
-
-
 def _handled(x, y, cost):
     return cost.builtin and cost.p in (1, 2) and supports(x, y) and x.dim() == 3 and _load() is not None
 
@@ -404,16 +397,20 @@ def cost_handles(x, y, cost, debias=True, cache=None):
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
     cdt = _cache_dtype(x.dtype)
     item = torch.empty((), dtype=cdt).element_size()
-    if not _use_cache(x, y, cost, debias, cache, item):
-        C_xx, C_yy = (NativeCost(x, x, cost), NativeCost(y, y, cost)) if debias else (None, None)
-        return NativeCost(x, y, cost), NativeCost(y, x, cost), C_xx, C_yy
-    K, s = cost_matrix(x, y, cost.p, cdt)
-    C_xy = NativeCost(x, y, cost, cache=K, scale=s)
-    C_yx = NativeCost(y, x, cost, cache=K, scale=s, transpose=True)
-    C_xx = C_yy = None
-    if debias:
-        C_xx = NativeCost(x, x, cost, *cost_matrix(x, x, cost.p, cdt))
-        C_yy = NativeCost(y, y, cost, *cost_matrix(y, y, cost.p, cdt))
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    sizes = [B * N * M * item] + ([B * N * N * item, B * M * M * item] if debias else [])
+    plan = cache_plan(sizes, cache)
+
+    def handle(a, b, cached):
+        return NativeCost(a, b, cost, *cost_matrix(a, b, cost.p, cdt)) if cached else NativeCost(a, b, cost)
+
+    if plan[0]:  # C_yx reads C_xy transposed
+        K, s = cost_matrix(x, y, cost.p, cdt)
+        C_xy = NativeCost(x, y, cost, cache=K, scale=s)
+        C_yx = NativeCost(y, x, cost, cache=K, scale=s, transpose=True)
+    else:
+        C_xy, C_yx = NativeCost(x, y, cost), NativeCost(y, x, cost)
+    C_xx, C_yy = (handle(x, x, plan[1]), handle(y, y, plan[2])) if debias else (None, None)
     return C_xy, C_yx, C_xx, C_yy
 
 

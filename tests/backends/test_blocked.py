@@ -206,33 +206,45 @@ def test_kernel_sum(small_tiles, dtype, B, kernel):
 
 
 # ----------------------------------------------------------------------------- cache decision
+@pytest.mark.parametrize("name", ["blocked", "native"])
 @pytest.mark.parametrize("loss,kw", [("sinkhorn", dict(p=2)), ("sinkhorn", dict(p=1, reach=0.5)),
                                      ("hausdorff", dict(p=2))])
-def test_cache_decision_same_result(monkeypatch, small_tiles, loss, kw):
+def test_cache_decision_same_result(monkeypatch, small_tiles, name, loss, kw):
+    """No cache, only C_xy (what a budget between N·M and N·M + N² buys), every cost: the same
+    values and gradients; the plan caches C_xy first, then C_xx, then C_yy."""
+    ok, why = backends.available()[name]
+    if not ok:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    module = backends.get(name)
     x, y = make(1, 60, 45, 3, torch.float64, seed=12)
     x, y = x[0], y[0]
     N, M = 60, 45
-    assert blocked._use_cache(x[None], y[None], Cost(2), True, None)  # default budget: fits
+    monkeypatch.setattr(backends, "_budget", None)
+    xy, xx, yy = N * M * 8, N * N * 8, M * M * 8
+    plans = {0: [False] * 3, xy: [True, False, False], xy + yy - 1: [True, False, False],
+             xy + xx - 1: [True, False, True], xy + xx: [True, True, False], xy + xx + yy: [True] * 3, 1 << 40: [True] * 3}
     out = {}
-    for budget in (0, 1 << 40):
-        monkeypatch.setattr(backends, "_budget", None)
+    for budget, want in plans.items():
         backends.set_cache_budget(budget)
         assert backends.cache_budget() == budget
-        handles = blocked.cost_handles(x[None], y[None], Cost(2), debias=True)
-        assert all((h.cache is None) == (budget == 0) for h in handles), f"budget {budget}"
+        assert backends.cache_plan([xy, xx, yy]) == want, f"budget {budget}"
+        h_xy, h_yx, h_xx, h_yy = module.cost_handles(x[None], y[None], Cost(2), debias=True)
+        got = [h_xy.cache is not None, h_xx.cache is not None, h_yy.cache is not None]
+        assert got == want, f"budget {budget}: cached {got}, planned {want}"
+        assert (h_yx.cache is not None) == want[0]
         leaves = [t.clone().requires_grad_() for t in (x, y)]
-        v = otkernels.SamplesLoss(loss, blur=0.2, backend="blocked", **kw)(*leaves)
+        v = otkernels.SamplesLoss(loss, blur=0.2, backend=name, **kw)(*leaves)
         out[budget] = (v.detach(), *torch.autograd.grad(v, leaves))
     backends.set_cache_budget(None)
-    for name, a, b in zip(("value", "grad x", "grad y"), out[0], out[1 << 40]):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
-    # the budget is compared with what the caches need (here, 4 float64 matrices)
-    need = (N * M + N * N + M * M) * 8
-    backends.set_cache_budget(need)
-    assert blocked._use_cache(x[None], y[None], Cost(2), True, None)
-    backends.set_cache_budget(need - 1)
-    assert not blocked._use_cache(x[None], y[None], Cost(2), True, None)
-    backends.set_cache_budget(None)
+    for budget in plans:
+        for what, a, b in zip(("value", "grad x", "grad y"), out[0], out[budget]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m: f"budget {budget}, {what}: {m}")
+
+
+def test_cache_plan_forced():
+    assert backends.cache_plan([10, 20], cache=True) == [True, True]
+    assert backends.cache_plan([10, 20], cache=False) == [False, False]
 
 
 def test_cache_budget_env(monkeypatch):
