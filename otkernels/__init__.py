@@ -10,4 +10,13 @@ from . import backends
 from .samples_loss import SamplesLoss
 
 __version__ = "0.1.0"
-__all__ = ["SamplesLoss", "backends", "__version__"]
+__all__ = ["SamplesLoss", "backends", "metrics", "semidiscrete", "assign", "__version__"]
+
+
+def __getattr__(name):
+    """``otkernels.metrics``, ``otkernels.semidiscrete``, ``otkernels.assign`` import on first
+    use (metrics pulls in scipy)."""
+    if name in ("metrics", "semidiscrete", "assign"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'otkernels' has no attribute {name!r}")
