@@ -92,11 +92,12 @@ class OTLoss:
         self.space, self.net, self.squash = space, feature_net, squash
 
     def __call__(self, x0_hat: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        x = x0_hat.float().clamp(-1, 1) if self.squash == "clamp" else torch.tanh(x0_hat.float())
-        ref = ref.float()
-        if self.space == "feature":
-            x, ref = self.net.embed(x), self.net.embed(ref).detach()
-        return self.loss(x.flatten(1), ref.flatten(1))
+        with torch.autocast(x0_hat.device.type, enabled=False):  # Sinkhorn in float32, even under AMP
+            x = x0_hat.float().clamp(-1, 1) if self.squash == "clamp" else torch.tanh(x0_hat.float())
+            ref = ref.float()
+            if self.space == "feature":
+                x, ref = self.net.embed(x), self.net.embed(ref).detach()
+            return self.loss(x.flatten(1), ref.flatten(1))
 
 
 class ReferencePool:
