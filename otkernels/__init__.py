@@ -8,6 +8,7 @@
 """
 from . import backends
 from .samples_loss import SamplesLoss
+from .semidiscrete import SemiDiscreteOT
 
 __version__ = "0.1.0"
 __all__ = ["SamplesLoss", "backends", "metrics", "semidiscrete", "assign", "__version__"]

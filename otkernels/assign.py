@@ -11,9 +11,11 @@ are ``|x|² + |y|² − 2⟨x, y⟩`` clamped at 0 (the native kernels compute t
 D ≤ 8).  No gradient flows through these functions: differentiate the value at the returned
 indices instead, e.g. ``(x * y[idx]).sum(-1) + h[idx]``.
 
-``backend``: ``"auto"`` (the native kernels for float32/float64 CPU tensors when the
-extension is available, else torch), ``"native"`` or ``"torch"`` (blocked over y: memory
-O(N·block + M·D)).
+``backend``: ``"auto"`` (CUDA tensors: the Triton kernels when Triton is installed; CPU
+float32/float64 tensors: the native kernels when the extension is available; else torch),
+``"native"``, ``"triton"`` (CUDA tensors compiled; CPU tensors in Triton's interpreter, slow:
+for tests) or ``"torch"`` (blocked over y: memory O(N·block + M·D)).  ``OTKERNELS_DISABLE``
+turns ``native``/``triton`` off for ``auto`` as for the Sinkhorn backends.
 """
 from __future__ import annotations
 
@@ -52,15 +54,40 @@ def _prepare(x, y, h):
 
 
 def _use_native(backend, x):
-    if backend == "torch":
+    if backend not in ("auto", "native"):
         return False
-    from .backends import native
+    from .backends import _disabled, native
 
+    if backend == "auto" and "native" in _disabled():
+        return False
     ok = native.supports(x) and native._load() is not None
     if backend == "native" and not ok:
         why = native.info().get("unavailable") or f"needs float32/float64 CPU tensors, got {x.dtype} on {x.device}"
         raise ValueError(f"backend='native' cannot run this: {why}")
     return ok
+
+
+def _use_triton(backend, x):
+    """Explicit ``"triton"`` (any device: CPU runs in the interpreter), or ``"auto"`` on CUDA."""
+    if backend not in ("auto", "triton") or (backend == "auto" and x.device.type != "cuda"):
+        return False
+    from .backends import _disabled
+    from .backends import triton as tb
+
+    if backend == "auto" and "triton" in _disabled():
+        return False
+    if not tb.HAS_TRITON:
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this: {tb.available()[1]}")
+        return False
+    return True
+
+
+def _triton(x, y, h, mode):
+    from .backends.triton import ops
+
+    v, i = ops.argminmax_rows(x, y, h, "dot" if mode == 0 else "sqdist", maximize=mode == 0)
+    return v.to(x.dtype), i
 
 
 @torch.no_grad()
@@ -89,10 +116,12 @@ def _torch_blocked(x, y, h, mode):
 
 
 def _run(x, y, h, mode, backend):
-    if backend not in ("auto", "native", "torch"):
-        raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
+    if backend not in ("auto", "native", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'native', 'triton' or 'torch', got {backend!r}")
     batched, xb, yb, hb = _prepare(x, y, h)
-    if _use_native(backend, xb):
+    if _use_triton(backend, xb):
+        v, i = _triton(xb, yb, hb, mode)
+    elif _use_native(backend, xb):
         from .backends import native
 
         v, i = (native.argmax_inner if mode == 0 else native.argmin_sqdist)(xb, yb, hb)
