@@ -54,13 +54,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import time
 import warnings
 
 import torch
 
 from . import assign
+from ._io import atomic_torch_save
 
 __all__ = ["SemiDiscreteOT"]
 
@@ -514,19 +514,7 @@ class SemiDiscreteOT:
                  "qmc": self._qmc, "seed": self.seed}
         if include_targets:
             state["target_points"] = self.targets.detach().cpu()
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_torch_save(state, path)
 
     @classmethod
     def load(cls, path, targets=None, source=None, backend="auto", strict=True):
