@@ -211,6 +211,34 @@ at::Tensor softmin_online(const at::Tensor& x, const at::Tensor& y, const at::Te
   return out;
 }
 
+std::vector<at::Tensor> softmin_online_two(const at::Tensor& x, const at::Tensor& y, const at::Tensor& hr,
+                                           const at::Tensor& hc, double eps, int64_t p, bool sym) {
+  auto dt = compute_type(x);
+  check_points(x, "x", dt);
+  check_points(y, "y", dt);
+  const i64 B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
+  TORCH_CHECK(y.size(0) == B && y.size(2) == D, "otkernels native: x ", x.sizes(), " and y ", y.sizes(), " mismatch");
+  TORCH_CHECK(D > otk::DIRECT_MAX_D, "otkernels native: softmin_online_two needs D > ", otk::DIRECT_MAX_D);
+  TORCH_CHECK(!sym || (N == M && x.data_ptr() == y.data_ptr()), "otkernels native: sym needs y = x");
+  check_vec(hr, "hr", dt, B, M);
+  check_vec(hc, "hc", dt, B, N);
+  TORCH_CHECK(p == 1 || p == 2, "otkernels native: p must be 1 or 2");
+  TORCH_CHECK(eps > 0, "otkernels native: eps must be > 0");
+  at::Tensor out_r = at::empty({B, N}, x.options());
+  at::Tensor out_c = at::empty({B, sym ? 0 : M}, x.options());
+  const int nt = threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    if (dt == at::kDouble)
+      otk::softmin_online_two<double>(ptr<double>(x), ptr<double>(y), ptr<double>(hr), ptr<double>(hc),
+                                      mptr<double>(out_r), mptr<double>(out_c), B, N, M, D, int(p), eps, sym, nt);
+    else
+      otk::softmin_online_two<float>(ptr<float>(x), ptr<float>(y), ptr<float>(hr), ptr<float>(hc),
+                                     mptr<float>(out_r), mptr<float>(out_c), B, N, M, D, int(p), eps, sym, nt);
+  }
+  return {out_r, out_c};
+}
+
 void check_grad_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& f,
                      const at::Tensor& g, const c10::optional<at::Tensor>& s, at::ScalarType dt) {
   check_points(a, "a", dt);
@@ -358,6 +386,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cost_matrix", &cost_matrix, "fill a (B,N,M) cost cache");
   m.def("softmin_cached", &softmin_cached, "log Σ exp(h − C/ε) over the rows (or columns) of a cached C");
   m.def("softmin_online", &softmin_online, "log Σ_j exp(h_j − C(x_i, y_j)/ε), C computed on the fly");
+  m.def("softmin_online_two", &softmin_online_two,
+        "rows and columns log-sum-exp of one Sinkhorn iteration from shared GEMM tiles (sym: y = x, triangle)");
   m.def("grad_cached", &grad_cached, "Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C, cached C");
   m.def("grad_online", &grad_online, "the same with C computed on the fly");
   m.def("kernel_sum", &kernel_sum);

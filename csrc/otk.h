@@ -335,6 +335,12 @@ void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i6
 template <typename T>
 void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i64 M, i64 D, int p,
                     double eps, int nt);
+// both reductions of one Sinkhorn iteration from the same GEMM tiles (D > DIRECT_MAX_D):
+// out_r (B,N) = log Σ_j exp(hr_j − C_ij/ε) (hr (B,M)) and out_c (B,M) = log Σ_i exp(hc_i − C_ij/ε)
+// (hc (B,N)); sym: y = x, hc = hr, out_c unused, only the upper-triangle tiles are computed.
+template <typename T>
+void softmin_online_two(const T* x, const T* y, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N,
+                        i64 M, i64 D, int p, double eps, bool sym, int nt);
 
 // grad (B,Na,D) = Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C(a_i, b_j), a (B,Na,D) the
 // first cloud, b (B,Nb,D) the second; h, s (B,Nb); f, g (B,Na); s may be null (= 1).

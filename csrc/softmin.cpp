@@ -281,6 +281,130 @@ void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i6
   else softmin_online_p<T, 2>(x, y, h, out, B, N, M, D, eps, nt);
 }
 
+// ----------------------------------------------------------------------------- online, two ways
+// One GEMM tile of C(x, y) feeds both reductions of a Sinkhorn iteration (they use the same
+// old potentials): the rows, out_r (B,N) = log Σ_j exp(hr_j − C_ij/ε), and the columns,
+// out_c (B,M) = log Σ_i exp(hc_i − C_ij/ε) — half the GEMM work of two passes.  sym (y = x,
+// hc = hr, out_c unused): only the tiles on and above the diagonal are computed; a tile
+// right of the diagonal block gives its rows' sums and, through its columns, the sums of the
+// rows it mirrors.  Column states are kept per thread (B·M running max / sum each) and merged
+// at the end with the row results.  GEMM tiles only (D > DIRECT_MAX_D).
+
+// Column update of RB tile rows (loaders ld[r], row terms hc[r]) over w columns.
+template <int RB, typename T, typename L>
+inline void cols_tile(const L* ld, const T* hc, i64 w, T inv, T* mm, T* ss) {
+  constexpr int n = VT<T>::N;
+  const vec<T> ie = vset(-inv), ninf = vset(neg_inf<T>());
+  for (i64 j = 0; j < w; j += n) {
+    const int lanes = int(std::min<i64>(n, w - j));
+    vec<T> t[RB];
+    vec<T> mx = ninf;
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      t[r] = vfma(lanes == n ? ld[r].at(j) : ld[r].tail(j, lanes), ie, vset(hc[r]));
+      mx = vmax(mx, t[r]);
+    }
+    vec<T> mo = lanes == n ? vload(mm + j) : vload_part(mm + j, lanes, neg_inf<T>());
+    vec<T> so = lanes == n ? vload(ss + j) : vload_part(ss + j, lanes, T(0));
+    const vec<T> mn = vmax(mo, mx);
+    so *= vexp_le0(select(mo > ninf, mo - mn, ninf));
+    vec<T> acc = vset(T(0));
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) acc += vexp_le0(t[r] - mn);
+    so += select(mn > ninf, acc, vset(T(0)));
+    if (lanes == n) {
+      vstore(mm + j, mn);
+      vstore(ss + j, so);
+    } else {
+      vstore_part(mm + j, mn, lanes);
+      vstore_part(ss + j, so, lanes);
+    }
+  }
+}
+
+// log(exp(a) + Σ_t s_t exp(m_t)) over the per-thread states (m, s) at offset k (stride len).
+template <typename T>
+inline T merge_lse(T a, const std::vector<T>& m, const std::vector<T>& s, size_t k, size_t len, int threads) {
+  double top = double(a);
+  for (int t = 0; t < threads; ++t)
+    if (s[t * len + k] > T(0)) top = std::max(top, double(m[t * len + k]));
+  if (!(top > -std::numeric_limits<double>::infinity())) return neg_inf<T>();
+  double sum = a > neg_inf<T>() ? std::exp(double(a) - top) : 0.0;
+  for (int t = 0; t < threads; ++t)
+    if (s[t * len + k] > T(0)) sum += double(s[t * len + k]) * std::exp(double(m[t * len + k]) - top);
+  return T(top + std::log(sum));
+}
+
+template <typename T, int P>
+static void softmin_online_two_p(const T* x, const T* y, const T* hr, const T* hc, T* out_r, T* out_c, i64 B,
+                                 i64 N, i64 M, i64 D, double eps, bool sym, int nt) {
+  const T half = P == 2 ? T(0.5) : T(1);
+  const T inv = T(1.0 / eps);
+  ColumnTerms<T> ct(y, B, M, D, false, true, half);
+  const i64 R = rows_per_task(B, N, nt, ROWS), nblk = ceil_div(N, R), ntask = B * nblk;
+  const int threads = int(std::max<i64>(1, std::min<i64>(num_threads_or(nt), ntask)));
+  const size_t len = size_t(B * M);
+  std::vector<T> cm(size_t(threads) * len, neg_inf<T>()), cs(size_t(threads) * len, T(0));
+  typedef CostRow<T, P, GemmRow<T>, false> Ld;
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals fd;
+    BlasOneThread bo;
+    const int tid = omp_get_thread_num();
+    T* mt = cm.data() + size_t(tid) * len;
+    T* st_ = cs.data() + size_t(tid) * len;
+    std::vector<T> G(size_t(R * COLS));
+#pragma omp for schedule(dynamic, 1)
+    for (i64 task = 0; task < ntask; ++task) {
+      const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
+      const T* xq = x + q * N * D;
+      const T* yq = y + q * M * D;
+      const T* hrq = hr + q * M;
+      const T* hcq = hc + q * N;
+      const T* hb = ct.hb.data() + q * M;
+      RowLse<T> st[ROWS];
+      T ha[ROWS];
+      sqnorms(xq + i0 * D, i1 - i0, D, half, ha);
+      for (i64 j0 = sym ? i0 : 0; j0 < M; j0 += COLS) {
+        const i64 W = std::min<i64>(COLS, M - j0);
+        gemm(false, true, i1 - i0, W, D, T(P == 2 ? 1 : 2), xq + i0 * D, D, yq + j0 * D, D, T(0), G.data(), W);
+        for (i64 i = i0; i < i1; ++i) {
+          Ld ld{GemmRow<T>{G.data() + (i - i0) * W, hb + j0, ha[i - i0]}};
+          lse_update(ld, W, hrq + j0, inv, st[i - i0]);
+        }
+        const i64 c0 = sym ? std::max<i64>(0, i1 - j0) : 0;  // sym: the diagonal block is rows only
+        if (c0 >= W) continue;
+        T* mq = mt + q * M + j0 + c0;
+        T* sq = st_ + q * M + j0 + c0;
+        i64 r = i0;
+        for (; r + 16 <= i1; r += 16) {
+          Ld lds[16];
+          for (int k = 0; k < 16; ++k)
+            lds[k] = Ld{GemmRow<T>{G.data() + (r + k - i0) * W + c0, hb + j0 + c0, ha[r + k - i0]}};
+          cols_tile<16>(lds, hcq + r, W - c0, inv, mq, sq);
+        }
+        for (; r < i1; ++r) {
+          Ld l1{GemmRow<T>{G.data() + (r - i0) * W + c0, hb + j0 + c0, ha[r - i0]}};
+          cols_tile<1>(&l1, hcq + r, W - c0, inv, mq, sq);
+        }
+      }
+      for (i64 i = i0; i < i1; ++i) out_r[q * N + i] = lse_out(st[i - i0]);
+    }
+  }
+  if (sym) {
+    for (i64 k = 0; k < B * N; ++k) out_r[k] = merge_lse(out_r[k], cm, cs, size_t(k), len, threads);
+  } else {
+    for (i64 k = 0; k < B * M; ++k) out_c[k] = merge_lse(neg_inf<T>(), cm, cs, size_t(k), len, threads);
+  }
+}
+
+template <typename T>
+void softmin_online_two(const T* x, const T* y, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N,
+                        i64 M, i64 D, int p, double eps, bool sym, int nt) {
+  if (p == 1) softmin_online_two_p<T, 1>(x, y, hr, hc, out_r, out_c, B, N, M, D, eps, sym, nt);
+  else softmin_online_two_p<T, 2>(x, y, hr, hc, out_r, out_c, B, N, M, D, eps, sym, nt);
+}
+
 // ----------------------------------------------------------------------------- instances
 #define OTK_SOFTMIN_CACHED(T, S)                                                                        \
   template void cost_matrix<T, S>(const T*, const T*, S*, i64, i64, i64, i64, int, T, int);            \
@@ -293,5 +417,10 @@ template void softmin_online<float>(const float*, const float*, const float*, fl
                                     double, int);
 template void softmin_online<double>(const double*, const double*, const double*, double*, i64, i64, i64, i64,
                                      int, double, int);
+
+template void softmin_online_two<float>(const float*, const float*, const float*, const float*, float*, float*,
+                                        i64, i64, i64, i64, int, double, bool, int);
+template void softmin_online_two<double>(const double*, const double*, const double*, const double*, double*,
+                                         double*, i64, i64, i64, i64, int, double, bool, int);
 
 }  // namespace otk

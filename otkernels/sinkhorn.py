@@ -49,15 +49,18 @@ def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> Li
 
 def sinkhorn_pair(C_xy, C_yx, a_log, b_log, eps_list, rho, grad=True):
     """OT_ε(α, β): returns the potentials ``(f_ba (B,N), g_ab (B,M))`` after the last extrapolation."""
+    def both(eps, hb, ha):  # the two updates use the same old potentials: one pass if possible
+        two = C_xy.softmin_two(eps, hb, ha) if hasattr(C_xy, "softmin_two") else None
+        return two if two is not None else (C_xy.softmin(eps, hb), C_yx.softmin(eps, ha))
+
     with torch.no_grad():
         lam = dampening(eps_list[0], rho)
-        g_ab = lam * C_yx.softmin(eps_list[0], a_log)
-        f_ba = lam * C_xy.softmin(eps_list[0], b_log)
+        f_ba, g_ab = both(eps_list[0], b_log, a_log)
+        f_ba, g_ab = lam * f_ba, lam * g_ab
         for eps in eps_list:
             lam = dampening(eps, rho)
-            ft_ba = lam * C_xy.softmin(eps, b_log + g_ab / eps)
-            gt_ab = lam * C_yx.softmin(eps, a_log + f_ba / eps)
-            f_ba, g_ab = 0.5 * (f_ba + ft_ba), 0.5 * (g_ab + gt_ab)
+            ft_ba, gt_ab = both(eps, b_log + g_ab / eps, a_log + f_ba / eps)
+            f_ba, g_ab = 0.5 * (f_ba + lam * ft_ba), 0.5 * (g_ab + lam * gt_ab)
     eps = eps_list[-1]
     sm = "softmin_grad" if grad else "softmin"
     hb, ha = (b_log + g_ab / eps).detach(), (a_log + f_ba / eps).detach()

@@ -14,18 +14,19 @@ from otkernels import backends
 # OTKERNELS_TEST_THREADS=n to change it.
 torch.set_num_threads(int(os.environ.get("OTKERNELS_TEST_THREADS", "1")))
 
-BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute", "native", "triton", "keops"]
+BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute", "native", "native-recompute", "triton", "keops"]
 
 
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request, monkeypatch):
-    """Backend name to pass to SamplesLoss; 'blocked-recompute' is 'blocked' without the cost cache."""
+    """Backend name to pass to SamplesLoss; '<name>-recompute' is that backend without the cost
+    cache (tiles computed on the fly in every pass)."""
     name = request.param
-    base = "blocked" if name.startswith("blocked") else name
+    base = name.split("-")[0]
     ok, why = backends.available()[base]
     if not ok:
         pytest.skip(f"backend {base} unavailable: {why}")
-    if name == "blocked-recompute":
+    if name.endswith("-recompute"):
         monkeypatch.setattr(backends, "_budget", 0)
     return base
 

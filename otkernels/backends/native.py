@@ -47,6 +47,7 @@ import torch
 from . import cache_budget, cache_plan
 
 NAME = "native"
+DIRECT_MAX_D = 8  # csrc/otk.h: D ≤ this computes distances directly (no GEMM tiles)
 FLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
 KERNELS = {"gaussian": 0, "laplacian": 1, "energy": 2}
@@ -253,6 +254,21 @@ def lse_online(x, y, h, eps, p):
     return _ext().softmin_online(x, y, h, float(eps), int(p))
 
 
+def lse_online_two(x, y, hr, hc, eps, p, sym=False):
+    """Both log-sum-exps of a Sinkhorn iteration from shared GEMM tiles (D > 8):
+    ``(log Σ_j exp(hr_j − C_ij/ε) (B,N), log Σ_i exp(hc_i − C_ij/ε) (B,M))``; ``sym`` (y is x,
+    hc = hr): the first only, from the tiles on and above the diagonal (half the GEMM work).
+    None when the extension has no such kernel (an older build) or D ≤ 8."""
+    ext = _ext()
+    if not hasattr(ext, "softmin_online_two") or x.shape[-1] <= DIRECT_MAX_D:
+        return None
+    x, y = _pair(x, y)
+    hr = _vec("hr", hr, x.shape[0], y.shape[1], x.dtype)
+    hc = hr if sym else _vec("hc", hc, x.shape[0], x.shape[1], x.dtype)
+    out_r, out_c = ext.softmin_online_two(x, x if sym else y, hr, hc, float(eps), int(p), bool(sym))
+    return (out_r, None) if sym else (out_r, out_c)
+
+
 def softmin_cached(C, scale, transpose, h, eps):
     """``−ε log Σ exp(h − C/ε)``: see :func:`lse_cached`."""
     return lse_cached(C, scale, transpose, h, eps).mul_(-float(eps))
@@ -329,16 +345,31 @@ class NativeCost:
         self.x, self.cost, self.p = x, cost, cost.p
         self.xd, self.y = _pair(x, y)
         self.cache, self.scale, self.transpose = cache, scale, transpose
+        self.sym = x is y  # C(x, x): symmetric, the online pass computes half of the tiles
 
     def lse(self, eps, h):
         """log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N)."""
         if self.cache is None:
+            if self.sym:
+                two = lse_online_two(self.xd, self.xd, h, None, eps, self.p, sym=True)
+                if two is not None:
+                    return two[0]
             return lse_online(self.xd, self.y, h, eps, self.p)
         return lse_cached(self.cache, self.scale, self.transpose, h, eps)
 
     def softmin(self, eps, h):
         """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient."""
         return self.lse(eps, h).mul_(-float(eps))
+
+    def softmin_two(self, eps, h, h_t):
+        """This softmin (h (B,M) -> (B,N)) and its transpose's (h_t (B,N) -> (B,M)) from one
+        set of GEMM tiles, or None (cached cost, D ≤ 8): Sinkhorn's two updates of an iteration."""
+        if self.cache is not None or self.sym:
+            return None
+        two = lse_online_two(self.xd, self.y, h, h_t, eps, self.p)
+        if two is None:
+            return None
+        return two[0].mul_(-float(eps)), two[1].mul_(-float(eps))
 
     def softmin_grad(self, eps, h):
         """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` in one fused pass."""

@@ -148,6 +148,45 @@ def test_softmin_columns(shape, dtype, p):
     assert_rel(out, ref, tol(dtype), "softmin columns")
 
 
+TWO_SHAPES = [(1, 64, 513, 20), (2, 33, 1030, 9), (1, 300, 257, 17), (3, 70, 70, 128), (1, 517, 517, 10)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", TWO_SHAPES, ids=[f"B{b}N{n}M{m}D{d}" for b, n, m, d in TWO_SHAPES])
+def test_softmin_two(shape, dtype, p, threads):
+    """Rows and columns from shared GEMM tiles (and the symmetric triangle) vs the dense
+    float64 log-sum-exp; several tasks per thread, ragged tiles, zero weights."""
+    B, N, M, D = shape
+    x, y = make(B, N, M, D, dtype)
+    hr, hc = log_weights(B, M, dtype), log_weights(B, N, dtype, seed=2)
+    eps = eps_for(D)
+    C = exact_cost(x, y, p)
+    ref_r = (hr.double()[:, None, :] - C / eps).logsumexp(2)
+    ref_c = (hc.double()[:, :, None] - C / eps).logsumexp(1)
+    ref_s = (hc.double()[:, None, :] - exact_cost(x, x, p) / eps).logsumexp(2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        r, c = native.lse_online_two(x, y, hr, hc, eps, p)
+        s, none = native.lse_online_two(x, x, hc, None, eps, p, sym=True)
+    finally:
+        torch.set_num_threads(old)
+    assert none is None and r.dtype == c.dtype == s.dtype == dtype
+    if dtype == torch.float32 and p == 1:  # |x_i − x_i| from a float32 GEMM: √(rounding) ≈ 1e-3,
+        ref_s = native.lse_online(x, x, hc, eps, p).double()  # the one-way kernel's (and geomloss's) error
+    for what, got, ref in (("rows", r, ref_r), ("columns", c, ref_c), ("sym", s, ref_s)):
+        assert_rel(-eps * got, -eps * ref, tol(dtype), f"softmin two {what}")
+
+
+def test_softmin_two_small_d_declines():
+    """D ≤ 8 computes distances directly: no shared-tile kernel, the caller makes two passes."""
+    x, y = make(1, 20, 30, 8, torch.float64)
+    assert native.lse_online_two(x, y, torch.zeros(1, 30, dtype=torch.float64),
+                                 torch.zeros(1, 20, dtype=torch.float64), 1.0, 2) is None
+
+
 def test_softmin_all_zero_weights_but_one():
     x, y = make(1, 20, 300, 3, torch.float64)
     h = torch.full((1, 300), ZERO, dtype=torch.float64)
