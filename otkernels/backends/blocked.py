@@ -25,6 +25,7 @@ from . import cache_budget, cache_plan
 NAME = "blocked"
 TILE = 1 << 18  # elements in one (B, rows, cols) tile: ~1 MB in float32, fits L2
 MAX_COLS = 8192
+TWO_MIN_D = 8  # softmin_two shares a tile between the two Sinkhorn updates only above this D
 
 
 def available():
@@ -108,6 +109,42 @@ class BlockedCost:
     def softmin(self, eps, h):
         """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N)."""
         return self.lse(eps, h).mul_(-eps)
+
+    @torch.no_grad()
+    def softmin_two(self, eps, h, h_t):
+        """This softmin (h (B,M) -> (B,N)) and its transpose's, ``−ε log Σ_i exp(h_t_i −
+        C_ij/ε)`` (h_t (B,N) -> (B,M)), from one computation of each tile — the two Sinkhorn
+        updates of an iteration.  None when the cost is cached (reading it twice is cheap),
+        not symmetric, or D ≤ 8 (measured, 4k×4k, one thread: 1.45× faster at D=128 where
+        the tile's GEMM dominates, 0.89× at D=3 where the extra column passes do)."""
+        if self.cache is not None or not self.cost.symmetric or self.x.shape[-1] <= TWO_MIN_D:
+            return None
+        B, N, M = self.x.shape[0], self.x.shape[1], self.y.shape[1]
+        out = h.new_empty(B, N)
+        floor = _exp_floor(h.dtype)
+        cm = h.new_full((B, M), float("-inf"))  # running column max and sum
+        cs = h.new_zeros(B, M)
+        for i0, i1 in _blocks(N, self.bn):
+            mx = s = None
+            for j0, j1 in _blocks(M, self.bm):
+                C = self.cost(self.xd[:, i0:i1], self.y[:, j0:j1]).mul_(-1.0 / eps)  # −C/ε
+                t = C + h[:, None, j0:j1]
+                tmax = t.amax(2, keepdim=True)
+                if mx is None:
+                    mx = tmax
+                else:
+                    new = torch.maximum(mx, tmax)
+                    s.mul_((mx - new).exp_())
+                    mx = new
+                ts = t.sub_(mx).clamp_(min=floor).exp_().sum(2, keepdim=True)
+                s = ts if s is None else s.add_(ts)
+                u = C.add_(h_t[:, i0:i1, None])  # columns: h_t_i − C_ij/ε
+                old, new = cm[:, j0:j1], torch.maximum(cm[:, j0:j1], u.amax(1))
+                cs[:, j0:j1].mul_((old - new).clamp_(min=floor).exp_())
+                cs[:, j0:j1] += u.sub_(new[:, None, :]).clamp_(min=floor).exp_().sum(1)
+                cm[:, j0:j1] = new
+            out[:, i0:i1] = s.log_().add_(mx).squeeze(2)
+        return out.mul_(-eps), cs.log_().add_(cm).mul_(-eps)
 
     def softmin_grad(self, eps, h):
         """Same value; backward ``Σ_j P_ij ∇_x C(x_i, y_j)`` by tiles (never builds P)."""

@@ -321,3 +321,28 @@ def test_large_problem_blocked_matches_tensorized(monkeypatch):
     for what, a, b in zip(("value", "grad x", "grad y"), results["blocked"], results["tensorized"]):
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err <= 1e-10, f"{what}: blocked vs tensorized relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 50, 37, 12), (2, 23, 61, 130)])
+def test_softmin_two(small_tiles, shape, dtype, p):
+    """Both Sinkhorn updates from shared tiles (D > TWO_MIN_D, no cache) = two one-way passes."""
+    B, N, M, D = shape
+    x, y = make(B, N, M, D, dtype)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, M, generator=g, dtype=torch.float64).to(dtype)
+    h_t = torch.randn(B, N, generator=g, dtype=torch.float64).to(dtype)
+    h_t[0, : N // 3] = ZERO
+    eps = 0.5 * D ** 0.5
+    C_xy, C_yx = blocked.BlockedCost(x, y, Cost(p)), blocked.BlockedCost(y, x, Cost(p))
+    f, g_ = C_xy.softmin_two(eps, h, h_t)
+    rel_close(f, C_xy.softmin(eps, h), dtype, "rows")
+    rel_close(g_, C_yx.softmin(eps, h_t), dtype, "columns")
+    C = Cost(p)(x.double(), y.double())
+    ref = -eps * (h_t.double()[:, :, None] - C / eps).logsumexp(1)
+    rel_close(g_.double(), ref, torch.float64 if dtype == torch.float64 else dtype, "columns vs dense")
+    # declines where it would not be faster, or where one pass would read a cache
+    assert blocked.BlockedCost(x[..., :3], y[..., :3], Cost(p)).softmin_two(eps, h, h_t) is None
+    K = blocked.dense_cost(x, y, Cost(p))
+    assert blocked.BlockedCost(x, y, Cost(p), cache=K).softmin_two(eps, h, h_t) is None
