@@ -1,6 +1,6 @@
 """Semi-discrete OT (issue 7): assignment throughput and solve time.
 
-    python -m pytest benchmarks/bench_semidiscrete.py --benchmark-only -q     # ~10–20 min on 2 cores
+    python -m pytest benchmarks/bench_semidiscrete.py --benchmark-only -q [--large]   # ~5 min; --large adds the N=1000 solve
 
 * ``assign-1e5x1e4-d64`` / ``assign-1e5x1e4-d784``: the Laguerre-cell assignment of 10^5 source
   points against 10^4 targets, float32, 2 threads, ``x ~ randn``, ``y ~ randn + 0.5`` (seed 0),
@@ -14,8 +14,8 @@
 * ``solve-n1000-d64``: :class:`SemiDiscreteOT` from N(0, I_64) to 1000 uniform-weight targets
   ``y ~ randn`` (seed 1) fitted to ``tol=0.02`` (largest relative cell-mass error, confirmed
   on a fresh sample); records steps, samples, the check sizes and errors, and a re-measure of
-  the fitted potential on an independent pseudo-random sample of 2^24 points (its own noise,
-  ~1/√(2^24/1000) = 0.8 % per cell, is recorded too).
+  the fitted potential on an independent pseudo-random sample of 2^26 points (its own noise,
+  ~1/√(2^26/1000) = 0.39 % per cell, is recorded too).  Only with ``--large``.
 * ``solve-n64-d2`` / ``solve-n64-d8``: Sobol (default on CPU) vs pseudo-random source, 64
   targets, ``tol=0.02``, four seeds each: median steps, samples and seconds to a confirmed
   2 %, and the error re-measured on 2^22 fresh pseudo-random points.
@@ -105,7 +105,21 @@ def _fit_record(ot, **fit):
     return time.perf_counter() - t
 
 
-def test_solve_n1000_d64(benchmark):
+def remeasure(ot, n, seed, chunk=1 << 20):
+    """Largest relative cell-mass error of the fitted potential on ``n`` independent
+    pseudo-random N(0, I) points (drawn in chunks: O(chunk·D) memory)."""
+    gen, counts, done = torch.Generator().manual_seed(seed), torch.zeros(ot.N, dtype=torch.float64), 0
+    while done < n:
+        m = min(chunk, n - done)
+        counts += torch.bincount(ot.assign(torch.randn(m, ot.D, generator=gen)), minlength=ot.N)
+        done += m
+    return ((counts / n - ot.weights).abs() / ot.weights).max().item()
+
+
+def test_solve_n1000_d64(benchmark, large):
+    if not large:
+        pytest.skip("solve-n1000-d64 takes ~10–20 min on 2 cores (a confirmed 2% needs ~10^8 "
+                    "points): run with --large")
     benchmark.group = "solve-n1000-d64"
     y = torch.randn(1000, 64, generator=torch.Generator().manual_seed(1))
     load = os.getloadavg()[0]
@@ -117,16 +131,14 @@ def test_solve_n1000_d64(benchmark):
         return ot
 
     ot = benchmark.pedantic(solve, rounds=1, iterations=1, warmup_rounds=0)
-    n = 1 << 24
-    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(12345))
-    m = torch.bincount(ot.assign(x), minlength=1000).double() / n
-    err = ((m - ot.weights).abs() / ot.weights).max().item()
+    n = 1 << 26
+    err = remeasure(ot, n, 12345)
     h = ot.history
     benchmark.extra_info.update(
         N=1000, D=64, tol=0.02, converged=ot.converged, steps=ot.n_steps, samples=ot.samples_used,
         checks=h["checks"], final_batch=h["batch_size"][-1], fit_s=box["secs"],
         fresh_check_error=h["checks"][-1][1] if h["checks"] else None,
-        remeasured_error_2e24=err, remeasure_noise_rel_std=(1000 / n) ** 0.5,
+        remeasured_error_2e26=err, remeasure_noise_rel_std=(1000 / n) ** 0.5,
         transport_cost=ot.transport_cost(1 << 18), loadavg_1min_start=round(load, 2),
         loadavg_1min_end=round(os.getloadavg()[0], 2))
     assert ot.converged

@@ -375,8 +375,9 @@ class SemiDiscreteOT:
             check_samples: size of the fresh-sample check.  Default: the larger of the
                 stage's tail sample count, 2^16 and n_min = 2 ln N / (tol² min ν) (1 / (tol²
                 min ν) for Sobol points at D ≤ 8), the size at which the sampling noise alone
-                (relative ≈ 1/√(n ν_j) per cell) stops hiding an error below tol.  Checks start
-                once the fit has drawn n_min points.  The measured error includes that noise:
+                (relative ≈ 1/√(n ν_j) per cell) stops hiding an error below tol.  A check runs
+                once the stage's averaging tail holds n_min / 2 points (the averaged potential's
+                own noise is then about tol: earlier checks fail and cost as much as the fit).  The measured error includes that noise:
                 pass a larger ``check_samples`` for a stricter guarantee.
             average: return / measure the window average of h (Polyak), else the last iterate.
             time_limit: seconds (stops like ``max_steps``).
@@ -468,7 +469,9 @@ class SemiDiscreteOT:
                 bar.set_postfix(err=f"{err:.4f}", lr=f"{lr_now:.3g}", batch=B)
                 self.h = h_bar
                 n_check = int(check_samples) if check_samples else max(1 << 16, n_min, int(tail_n))
-                if stop == "mass" and err < tol and samples >= n_min:
+                # check only when the tail average has seen half a check's worth of points: its
+                # own sampling noise is then ≲ tol, and a check (n_min points) costs as much
+                if stop == "mass" and err < tol and samples >= n_min and tail_n >= n_min // 2:
                     with torch.no_grad():
                         c_err = ((self._counts(self._check_source, n_check, h_bar, chunk) / n_check - nu).abs()
                                  / nu).max().item()
