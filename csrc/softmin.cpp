@@ -160,18 +160,18 @@ static void softmin_rows_cached(const S* C, T cscale, const T* h, T* out, i64 B,
 // out (B,M).  Threads own column ranges; for each block of R rows and each column vector the
 // R values t_i = h_i − C_ij/ε stay in registers: one max over them, one rescale of the
 // running sum, then R exps — one exp per element, C read once, no scratch.
-template <int R, typename T, typename S>
-inline void cols_block(const S* Cq, i64 M, i64 r0, i64 c0, i64 w, const T* hq, T inv, T cscale, T* mm, T* ss) {
+// Column update of RB tile rows (loaders ld[r], row terms hc[r]) over w columns.
+template <int RB, typename T, typename L>
+inline void cols_tile(const L* ld, const T* hc, i64 w, T inv, T* mm, T* ss) {
   constexpr int n = VT<T>::N;
   const vec<T> ie = vset(-inv), ninf = vset(neg_inf<T>());
   for (i64 j = 0; j < w; j += n) {
     const int lanes = int(std::min<i64>(n, w - j));
-    vec<T> t[R];
+    vec<T> t[RB];
     vec<T> mx = ninf;
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      CachedRow<T, S> ld{Cq + (r0 + r) * M + c0, cscale};
-      t[r] = vfma(lanes == n ? ld.at(j) : ld.tail(j, lanes), ie, vset(hq[r0 + r]));
+    for (int r = 0; r < RB; ++r) {
+      t[r] = vfma(lanes == n ? ld[r].at(j) : ld[r].tail(j, lanes), ie, vset(hc[r]));
       mx = vmax(mx, t[r]);
     }
     vec<T> mo = lanes == n ? vload(mm + j) : vload_part(mm + j, lanes, neg_inf<T>());
@@ -182,7 +182,7 @@ inline void cols_block(const S* Cq, i64 M, i64 r0, i64 c0, i64 w, const T* hq, T
     so *= vexp_le0(select(mo > ninf, mo - mn, ninf));
     vec<T> acc = vset(T(0));
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc += vexp_le0(t[r] - mn);
+    for (int r = 0; r < RB; ++r) acc += vexp_le0(t[r] - mn);
     so += select(mn > ninf, acc, vset(T(0)));
     if (lanes == n) {
       vstore(mm + j, mn);
@@ -192,6 +192,13 @@ inline void cols_block(const S* Cq, i64 M, i64 r0, i64 c0, i64 w, const T* hq, T
       vstore_part(ss + j, so, lanes);
     }
   }
+}
+
+template <int R, typename T, typename S>
+inline void cols_block(const S* Cq, i64 M, i64 r0, i64 c0, i64 w, const T* hq, T inv, T cscale, T* mm, T* ss) {
+  CachedRow<T, S> ld[R];
+  for (int r = 0; r < R; ++r) ld[r] = CachedRow<T, S>{Cq + (r0 + r) * M + c0, cscale};
+  cols_tile<R>(ld, hq + r0, w, inv, mm, ss);
 }
 
 template <typename T, typename S>
@@ -289,38 +296,6 @@ void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i6
 // right of the diagonal block gives its rows' sums and, through its columns, the sums of the
 // rows it mirrors.  Column states are kept per thread (B·M running max / sum each) and merged
 // at the end with the row results.  GEMM tiles only (D > DIRECT_MAX_D).
-
-// Column update of RB tile rows (loaders ld[r], row terms hc[r]) over w columns.
-template <int RB, typename T, typename L>
-inline void cols_tile(const L* ld, const T* hc, i64 w, T inv, T* mm, T* ss) {
-  constexpr int n = VT<T>::N;
-  const vec<T> ie = vset(-inv), ninf = vset(neg_inf<T>());
-  for (i64 j = 0; j < w; j += n) {
-    const int lanes = int(std::min<i64>(n, w - j));
-    vec<T> t[RB];
-    vec<T> mx = ninf;
-#pragma GCC unroll 16
-    for (int r = 0; r < RB; ++r) {
-      t[r] = vfma(lanes == n ? ld[r].at(j) : ld[r].tail(j, lanes), ie, vset(hc[r]));
-      mx = vmax(mx, t[r]);
-    }
-    vec<T> mo = lanes == n ? vload(mm + j) : vload_part(mm + j, lanes, neg_inf<T>());
-    vec<T> so = lanes == n ? vload(ss + j) : vload_part(ss + j, lanes, T(0));
-    const vec<T> mn = vmax(mo, mx);
-    so *= vexp_le0(select(mo > ninf, mo - mn, ninf));
-    vec<T> acc = vset(T(0));
-#pragma GCC unroll 16
-    for (int r = 0; r < RB; ++r) acc += vexp_le0(t[r] - mn);
-    so += select(mn > ninf, acc, vset(T(0)));
-    if (lanes == n) {
-      vstore(mm + j, mn);
-      vstore(ss + j, so);
-    } else {
-      vstore_part(mm + j, mn, lanes);
-      vstore_part(ss + j, so, lanes);
-    }
-  }
-}
 
 // log(exp(a) + Σ_t s_t exp(m_t)) over the per-thread states (m, s) at offset k (stride len).
 template <typename T>

@@ -52,6 +52,20 @@ def _blocks(n, size):
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _lse_rows(t, mx, s, floor):
+    """Online log-sum-exp over the last dim: folds the tile t (B,n,m) (overwritten) into the
+    running row max ``mx`` and rescaled sum ``s`` (B,n,1) (None at the first tile)."""
+    tmax = t.amax(2, keepdim=True)
+    if mx is None:
+        mx = tmax
+    else:
+        new = torch.maximum(mx, tmax)
+        s.mul_((mx - new).exp_())
+        mx = new
+    ts = t.sub_(mx).clamp_(min=floor).exp_().sum(2, keepdim=True)
+    return mx, (ts if s is None else s.add_(ts))
+
+
 class BlockedCost:
     """Cost handle ``C(x_i, y_j)``, x (B,N,D) first argument (gets gradients), y (B,M,D).
 
@@ -93,16 +107,7 @@ class BlockedCost:
             mx = s = None
             for j0, j1 in _blocks(M, self.bm):
                 C, own = self.tile(i0, i1, j0, j1)
-                t = self._scaled(C, own, eps, h[:, None, j0:j1])
-                tmax = t.amax(2, keepdim=True)
-                if mx is None:
-                    mx = tmax
-                else:
-                    new = torch.maximum(mx, tmax)
-                    s.mul_((mx - new).exp_())
-                    mx = new
-                ts = t.sub_(mx).clamp_(min=floor).exp_().sum(2, keepdim=True)
-                s = ts if s is None else s.add_(ts)
+                mx, s = _lse_rows(self._scaled(C, own, eps, h[:, None, j0:j1]), mx, s, floor)
             out[:, i0:i1] = s.log_().add_(mx).squeeze(2)
         return out
 
@@ -128,16 +133,7 @@ class BlockedCost:
             mx = s = None
             for j0, j1 in _blocks(M, self.bm):
                 C = self.cost(self.xd[:, i0:i1], self.y[:, j0:j1]).mul_(-1.0 / eps)  # −C/ε
-                t = C + h[:, None, j0:j1]
-                tmax = t.amax(2, keepdim=True)
-                if mx is None:
-                    mx = tmax
-                else:
-                    new = torch.maximum(mx, tmax)
-                    s.mul_((mx - new).exp_())
-                    mx = new
-                ts = t.sub_(mx).clamp_(min=floor).exp_().sum(2, keepdim=True)
-                s = ts if s is None else s.add_(ts)
+                mx, s = _lse_rows(C + h[:, None, j0:j1], mx, s, floor)
                 u = C.add_(h_t[:, i0:i1, None])  # columns: h_t_i − C_ij/ε
                 old, new = cm[:, j0:j1], torch.maximum(cm[:, j0:j1], u.amax(1))
                 cs[:, j0:j1].mul_((old - new).clamp_(min=floor).exp_())
