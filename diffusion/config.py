@@ -159,7 +159,7 @@ PRESETS = {
                    out_dir="runs/digits"),
     # MNIST 28×28 on a CPU in under 30 minutes: a 6000-image balanced subset, small UNet
     "mnist-quick": dict(dataset="mnist", data_path="../shared/data/mnist.npz", n_train=6000, n_test=1000,
-                        dim=16, dim_mults=(1, 2, 2), resnet_blocks=1, epochs=8, batch_size=64, lr=1e-3,
+                        dim=32, dim_mults=(1, 2, 2), resnet_blocks=1, epochs=12, batch_size=64, lr=1e-3,
                         ema_decay=0.995, eval_every=0, eval_n=200, val_n=500, feature_epochs=3,
                         out_dir="runs/mnist-quick"),
     # the reference setting for a GPU
