@@ -77,3 +77,73 @@ def test_mnist_npz_tiny_subset():
     assert torch.bincount(d.y_train).tolist() == [5] * 10
     with pytest.raises(FileNotFoundError):
         load_mnist("/nonexistent/mnist.npz")
+
+
+def _fake_torchvision(monkeypatch, n_train=20, n_test=10):
+    """A stand-in ``torchvision.datasets`` (torchvision does not install beside the CPU torch
+    here): CIFAR10 / MNIST classes with torchvision's attributes (data, targets), random
+    uint8 images, and a record of the arguments they were built with."""
+    import sys
+    import types
+
+    import numpy as np
+
+    calls = []
+
+    class CIFAR10:
+        def __init__(self, root, train=True, download=False):
+            calls.append(("cifar10", root, train, download))
+            n, rng = (n_train if train else n_test), np.random.default_rng(int(train))   # same data each time
+            self.data = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)   # (N, H, W, C) as torchvision
+            self.targets = [i % 10 for i in range(n)]                         # a list, as torchvision
+
+    class MNIST:
+        def __init__(self, root, train=True, download=False):
+            calls.append(("mnist", root, train, download))
+            n, rng = (n_train if train else n_test), np.random.default_rng(int(train))
+            self.data = torch.from_numpy(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            self.targets = torch.arange(n) % 10
+
+    tv = types.ModuleType("torchvision")
+    ds = types.ModuleType("torchvision.datasets")
+    ds.CIFAR10, ds.MNIST, tv.datasets = CIFAR10, MNIST, ds
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", ds)
+    return calls
+
+
+def test_cifar10_through_torchvision_layout(monkeypatch):
+    calls = _fake_torchvision(monkeypatch)
+    d = load_data("cifar10", "/data/cifar", n_train=10, n_test=10)
+    assert d.x_train.shape == (10, 3, 32, 32) and d.x_test.shape == (10, 3, 32, 32) and d.shape == (3, 32, 32)
+    assert d.x_train.dtype == torch.float32 and d.x_train.is_contiguous()
+    assert -1 <= d.x_train.min() and d.x_train.max() <= 1
+    assert torch.bincount(d.y_train, minlength=10).tolist() == [1] * 10
+    # never downloads: both splits read from the given root
+    assert {c[1:] for c in calls} == {("/data/cifar", True, False), ("/data/cifar", False, False)}
+    # channel order and scale: pixel (n, h, w, c) of torchvision's array lands at [n, c, h, w] as v/127.5 − 1
+    import sys
+    from diffusion.data import load_cifar10
+    full = load_cifar10("/data/cifar")
+    raw = sys.modules["torchvision.datasets"].CIFAR10("/data/cifar", train=True).data
+    assert full.x_train[3, 2, 5, 7].item() == pytest.approx(raw[3, 5, 7, 2] / 127.5 - 1, abs=1e-6)
+    assert full.x_train[0, 0].flatten().tolist() == pytest.approx((raw[0, :, :, 0].flatten() / 127.5 - 1).tolist(), abs=1e-6)
+    assert full.y_train.dtype == torch.long and full.y_train.tolist() == [i % 10 for i in range(20)]
+    with pytest.raises(ValueError, match="needs data_path"):
+        load_data("cifar10")
+
+
+def test_mnist_torchvision_root(monkeypatch):
+    calls = _fake_torchvision(monkeypatch)
+    d = load_data("mnist", "/data/mnist-root", pad_to_32=True)
+    assert d.x_train.shape == (20, 1, 32, 32) and d.x_test.shape == (10, 1, 32, 32)
+    assert d.x_train[..., :2, :].eq(-1).all()
+    assert all(not c[3] for c in calls)  # download=False
+
+
+def test_cifar10_without_torchvision_says_so(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(ImportError, match="CIFAR-10 needs torchvision"):
+        load_data("cifar10", "/data/cifar")
