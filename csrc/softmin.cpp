@@ -343,6 +343,9 @@ static void softmin_online_two_p(const T* x, const T* y, const T* hr, const T* h
       for (i64 j0 = sym ? i0 : 0; j0 < M; j0 += COLS) {
         const i64 W = std::min<i64>(COLS, M - j0);
         gemm(false, true, i1 - i0, W, D, T(P == 2 ? 1 : 2), xq + i0 * D, D, yq + j0 * D, D, T(0), G.data(), W);
+        if (sym)  // C(x_i, x_i) exactly: |x|² + |x|² − 2⟨x, x⟩ from a GEMM leaves ~ulp·|x|² (√ of it for p=1)
+          for (i64 i = std::max(i0, j0); i < std::min(i1, j0 + W); ++i)
+            G[size_t((i - i0) * W + (i - j0))] = ha[i - i0] + hb[i];
         for (i64 i = i0; i < i1; ++i) {
           Ld ld{GemmRow<T>{G.data() + (i - i0) * W, hb + j0, ha[i - i0]}};
           lse_update(ld, W, hrq + j0, inv, st[i - i0]);

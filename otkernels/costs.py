@@ -24,9 +24,28 @@ _DIST_CLAMP = 1e-8  # geomloss clamps squared distances at 1e-8 before a square 
 
 def dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``sqrt(max(‖x_i − y_j‖², 1e-8))`` from coordinate differences (no cancellation near
-    coincident points, unlike the expanded formula): (B,n,D), (B,m,D) -> (B,n,m)."""
-    d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
-    return torch.clamp_min(d, math.sqrt(_DIST_CLAMP))
+    coincident points, unlike the expanded formula): (B,n,D), (B,m,D) -> (B,n,m).
+    Differentiable to any order (torch's ``cdist`` backward is not itself differentiable)."""
+    return _Dist.apply(x, y)
+
+
+class _Dist(torch.autograd.Function):
+    """``cdist`` clamped at 1e-4, with a backward written in differentiable torch ops:
+    ∂d_ij/∂x_i = (x_i − y_j)/d_ij, zero where the clamp is active (geomloss's convention)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").clamp_min_(math.sqrt(_DIST_CLAMP))
+        ctx.save_for_backward(x, y, d)
+        return d
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, d = ctx.saved_tensors
+        W = torch.where(d > math.sqrt(_DIST_CLAMP), g / d, torch.zeros((), dtype=g.dtype, device=g.device))
+        gx = x * W.sum(2, keepdim=True) - torch.bmm(W, y) if ctx.needs_input_grad[0] else None
+        gy = y * W.sum(1).unsqueeze(2) - torch.bmm(W.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return gx, gy
 
 
 def sqdist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

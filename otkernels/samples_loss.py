@@ -148,7 +148,8 @@ class SamplesLoss(Module):
                           "cluster labels are ignored", stacklevel=3)
         need_dense = self.kernel is not None and self.loss in ("energy", "gaussian", "laplacian")
         if name == "auto":
-            name = backends.select(B, N, M, D, device, need="dense" if need_dense else None)
+            kind = "kernel" if self.loss in ("energy", "gaussian", "laplacian") else "sinkhorn"
+            name = backends.select(B, N, M, D, device, need="dense" if need_dense else None, kind=kind)
         elif need_dense and backends.ALIASES.get(name, name) != "tensorized":
             raise ValueError(f"a custom kernel callable runs on backend='tensorized' or 'auto', not {name!r}")
         return backends.get(name)

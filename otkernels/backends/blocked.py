@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cache_budget, cache_plan
+from . import _double, cache_budget, cache_plan
 
 NAME = "blocked"
 TILE = 1 << 18  # elements in one (B, rows, cols) tile: ~1 MB in float32, fits L2
@@ -39,13 +39,6 @@ def _exp_floor(dtype):
 def _grad_floor(dtype):
     # exp(floor) * g * y must stay a normal float (denormals make GEMMs ~100x slower)
     return -500.0 if dtype == torch.float64 else -50.0
-
-
-def _check_create_graph():
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "otkernels: double backward (create_graph=True) is not supported by the 'blocked' "
-            "backend; use backend='tensorized' for higher-order derivatives.")
 
 
 def _blocks(n, size):
@@ -182,9 +175,11 @@ class _SoftminGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         h, lse = ctx.saved_tensors
-        return ctx.handle._grad(ctx.eps, h, -lse, g), None, None, None
+        H = ctx.handle
+        if _double.create_graph():
+            return _double.softmin_backward(H.x, H.y, h, ctx.eps, H.cost, g)[0], None, None, None
+        return H._grad(ctx.eps, h, -lse, g), None, None, None
 
 
 @torch.no_grad()
@@ -255,9 +250,10 @@ class _KernelSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         x, y, b = ctx.saved_tensors
         nx, ny, nb = ctx.needs_input_grad[:3]
+        if _double.create_graph():
+            return (*_double.kernel_sum_backward(x, y, b, ctx.kernel, g, (nx, ny, nb)), None)
         B, N, M = x.shape[0], x.shape[1], y.shape[1]
         gx = torch.zeros_like(x) if nx else None
         gy = torch.zeros_like(y) if ny else None

@@ -32,6 +32,9 @@ import warnings
 
 import torch
 
+from ..costs import Cost, Kernel
+from . import _double
+
 NAME = "keops"
 _CLAMP = 1e-8
 
@@ -123,13 +126,6 @@ def _cost(x_i, y_j, p):
     return _clamped_sqdist(x_i, y_j)[0].sqrt()
 
 
-def _check_create_graph():
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "otkernels: double backward (create_graph=True) is not supported by the 'keops' "
-            "backend; use backend='tensorized' for higher-order derivatives.")
-
-
 class KeOpsCost:
     """Cost handle ``C(x_i, y_j)`` (p = 1 or 2), x (B,N,D) first argument (gets gradients)."""
 
@@ -199,8 +195,11 @@ class _SoftminGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         (h,) = ctx.saved_tensors
+        H = ctx.handle
+        if _double.create_graph():
+            return _double.softmin_backward(H.x, H.y.to(H.x.dtype), h.to(H.x.dtype), ctx.eps, Cost(H.p), g)[0], \
+                None, None, None
         G = ctx.handle.plan_grad(ctx.eps, h)
         return G * g[:, :, None].to(G.dtype), None, None, None
 
@@ -255,9 +254,10 @@ class _KernelSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         x, y, b = ctx.saved_tensors
         nx, ny, nb = ctx.needs_input_grad[:3]
+        if _double.create_graph():
+            return (*_double.kernel_sum_backward(x, y, b, Kernel(ctx.name, ctx.blur), g, (nx, ny, nb)), None, None)
         gx = _kernel_grad_rows(x, y, b, ctx.name, ctx.blur) * g[:, :, None] if nx else None
         gy = _kernel_grad_rows(y, x, g, ctx.name, ctx.blur) * b[:, :, None] if ny else None
         gb = _kernel_rows(y, x, g, ctx.name, ctx.blur) if nb else None

@@ -44,7 +44,7 @@ import warnings
 
 import torch
 
-from . import cache_budget, cache_plan
+from . import _double, cache_budget, cache_plan
 
 NAME = "native"
 DIRECT_MAX_D = 8  # csrc/otk.h: D ≤ this computes distances directly (no GEMM tiles)
@@ -204,13 +204,6 @@ def _vec(name, t, B, n, dtype):
     if t.dtype != dtype:
         raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
     return t.detach().contiguous()
-
-
-def _check_create_graph():
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "otkernels: double backward (create_graph=True) is not supported by the 'native' "
-            "backend; use backend='tensorized' for higher-order derivatives.")
 
 
 # ----------------------------------------------------------------------------- raw ops
@@ -400,8 +393,10 @@ class _SoftminGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         h, lse = ctx.saved_tensors
+        if _double.create_graph():
+            H = ctx.handle
+            return _double.softmin_backward(H.x, H.y, h, ctx.eps, H.cost, g)[0], None, None, None
         gx = ctx.handle.grad_x(ctx.eps, h, lse, g.contiguous(), fscale=-1.0)
         return gx.to(ctx.handle.x.dtype), None, None, None
 
@@ -466,10 +461,11 @@ class _KernelSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         x, y, b = ctx.saved_tensors
         nx, ny, nb = ctx.needs_input_grad[:3]
         k = ctx.kernel
+        if _double.create_graph():
+            return (*_double.kernel_sum_backward(x, y, b, k, g, (nx, ny, nb)), None)
         g = g.contiguous()
         gx = gy = gb = None
         if nx:

@@ -80,7 +80,7 @@ def _bandwidths(bandwidth, kernel, x, y):
 def _backend(backend, N, M, D, device):
     if backend == "auto":
         n = max(N, M)
-        backend = backends.select(1, n, n, D, device)
+        backend = backends.select(1, n, n, D, device, kind="kernel")
     return backends.get(backend)
 
 

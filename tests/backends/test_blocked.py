@@ -13,6 +13,7 @@ import otkernels
 from otkernels import backends
 from otkernels.backends import blocked, tensorized
 from otkernels.costs import Cost, Kernel
+from otk_testing import assert_double_backward_like_dense
 
 ZERO = -100000.0  # log-weight of a zero weight (geomloss's convention)
 
@@ -255,22 +256,35 @@ def test_cache_budget_env(monkeypatch):
     assert backends.cache_budget() > 0
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_double_backward_like_dense(monkeypatch, small_tiles, cached):
+    """create_graph=True through blocked's closed-form backward passes (cached cost or tiles)."""
+    monkeypatch.setattr(backends, "_budget", None if cached else 0)
+    assert_double_backward_like_dense(blocked)
+
+
 # ----------------------------------------------------------------------------- auto and large problems
 def test_auto_selection(monkeypatch):
-    """Small problems (B·N·M ≤ 1500²) go to the dense backend, large ones to a tiled backend:
-    'blocked', or a faster tiled backend where one is usable (e.g. 'native' on CPU)."""
+    """The documented auto rule (otkernels/backends/__init__.py), with and without 'native'."""
     cpu = torch.device("cpu")
-    assert backends.select(1, 100, 100, 3, cpu) == "tensorized"
-    assert backends.select(1, 1500, 1500, 3, cpu) == "tensorized"
-    large = [backends.select(1, 1500, 1501, 3, cpu), backends.select(1, 2000, 2000, 3, cpu),
-             backends.select(3, 1000, 1000, 3, cpu)]  # the rule counts B·N·M
     usable = {k for k, (ok, _) in backends.available().items() if ok}
-    for name in large:
-        assert name != "tensorized" and name in usable, large
+    if "native" in usable:  # every size goes to native, but small batched Sinkhorn problems
+        assert backends.select(1, 10, 10, 3, cpu) == "native"
+        assert backends.select(1, 2000, 2000, 3, cpu) == "native"
+        assert backends.select(8, 300, 300, 3, cpu) == "blocked"
+        assert backends.select(8, 300, 301, 3, cpu) == "native"
+        assert backends.select(8, 100, 100, 3, cpu, kind="kernel") == "native"
     assert backends.select(1, 5000, 5000, 3, cpu, need="dense") == "tensorized"
-    # with the other tiled backends disabled, large problems go to 'blocked' ...
+    with pytest.raises(ValueError, match="kind must be"):
+        backends.select(1, 10, 10, 3, cpu, kind="mmd")
+    # without native: dense up to 100² for Sinkhorn, 1500² for kernel sums; the rule counts B·N·M
     others = [k for k in backends.available() if k not in ("tensorized", "blocked")]
     monkeypatch.setenv("OTKERNELS_DISABLE", ",".join(others))
+    assert backends.select(1, 100, 100, 3, cpu) == "tensorized"
+    assert backends.select(1, 100, 101, 3, cpu) == "blocked"
+    assert backends.select(2, 80, 80, 3, cpu) == "blocked"
+    assert backends.select(1, 1500, 1500, 3, cpu, kind="kernel") == "tensorized"
+    assert backends.select(3, 1000, 1000, 3, cpu, kind="kernel") == "blocked"
     assert backends.select(1, 2000, 2000, 3, cpu) == "blocked"
     # ... and with 'blocked' disabled too, to the dense backend
     monkeypatch.setenv("OTKERNELS_DISABLE", ",".join(others + ["blocked"]))
@@ -294,13 +308,21 @@ def spy_backend(monkeypatch):
     return seen
 
 
-def test_auto_small_problem_is_tensorized(monkeypatch):
+def test_auto_small_problem_dispatch(monkeypatch):
+    """What SamplesLoss(backend='auto') runs on a small CPU problem: the rule of
+    backends.select (native where available, else the dense backend), and the dense backend
+    for a custom kernel callable."""
     seen = spy_backend(monkeypatch)
     x, y = make(1, 30, 20, 3, torch.float64)
+    small = backends.select(1, 30, 20, 3, torch.device("cpu"))
     otkernels.SamplesLoss("sinkhorn", blur=0.1)(x[0], y[0])
     otkernels.SamplesLoss("gaussian", blur=0.5)(x[0], y[0])
     otkernels.SamplesLoss("gaussian", kernel=lambda x, y, blur=1.0, **kw: (-torch.cdist(x, y)).exp())(x[0], y[0])
-    assert seen == ["tensorized"] * 3, seen
+    assert seen == [small, backends.select(1, 30, 20, 3, torch.device("cpu"), kind="kernel"), "tensorized"], seen
+    monkeypatch.setenv("OTKERNELS_DISABLE", "native,triton,keops")
+    seen.clear()
+    otkernels.SamplesLoss("sinkhorn", blur=0.1)(x[0], y[0])
+    assert seen == ["tensorized"], seen
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import otkernels  # noqa: E402
 from otkernels.backends import keops, tensorized  # noqa: E402
 from otkernels.costs import Cost, Kernel  # noqa: E402
+from otk_testing import assert_double_backward_like_dense  # noqa: E402
 
 ZERO = -100000.0
 TOL64 = 1e-10
@@ -130,13 +131,13 @@ def test_kernel_sum_values_and_gradients(kernel):
         assert_rel(a, r, TOL64, f"{kernel} d/d{name}")
 
 
-def test_double_backward_raises_and_callable_cost():
+def test_double_backward_like_dense():
+    assert_double_backward_like_dense(keops)
+
+
+def test_callable_cost_goes_to_blocked():
     from otkernels.backends import blocked
     x, y = make(1, 10, 9, 3)
-    xl = x.clone().requires_grad_()
-    C = keops.cost_handles(xl, y, Cost(2), debias=False)[0]
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(C.softmin_grad(0.5, torch.zeros(1, 9, dtype=torch.float64)).sum(), xl, create_graph=True)
     cost = Cost(None, fn=lambda a, b: ((a[:, :, None] - b[:, None]) ** 2).sum(-1))
     assert all(isinstance(H, blocked.BlockedCost) for H in keops.cost_handles(x, y, cost))
 

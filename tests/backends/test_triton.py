@@ -31,6 +31,7 @@ from otkernels.backends import triton as tb  # noqa: E402
 from otkernels.backends.triton import kernels as K  # noqa: E402
 from otkernels.backends.triton import ops  # noqa: E402
 from otkernels.costs import Cost, Kernel  # noqa: E402
+from otk_testing import assert_double_backward_like_dense  # noqa: E402
 
 ZERO = -100000.0  # log-weight of a zero weight (geomloss's convention)
 TOL64 = 1e-10
@@ -267,14 +268,8 @@ def test_handles_match_tensorized(p):
             assert_rel(go, gr, TOL64, f"handle {k} softmin_grad backward")
 
 
-def test_double_backward_raises():
-    x, y, h = make(1, 20, 15, 2)
-    x.requires_grad_()
-    C = tb.cost_handles(x, y, Cost(2))[0]
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(C.softmin_grad(0.5, h).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(ops.kernel_sum(x, y, h.exp(), "gaussian", 1.0).sum(), x, create_graph=True)
+def test_double_backward_like_dense():
+    assert_double_backward_like_dense(tb, dtype=torch.float32, tol=2e-5)
 
 
 def test_callable_cost_goes_to_blocked():

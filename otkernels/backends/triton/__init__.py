@@ -32,6 +32,9 @@ import os
 
 import torch
 
+from .. import _double
+from ...costs import Cost
+
 NAME = "triton"
 
 try:
@@ -57,10 +60,6 @@ def available():
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
     return False, ("no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU in "
                    "Triton's interpreter)")
-
-
-def _check_create_graph():
-    ops._check_create_graph()
 
 
 class TritonCost:
@@ -95,14 +94,16 @@ class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
         f, G = ops.softmin_and_grad(handle.xd, handle.y, h, eps, handle.p, handle.xx, handle.yy)
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(G)
+        ctx.x_dtype, ctx.handle, ctx.eps = x.dtype, handle, eps
+        ctx.save_for_backward(G, h)
         return f.to(h.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
-        (G,) = ctx.saved_tensors
+        G, h = ctx.saved_tensors
+        if _double.create_graph():
+            H = ctx.handle
+            return _double.softmin_backward(H.x, H.y, h, ctx.eps, Cost(H.p), g)[0], None, None, None
         return (G * g[:, :, None].to(G.dtype)).to(ctx.x_dtype), None, None, None
 
 

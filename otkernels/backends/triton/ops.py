@@ -42,6 +42,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from ...costs import Cost, Kernel
+from .. import _double
 from . import kernels as _compiled
 
 INTERPRET_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 128}  # BLOCK_D: D chunk, ≤ D_PAD
@@ -396,10 +398,11 @@ class _Softmin(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         x, y, h, f = ctx.saved_tensors
         eps, mode = ctx.eps, (_compiled.SOFTMIN_P2 if ctx.p == 2 else _compiled.SOFTMIN_P1)
         nx, ny, nh = ctx.needs_input_grad[:3]
+        if _double.create_graph():
+            return (*_double.softmin_backward(x, y, h, eps, Cost(ctx.p), g, (nx, ny, nh)), None, None)
         gx = gy = gh = None
         if nx:  # Σ_j g_i P_ij ∇_x C(x_i, y_j), from the forward pass
             gx = (ctx.G * g[:, :, None].to(ctx.G.dtype)).to(x.dtype)
@@ -420,10 +423,11 @@ class _KernelSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _check_create_graph()
         x, y, b = ctx.saved_tensors
         mode, inv_s2 = _kernel_mode(ctx.kernel, ctx.blur)
         nx, ny, nb = ctx.needs_input_grad[:3]
+        if _double.create_graph():
+            return (*_double.kernel_sum_backward(x, y, b, Kernel(ctx.kernel, ctx.blur), g, (nx, ny, nb)), None, None)
         gx = gy = gb = None
         if nx:  # 2 g_i Σ_j b_j k'_ij (x_i − y_j)
             gx = (weighted_grad(x, y, mode, inv_s2, cw=b) * g[:, :, None]).to(x.dtype)
