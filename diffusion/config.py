@@ -13,11 +13,13 @@ import typing
 from dataclasses import dataclass, fields
 
 from .data import DATASETS
+from .flow import COUPLINGS, SOLVERS
 from .process import BETA_SCHEDULES, OBJECTIVES, TIMESTEP_SAMPLERS
 
 AMP_MODES = ("none", "bf16", "fp16")
 OT_SPACES = ("pixel", "feature")
 OT_SQUASH = ("clamp", "tanh")
+METHODS = ("diffusion", "flow")
 
 
 @dataclass
@@ -33,6 +35,12 @@ class DiffusionConfig:
     beta_schedule: str = "linear"      # linear | cosine
     objective: str = "eps"             # eps | x0 | v
     timestep_sampler: str = "uniform"  # uniform | quadratic
+    # generative method: "diffusion" (GaussianDiffusion, DDIM) or "flow" (flow matching, ODE)
+    method: str = "diffusion"
+    flow_coupling: str = "exact"       # exact | sinkhorn | independent (minibatch noise–image pairing)
+    flow_sigma: float = 0.0            # σ_min of the paths x_s = (1−s)x0 + s·x1 + σ_min·z
+    flow_blur: float = 1.0             # sinkhorn coupling blur (ε = blur², cost ½|x0−x1|²)
+    flow_solver: str = "euler"         # euler | midpoint | heun (sample_steps steps)
     # model
     dim: int = 32
     dim_mults: tuple = (1, 2)
@@ -64,7 +72,7 @@ class DiffusionConfig:
     ot_max_t: typing.Optional[int] = None    # OT term only on samples with t < ot_max_t (None: all)
     init_from: typing.Optional[str] = None   # fine-tune: start from this checkpoint's weights
     # sampling, evaluation, output
-    sample_steps: int = 50             # DDIM steps for grids and metrics
+    sample_steps: int = 50             # DDIM (or flow ODE) steps for grids and metrics
     sample_eta: float = 0.0
     eval_every: int = 1                # feature-space metrics every k epochs (0: only after the last)
     eval_final: bool = True            # metrics after the last epoch
@@ -104,14 +112,17 @@ class DiffusionConfig:
         choice("ot_space", OT_SPACES)
         choice("ot_squash", OT_SQUASH)
         choice("ot_p", (1, 2))
+        choice("method", METHODS)
+        choice("flow_coupling", COUPLINGS)
+        choice("flow_solver", SOLVERS)
         pos = lambda v: v > 0  # noqa: E731
         nonneg = lambda v: v >= 0  # noqa: E731
         for name in ("timesteps", "dim", "resnet_blocks", "epochs", "batch_size", "sample_steps", "eval_n",
                      "val_n", "grid_n", "ckpt_every", "ot_pool_size"):
             check(name, pos, "> 0")
-        for name in ("lr", "ot_blur", "metric_blur"):
+        for name in ("lr", "ot_blur", "metric_blur", "flow_blur"):
             check(name, pos, "> 0")
-        for name in ("grad_clip", "ot_lambda", "ot_start_epoch", "ot_warmup_epochs", "ot_ref_batch",
+        for name in ("flow_sigma", "grad_clip", "ot_lambda", "ot_start_epoch", "ot_warmup_epochs", "ot_ref_batch",
                      "eval_every", "feature_epochs", "threads"):
             check(name, nonneg, ">= 0")
         for name in ("dropout", "cond_drop_prob", "ema_decay"):
@@ -120,6 +131,8 @@ class DiffusionConfig:
         check("dim_mults", lambda v: len(v) > 0 and all(m > 0 for m in v), "a non-empty list of positive ints")
         check("attn_levels", lambda v: all(0 <= i < len(self.dim_mults) for i in v),
               f"level indices in [0, {len(self.dim_mults)})")
+        if self.method == "flow" and self.timesteps < 2:
+            raise ValueError(f"timesteps must be >= 2 for method 'flow', got {self.timesteps}")
         if self.sample_steps > self.timesteps:
             raise ValueError(f"sample_steps must be <= timesteps ({self.timesteps}), got {self.sample_steps}")
         if self.ot_max_t is not None and not 0 < self.ot_max_t <= self.timesteps:
@@ -168,9 +181,12 @@ PRESETS = {
                   amp="bf16", eval_every=5, eval_n=2000, feature_epochs=5, out_dir="runs/mnist"),
 }
 
+# the digits preset with flow matching, noise and images paired by the exact minibatch OT permutation
+PRESETS["digits-flow"] = {**PRESETS["digits"], "method": "flow", "flow_coupling": "exact", "out_dir": "runs/digits-flow"}
+
 
 def preset(name: str, **overrides) -> DiffusionConfig:
-    """The named preset (digits, mnist-quick, mnist) with field overrides."""
+    """The named preset (digits, digits-flow, mnist-quick, mnist) with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     unknown = set(overrides) - set(DiffusionConfig.__dataclass_fields__)

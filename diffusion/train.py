@@ -27,6 +27,7 @@ from .config import DiffusionConfig
 from .data import ImageData, batches, load_data
 from .evaluation import feature_metrics, plot_history, save_grid
 from .features import classify, embed, load_or_train_feature_net
+from .flow import FlowMatching, flow_sample
 from .model import Unet
 from .process import GaussianDiffusion
 from .sample import ddim_sample
@@ -35,6 +36,13 @@ from .sample import ddim_sample
 def build_model(cfg: DiffusionConfig, channels: int) -> Unet:
     return Unet(cfg.dim, cfg.dim_mults, channels, cfg.resnet_blocks, cfg.attn_levels, dropout=cfg.dropout,
                 num_classes=10 if cfg.class_cond else None, cond_drop_prob=cfg.cond_drop_prob)
+
+
+def build_process(cfg: DiffusionConfig):
+    """GaussianDiffusion (``method="diffusion"``) or FlowMatching (``method="flow"``)."""
+    if cfg.method == "flow":
+        return FlowMatching(cfg.flow_sigma, cfg.flow_coupling, cfg.flow_blur, cfg.timesteps)
+    return GaussianDiffusion(cfg.timesteps, cfg.beta_schedule, cfg.objective)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,7 +149,7 @@ class Trainer:
         random.seed(cfg.seed)
         self.data = data if data is not None else load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train,
                                                             cfg.n_test, cfg.seed)
-        self.diffusion = GaussianDiffusion(cfg.timesteps, cfg.beta_schedule, cfg.objective)
+        self.diffusion = build_process(cfg)  # GaussianDiffusion or FlowMatching
         self.model = build_model(cfg, self.data.shape[0]).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.ema = EMA(self.model, cfg.ema_decay)
@@ -273,8 +281,8 @@ class Trainer:
 
     @torch.no_grad()
     def generate(self, n: int, seed: int, steps: int | None = None, batch_size: int = 1000) -> torch.Tensor:
-        """n DDIM samples (n,C,H,W) from the EMA model with a seeded generator (class labels
-        drawn uniformly for a conditional model)."""
+        """n DDIM (or, for ``method="flow"``, ODE-solver) samples (n,C,H,W) from the EMA model
+        with a seeded generator (class labels drawn uniformly for a conditional model)."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(seed)
         out = []
@@ -282,8 +290,14 @@ class Trainer:
             for i in range(0, n, batch_size):
                 b = min(batch_size, n - i)
                 y = torch.randint(0, 10, (b,), generator=g).to(self.device) if cfg.class_cond else None
-                out.append(ddim_sample(self.ema.model, self.diffusion, (b, *self.data.shape), steps or cfg.sample_steps,
-                                       cfg.sample_eta, y=y, generator=g).float().cpu())
+                shape = (b, *self.data.shape)
+                if cfg.method == "flow":
+                    x = flow_sample(self.ema.model, self.diffusion, shape, steps or cfg.sample_steps, cfg.flow_solver,
+                                    y=y, generator=g)
+                else:
+                    x = ddim_sample(self.ema.model, self.diffusion, shape, steps or cfg.sample_steps, cfg.sample_eta,
+                                    y=y, generator=g)
+                out.append(x.float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -347,12 +361,13 @@ class Trainer:
 
 
 def load_model(path: str, device="cpu"):
-    """(EMA model, GaussianDiffusion, config) from a training checkpoint, ready to sample."""
+    """(EMA model, GaussianDiffusion or FlowMatching (cfg.method), config) from a training
+    checkpoint, ready to sample."""
     ck = load_checkpoint(path, map_location=device)
     cfg = DiffusionConfig(**ck["config"])
     channels = ck["ema"]["model"]["init_conv.weight"].shape[1]
     model = build_model(cfg, channels).to(device)
     model.load_state_dict(ck["ema"]["model"])
-    return model.eval().requires_grad_(False), GaussianDiffusion(cfg.timesteps, cfg.beta_schedule, cfg.objective), cfg
+    return model.eval().requires_grad_(False), build_process(cfg), cfg
 
 

@@ -1,0 +1,432 @@
+"""Flow matching with minibatch OT couplings: OT-CFM (Tong et al. 2023, "Improving and
+generalizing flow-based generative models with minibatch optimal transport") and multisample
+flow matching (Pooladian et al. 2023).
+
+A network v(x, t) is trained to regress the velocity u = x1 − x0 of the straight path
+x_s = (1 − s)·x0 + s·x1 + σ_min·z from noise x0 (s = 0) to data x1 (s = 1).  With the
+independent coupling (x0, x1 drawn independently: I-CFM, rectified flow's first round) the
+learned paths cross and curve; pairing each minibatch's noise with its images by an OT plan
+(``coupling="exact"``: the optimal permutation for |x0 − x1|²; ``"sinkhorn"``: a draw from
+each row of the entropic plan) makes them straighter, so few ODE steps suffice.  The
+coupling comes from :mod:`otkernels.coupling`, on flattened images, without gradients.
+
+Time.  :class:`FlowMatching` keeps GaussianDiffusion's integer timesteps t ∈ [0, T) with
+t = 0 the data end: the flow time is s = 1 − t/(T − 1), so t = T − 1 is pure noise (s = 0)
+and t = 0 the data (s = 1), and the network is given t itself (a float between grid points
+when sampling), i.e. the range its sinusoidal embedding sees for diffusion.  Hence the
+Trainer's timestep options keep their meaning: ``timestep_sampler="quadratic"`` puts more
+weight near the data and ``ot_max_t`` keeps the OT loss term on the samples nearest the
+data.  The sampler integrates ds from 0 to 1 on a uniform grid of ``steps`` steps.
+
+    flow = FlowMatching(coupling="exact")
+    loss, x1_hat = flow.training_loss(model, images, flow.sample_timesteps(B), torch.randn_like(images))
+    x = flow_sample(model, flow, (64, 1, 8, 8), steps=10)           # Euler, 10 network calls
+
+    python -m diffusion.flow --ckpt exact=runs/digits-flow-exact/checkpoint.pt \\
+        --ckpt independent=runs/digits-flow-indep/checkpoint.pt --ddim runs/digits/checkpoint.pt \\
+        --json diffusion/assets/digits_flow_couplings.json --plot flow.png --grid grid.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from otkernels.coupling import sample_pairs
+
+from .process import TIMESTEP_SAMPLERS
+
+COUPLINGS = ("exact", "sinkhorn", "independent")
+SOLVERS = ("euler", "midpoint", "heun")
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2}
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) → (B, 1, 1, 1) in x's dtype and device, to broadcast against x."""
+    return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class FlowMatching:
+    """Conditional flow matching on straight paths, noise x0 → data x1, with a minibatch coupling.
+
+    sigma_min: std of the Gaussian tube around each path (x_s = (1−s)x0 + s x1 + σ_min z;
+    0: deterministic paths).  coupling: ``"exact"``, ``"sinkhorn"`` (entropic plan at
+    ``coupling_blur``, geomloss's convention ε = blur², cost ½|x0 − x1|²) or
+    ``"independent"``.  T: the number of integer timesteps (the model's time input range).
+
+    It offers the part of :class:`~diffusion.process.GaussianDiffusion`'s interface the
+    Trainer uses: ``T``, :meth:`training_loss`, :meth:`sample_timesteps`.
+    """
+
+    def __init__(self, sigma_min: float = 0.0, coupling: str = "exact", coupling_blur: float = 1.0,
+                 T: int = 1000):
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not sigma_min >= 0:
+            raise ValueError(f"sigma_min must be a number >= 0, got {sigma_min!r}")
+        if isinstance(coupling_blur, bool) or not isinstance(coupling_blur, (int, float)) or not coupling_blur > 0:
+            raise ValueError(f"coupling_blur must be a number > 0, got {coupling_blur!r}")
+        if isinstance(T, bool) or int(T) != T or T < 2:
+            raise ValueError(f"T must be an int >= 2, got {T!r}")
+        self.sigma_min, self.coupling, self.T = float(sigma_min), coupling, int(T)
+        self.coupling_blur = float(coupling_blur)
+
+    def __repr__(self):
+        return (f"FlowMatching(sigma_min={self.sigma_min}, coupling={self.coupling!r}, "
+                f"coupling_blur={self.coupling_blur}, T={self.T})")
+
+    # ------------------------------------------------------------------ time
+    def flow_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Integer (or float) timesteps t (B,) → flow time s = 1 − t/(T−1) (B,) float64."""
+        return 1.0 - t.double() / (self.T - 1)
+
+    def model_time(self, s) -> torch.Tensor:
+        """Flow time s (float or (B,)) → the network's time input t = (1 − s)(T − 1), float."""
+        return (1.0 - torch.as_tensor(s, dtype=torch.float64)) * (self.T - 1)
+
+    # ------------------------------------------------------------------ paths and coupling
+    @torch.no_grad()
+    def pair(self, x1: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The noise (B,C,H,W) re-ordered so that noise[k] goes with the image x1[k] under the
+        coupling (computed on the flattened images, in float32, no gradient).  Independent
+        coupling: the noise as it is (already independent of the images).  ``generator``:
+        the sinkhorn draws (None: torch's global RNG)."""
+        if self.coupling == "independent":
+            return noise
+        kw = {"blur": self.coupling_blur} if self.coupling == "sinkhorn" else {}
+        with torch.autocast(x1.device.type, enabled=False):
+            _, j = sample_pairs(x1.detach().flatten(1).float(), noise.detach().flatten(1).float(), self.coupling,
+                                generator=generator, **kw)
+        return noise[j]
+
+    def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None):
+        """x_s = (1 − s)·x0 + s·x1 (+ σ_min·z): s (B,) broadcast over the image dimensions."""
+        s = _bcast(s, x1)
+        xs = (1 - s) * x0 + s * x1
+        if self.sigma_min > 0 and z is not None:
+            xs = xs + self.sigma_min * z
+        return xs
+
+    def training_loss(self, model, x1, t, noise, y=None, generator: torch.Generator | None = None):
+        """MSE between v̂ = model(x_t, t, y) and u = x1 − x0, where x0 is ``noise`` re-ordered
+        by the coupling (:meth:`pair`) and x_t = (1 − s)x0 + s x1 + σ_min z, s = 1 − t/(T−1);
+        z (σ_min > 0 only) and the sinkhorn draws come from ``generator`` (None: global RNG).
+        Returns (loss scalar, x̂1 = x_t + (1 − s)·v̂ (B,C,H,W), the one-step estimate of the
+        data, carrying gradients to the model)."""
+        x0 = self.pair(x1, noise, generator)
+        z = None
+        if self.sigma_min > 0:
+            z = torch.randn(x1.shape, generator=generator, device="cpu" if generator is not None else x1.device)
+            z = z.to(device=x1.device, dtype=x1.dtype)
+        s = self.flow_time(t)
+        xt = self.interpolate(x0, x1, s, z)
+        v = model(xt, t, y)
+        loss = F.mse_loss(v.float(), (x1 - x0).float())
+        return loss, xt + _bcast(1 - s, xt) * v
+
+    def velocity(self, model, x, s, y=None, guidance_scale: float = 1.0) -> torch.Tensor:
+        """v̂(x, s) (B,C,H,W) at flow time s (float); classifier-free guidance as in
+        GaussianDiffusion.model_predictions when ``guidance_scale != 1`` (needs y)."""
+        t = self.model_time(s).to(x.device, torch.float32).expand(x.shape[0])
+        if y is not None and guidance_scale != 1.0:
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]),
+                         cond_drop_mask=torch.cat([torch.zeros_like(y, dtype=torch.bool),
+                                                   torch.ones_like(y, dtype=torch.bool)]))
+            cond, uncond = both.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        return model(x, t, y)
+
+    # ------------------------------------------------------------------ timesteps
+    def sample_timesteps(self, n: int, sampler: str = "uniform", device=None, generator=None) -> torch.Tensor:
+        """(n,) long timesteps, as GaussianDiffusion's: ``"uniform"`` on [0, T), ``"quadratic"``
+        t = ⌊T·u²⌋ (more weight on small t: near the data, s close to 1)."""
+        if sampler not in TIMESTEP_SAMPLERS:
+            raise ValueError(f"timestep sampler must be one of {TIMESTEP_SAMPLERS}, got {sampler!r}")
+        if sampler == "uniform":
+            return torch.randint(0, self.T, (n,), device=device, generator=generator)
+        u = torch.rand(n, device=device, generator=generator)
+        return (u * u * self.T).long().clamp_(0, self.T - 1)
+
+
+# ---------------------------------------------------------------------- ODE sampler
+def _check_solver(steps, method):
+    if method not in SOLVERS:
+        raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+
+
+@torch.no_grad()
+def integrate(model, flow: FlowMatching, x0: torch.Tensor, steps: int = 50, method: str = "euler", y=None,
+              guidance_scale: float = 1.0):
+    """Solve dx/ds = v̂(x, s) from s = 0 (x0 (B,C,H,W)) to s = 1 on a uniform grid of ``steps``
+    steps: ``"euler"`` (one network call per step), ``"midpoint"`` or ``"heun"`` (two).
+    Returns (x(1) (B,C,H,W), unclamped; the path's kinetic energy Σ_k |Δx_k|²/h (B,), the
+    discrete ∫|v|² ds of the polygon the solver followed)."""
+    _check_solver(steps, method)
+    x = x0.clone()
+    h = 1.0 / steps
+    energy = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for k in range(steps):
+        s = k * h
+        v = flow.velocity(model, x, s, y, guidance_scale)
+        if method == "midpoint":
+            v = flow.velocity(model, x + 0.5 * h * v, s + 0.5 * h, y, guidance_scale)
+        elif method == "heun":
+            v = 0.5 * (v + flow.velocity(model, x + h * v, s + h, y, guidance_scale))
+        dx = h * v
+        energy += dx.flatten(1).double().square().sum(1) / h
+        x = x + dx
+    return x, energy
+
+
+@torch.no_grad()
+def flow_sample(model, flow: FlowMatching, shape=None, steps: int = 50, method: str = "euler", noise=None, y=None,
+                guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (B,C,H,W) in [-1, 1] (clamped at the end): the ODE of :func:`integrate` from
+    ``noise`` (or N(0, I) noise of ``shape`` drawn on the CPU from ``generator``, as the DDIM
+    sampler does, so the same generator gives the same start).  Network calls: ``steps``
+    (euler) or 2·``steps`` (midpoint, heun)."""
+    from .sample import _device, _start
+
+    _check_solver(steps, method)
+    x = _start(shape, noise, generator, _device(model))
+    return integrate(model, flow, x, steps, method, y, guidance_scale)[0].clamp(-1, 1)
+
+
+def straightness(x0: torch.Tensor, x1: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """|x1 − x0|² / ∫|v|² ds per sample (B,): 1 for a straight path at constant speed, < 1
+    otherwise (Cauchy–Schwarz); x0, x1 (B,C,H,W) the path's ends, energy from :func:`integrate`."""
+    d = (x1 - x0).flatten(1).double().square().sum(1).to(energy.device)
+    return torch.where(energy > 0, d / energy.clamp_min(1e-300), torch.ones_like(d))
+
+
+@torch.no_grad()
+def path_straightness(model, flow: FlowMatching, noise: torch.Tensor, steps: int = 100, method: str = "euler",
+                      y=None) -> dict:
+    """Straightness diagnostics of the learned flow from ``noise`` (B,C,H,W), solved with
+    ``steps`` steps: mean ratio |x(1) − x(0)|²/∫|v|² ds (1 = straight), mean kinetic energy
+    ∫|v|² ds, mean squared displacement |x(1) − x(0)|², all per sample (not per pixel)."""
+    x1, energy = integrate(model, flow, noise, steps, method, y)
+    r = straightness(noise, x1, energy)
+    d = (x1 - noise).flatten(1).double().square().sum(1)
+    return {"straightness": r.mean().item(), "kinetic_energy": energy.mean().item(), "displacement": d.mean().item(),
+            "steps": steps, "method": method}
+
+
+# ---------------------------------------------------------------------- experiment
+def coupling_costs(x: torch.Tensor, batch_size: int = 128, batches: int = 10, seed: int = 0, blur: float = 1.0) -> dict:
+    """Mean |x0 − x1|² per pair over ``batches`` minibatches of images x (N,C,H,W) and fresh
+    noise, for each coupling (what the coupling changes in training)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {c: [] for c in COUPLINGS}
+    for _ in range(batches):
+        x1 = x[torch.randperm(len(x), generator=g)[:batch_size]]
+        noise = torch.randn(x1.shape, generator=g)
+        for c in COUPLINGS:
+            x0 = FlowMatching(coupling=c, coupling_blur=blur).pair(x1, noise, generator=g)
+            out[c].append((x1 - x0).flatten(1).square().sum(1).mean().item())
+    return {c: sum(v) / len(v) for c, v in out.items()}
+
+
+def _measure(net, x, real_train, real_test, blur):
+    from .evaluation import feature_metrics
+    from .features import classify, embed
+
+    f = embed(net, x)
+    probs = torch.cat([net(x[i:i + 1000]).float().softmax(1) for i in range(0, len(x), 1000)])
+    out = classify(net, x)
+    for split, fr in (("train", real_train), ("test", real_test)):
+        out.update({f"{k}_{split}": v for k, v in feature_metrics(fr, f, blur, fake_probs=probs).items()})
+    return out
+
+
+def _plot(result, path, keys=(("ot_train", "OT(gen, train)"), ("fid_train", "FID(gen, train)"),
+                              ("max_class_share", "max class share"), ("mean_confidence", "mean confidence"),
+                              ("straightness", "straightness |x1−x0|²/∫|v|²"))):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, (k, label) in zip(axes, keys):
+        for name, rows in result["methods"].items():
+            pts = [(int(nfe), r[k]) for nfe, r in rows["nfe"].items() if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(result["nfes"], [str(n) for n in result["nfes"]])
+        ax.set_xlabel("NFE (network calls)")
+        ax.set_title(label, fontsize=9)
+        if k in ("ot_train", "fid_train"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _grid_figure(panels: dict, path: str) -> None:
+    """One PNG: a row per method, a column per NFE, each panel a square grid of its samples;
+    ``panels[(method, nfe)]`` = images (n,C,H,W) in [-1, 1]."""
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for m, _ in panels))
+    nfes = list(dict.fromkeys(k for _, k in panels))
+    fig, axes = plt.subplots(len(methods), len(nfes), figsize=(1.35 * len(nfes) + 0.4, 1.45 * len(methods)),
+                             squeeze=False)
+    for r, m in enumerate(methods):
+        for c, k in enumerate(nfes):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if (m, k) in panels:
+                x = ((panels[(m, k)].detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, 0]
+                side = math.ceil(math.sqrt(len(x)))
+                H, W = x.shape[-2:]
+                img = torch.ones(side * (H + 1) + 1, side * (W + 1) + 1)
+                for i in range(len(x)):
+                    a, b = divmod(i, side)
+                    img[1 + a * (H + 1):1 + a * (H + 1) + H, 1 + b * (W + 1):1 + b * (W + 1) + W] = x[i]
+                ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if r == 0:
+                ax.set_title(f"NFE {k}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(m, fontsize=8)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def compare_couplings(ckpts: dict, nfes=(2, 5, 10, 20), n: int = 1000, seed: int = 0, solver: str = "euler",
+                      ddim_ckpt: str | None = None, straightness_steps: int = 100, out_json: str | None = None,
+                      out_png: str | None = None, grid_png: str | None = None, grid_n: int = 16,
+                      batch_size: int = 1000, log=print) -> dict:
+    """Compare flow-matching checkpoints ``{name: path}`` (e.g. exact vs independent coupling)
+    at each NFE in ``nfes`` from the same ``n`` initial noises: feature-space OT / MMD / FID
+    vs the train and test images, classes present, max class share and mean confidence from
+    the dataset's feature net (as diffusion/experiments.py), and the straightness of the
+    paths the solver followed; plus, per checkpoint, :func:`path_straightness` with
+    ``straightness_steps`` Euler steps, and the coupling's mean pair cost on training
+    minibatches.  ``ddim_ckpt``: also DDIM (η = 0, ``nfe`` steps) of a diffusion checkpoint
+    from the same noise.  Writes ``out_json``, ``out_png`` (metric vs NFE, one line per
+    method) and ``grid_png`` (the first ``grid_n`` samples of each method at each NFE)."""
+    from .data import load_data
+    from .features import embed
+    from .sample import ddim_sample
+    from .train import feature_net_for, load_model
+
+    if not ckpts:
+        raise ValueError("ckpts must name at least one flow checkpoint")
+    t_all = time.perf_counter()
+    loaded = {name: load_model(path) for name, path in ckpts.items()}
+    for name, (_, proc, _) in loaded.items():
+        if not isinstance(proc, FlowMatching):
+            raise ValueError(f"checkpoint {ckpts[name]!r} ({name}) is not a flow-matching model (method='flow')")
+    cfg = next(iter(loaded.values()))[2]
+    data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed)
+    net = feature_net_for(cfg, data)
+    noise = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed))
+    real_train, real_test = embed(net, data.x_train[: max(n, 2000)]), embed(net, data.x_test)
+    evals = EVALS_PER_STEP[solver]
+    bad = [k for k in nfes if k % evals]
+    if bad:
+        raise ValueError(f"with solver {solver!r} every NFE must be a multiple of {evals}, got {bad}")
+    result = {"n": n, "seed": seed, "solver": solver, "nfes": list(nfes), "metric_blur": cfg.metric_blur,
+              "dataset": cfg.dataset, "ckpts": dict(ckpts), "methods": {},
+              "coupling_cost": coupling_costs(data.x_train, cfg.batch_size, seed=seed, blur=cfg.flow_blur)}
+    grids = {}
+    for name, (model, flow, c) in loaded.items():
+        rows = {"coupling": c.flow_coupling, "sigma_min": c.flow_sigma, "nfe": {}}
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            xs, es = [], []
+            for i in range(0, n, batch_size):
+                x, e = integrate(model, flow, noise[i:i + batch_size], nfe // evals, solver)
+                xs.append(x)
+                es.append(straightness(noise[i:i + batch_size], x, e))
+            x = torch.cat(xs).clamp(-1, 1)
+            dt = time.perf_counter() - t0
+            rec = _measure(net, x, real_train, real_test, cfg.metric_blur)
+            rec.update(straightness=torch.cat(es).mean().item(), sample_time=dt)
+            rows["nfe"][str(nfe)] = rec
+            grids[(name, nfe)] = x[:grid_n]
+            log(f"{name} NFE {nfe}: " + _line(rec))
+        rows["path_straightness"] = path_straightness(model, flow, noise[:batch_size], straightness_steps)
+        log(f"{name}: {straightness_steps}-step straightness {rows['path_straightness']['straightness']:.4f}")
+        result["methods"][name] = rows
+    if ddim_ckpt and os.path.exists(ddim_ckpt):
+        model, diffusion, _ = load_model(ddim_ckpt)
+        rows = {"ckpt": ddim_ckpt, "nfe": {}}
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            x = torch.cat([ddim_sample(model, diffusion, steps=nfe, eta=0.0, noise=noise[i:i + batch_size])
+                           for i in range(0, n, batch_size)])
+            rec = _measure(net, x, real_train, real_test, cfg.metric_blur)
+            rec["sample_time"] = time.perf_counter() - t0
+            rows["nfe"][str(nfe)] = rec
+            grids[("ddim", nfe)] = x[:grid_n]
+            log(f"DDIM NFE {nfe}: " + _line(rec))
+        result["methods"]["ddim"] = rows
+    elif ddim_ckpt:
+        log(f"no DDIM comparison: {ddim_ckpt} not found")
+    result["wall_seconds"] = time.perf_counter() - t_all
+    if out_json:
+        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=1)
+    if out_png:
+        _plot(result, out_png)
+    if grid_png:
+        _grid_figure(grids, grid_png)
+    return result
+
+
+def _line(r: dict) -> str:
+    s = (f"classes {r['classes_present']}/10, max share {r['max_class_share']:.3f}, "
+         f"conf {r['mean_confidence']:.3f}, OT train {r['ot_train']:.3f}, FID train {r['fid_train']:.3f}")
+    return s + (f", straightness {r['straightness']:.4f}" if "straightness" in r else "")
+
+
+def main(argv=None) -> int:
+    """``python -m diffusion.flow``: :func:`compare_couplings` from the command line."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m diffusion.flow", description=compare_couplings.__doc__.split(".")[0])
+    ap.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH", help="a flow checkpoint (repeat)")
+    ap.add_argument("--ddim", default=None, help="a diffusion checkpoint to compare with DDIM (optional)")
+    ap.add_argument("--nfe", default="2,5,10,20", help="comma-separated network-call budgets")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--solver", choices=SOLVERS, default="euler")
+    ap.add_argument("--straightness-steps", type=int, default=100)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--grid", default=None)
+    args = ap.parse_args(argv)
+    ckpts = {}
+    for item in args.ckpt:
+        if "=" not in item:
+            ap.error(f"--ckpt must be NAME=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        ckpts[k] = v
+    nfes = tuple(int(s) for s in args.nfe.split(",") if s.strip())
+    res = compare_couplings(ckpts, nfes, args.n, args.seed, args.solver, args.ddim, args.straightness_steps,
+                            args.json, args.plot, args.grid)
+    print(f"done in {res['wall_seconds']:.1f} s" + (f"; results -> {args.json}" if args.json else ""))
+    return 0
+
+
+if __name__ == "__main__":  # run the importable module's main: its classes are the ones train.py uses
+    from diffusion.flow import main as _main
+
+    raise SystemExit(_main())
