@@ -102,7 +102,7 @@ def summarize(path):
     for group in sorted(groups, key=_group_key):
         rows = groups[group]
         lines += [f"**{group}**", ""]
-        if all("peak_rss_mb" in b.get("extra_info", {}) for b in rows):
+        if all({"peak_rss_mb", "cost_cached"} <= set(b.get("extra_info", {})) for b in rows):  # bench_memory
             lines += memory_table(rows)
         elif all("lib" in b.get("extra_info", {}) for b in rows):
             lines += sinkhorn_table(rows)
