@@ -1,10 +1,14 @@
-"""Samplers: DDPM ancestral, DDIM (Song et al. 2021), and OT-guided DDIM.
+"""Samplers: DDPM ancestral, DDIM (Song et al. 2021; from any ``t_start``), its deterministic
+inversion, and OT-guided DDIM.  DPM-OT (OT map from noise to data latents + a few DDIM steps)
+is in :mod:`diffusion.dpm_ot`.
 
 All take a trained ε-network ``model(x, t, y)`` and a :class:`GaussianDiffusion`, start from
 ``noise`` (B,C,H,W) (or draw it from ``generator``), and return images (B,C,H,W) in [-1, 1].
 Class-conditional models take ``y`` (B,) and a classifier-free ``guidance_scale``.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -38,11 +42,26 @@ def ddpm_sample(model, diffusion: GaussianDiffusion, shape=None, noise=None, y=N
     return x.clamp(-1, 1)
 
 
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """``steps`` evenly spaced timesteps from T-1 down to 0 (the 'trailing'-free linspace)."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, T={T}], got {steps}")
-    return torch.linspace(T - 1, 0, steps).round().long().tolist()
+def _as_int(v, name):
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}") from None
+
+
+def ddim_timesteps(T: int, steps: int, t_start: int | None = None) -> list[int]:
+    """``steps`` evenly spaced timesteps from ``t_start`` (default T-1) down to 0 (the
+    'trailing'-free linspace): one network evaluation each.  ``t_start`` is an index of the
+    schedule tables (x_t has ᾱ[t_start]), so at most t_start + 1 distinct steps fit."""
+    t_start = T - 1 if t_start is None else _as_int(t_start, "t_start")
+    if not 0 <= t_start < T:
+        raise ValueError(f"t_start must be in [0, T-1={T - 1}], got {t_start}")
+    steps = _as_int(steps, "steps")
+    if not 1 <= steps <= t_start + 1:
+        raise ValueError(f"steps must be in [1, t_start+1={t_start + 1}] (T={T}), got {steps}")
+    return torch.linspace(t_start, 0, steps).round().long().tolist()
 
 
 def _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator):
@@ -59,17 +78,41 @@ def _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator):
 @torch.no_grad()
 def ddim_sample(model, diffusion: GaussianDiffusion, shape=None, steps: int = 50, eta: float = 0.0, noise=None,
                 y=None, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-                clip: bool = True) -> torch.Tensor:
-    """DDIM with ``steps`` steps; ``eta=0`` is deterministic given the noise, ``eta=1`` ~ DDPM."""
+                clip: bool = True, t_start: int | None = None) -> torch.Tensor:
+    """DDIM with ``steps`` steps (= network evaluations); ``eta=0`` is deterministic given the
+    noise, ``eta=1`` ~ DDPM.  ``t_start``: begin at that timestep instead of T-1, with
+    ``noise`` the latent x_{t_start} (not white noise then), as SDEdit / DPM-OT do."""
     dev = _device(model)
     x = _start(shape, noise, generator, dev)
-    ts = ddim_timesteps(diffusion.T, steps)
+    ts = ddim_timesteps(diffusion.T, steps, t_start)
     for i, s in enumerate(ts):
         t = torch.full((x.shape[0],), s, device=dev, dtype=torch.long)
         t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
         eps, x0 = diffusion.model_predictions(model, x, t, y, guidance_scale, clip=clip)
         x = _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator)
     return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def ddim_invert(model, diffusion: GaussianDiffusion, x0: torch.Tensor, t_start: int, steps: int = 10, y=None,
+                clip: bool = False) -> torch.Tensor:
+    """Deterministic DDIM inversion (η = 0) of images x0 (B,C,H,W) to x_{t_start}: the DDIM
+    update run upward along the reversed timesteps of ``ddim_timesteps(T, steps, t_start)``,
+    ``steps`` network evaluations, ε̂ taken at the point the step leaves (at the clean image:
+    ε̂(x0, t=0)).  ``ddim_sample(..., t_start=t_start, steps=steps, eta=0)`` from the result
+    returns ≈ x0, exactly in the limit of small steps (the probability-flow ODE's two ways);
+    the error of a few steps is the ODE discretisation's.  ``clip``: clamp x̂0 to [-1, 1] on
+    the way (off by default: the inverse should not saturate)."""
+    dev = _device(model)
+    x = x0.to(dev).clone()
+    ts = ddim_timesteps(diffusion.T, steps, t_start)[::-1]  # 0, ..., t_start
+    src = [ts[0]] + ts[:-1]  # timestep at which ε̂ of the point being left is evaluated
+    for s_from, s_to in zip(src, ts):
+        t = torch.full((x.shape[0],), s_from, device=dev, dtype=torch.long)
+        eps, x0_hat = diffusion.model_predictions(model, x, t, y, clip=clip)
+        abar_to = _extract(diffusion.alphas_cumprod, torch.full_like(t, s_to), x)
+        x = abar_to.sqrt() * x0_hat + (1 - abar_to).sqrt() * eps
+    return x
 
 
 def ot_move(x0: torch.Tensor, ref: torch.Tensor, loss: SamplesLoss, scale: float = 0.1, iters: int = 1,
