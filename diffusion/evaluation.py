@@ -63,6 +63,21 @@ def feature_metrics(real: torch.Tensor, fake: torch.Tensor, blur: float = 0.5, p
     return out
 
 
+def sample_report(net, x: torch.Tensor, real_train: torch.Tensor, real_test: torch.Tensor, blur: float) -> dict:
+    """The measures of generated images x (n,C,H,W) that the experiments report: the feature
+    net's class histogram, max share and confidence (:func:`~diffusion.features.classify`),
+    and :func:`feature_metrics` of their embeddings vs the real features of each split
+    (keys suffixed ``_train`` / ``_test``)."""
+    from .features import classify, embed
+
+    f = embed(net, x)
+    probs = torch.cat([net(x[i:i + 1000]).float().softmax(1) for i in range(0, len(x), 1000)])
+    out = classify(net, x)
+    for split, fr in (("train", real_train), ("test", real_test)):
+        out.update({f"{k}_{split}": v for k, v in feature_metrics(fr, f, blur, fake_probs=probs).items()})
+    return out
+
+
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None, title: str | None = None) -> None:
     """Save images x (N,C,H,W) in [-1, 1] as one PNG grid (matplotlib, no torchvision)."""
     import matplotlib

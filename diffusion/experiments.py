@@ -19,19 +19,10 @@ from otkernels.metrics import knn
 
 from .data import load_data
 from .dpm_ot import DPMOTSampler
-from .evaluation import feature_metrics, save_grid
-from .features import classify, embed
+from .evaluation import sample_report, save_grid
+from .features import embed
 from .sample import ddim_sample, ddim_sample_with_ot
 from .train import feature_net_for, load_model
-
-
-def _report(net, x, real_train, real_test, blur):
-    f = embed(net, x)
-    probs = torch.cat([net(x[i:i + 1000]).float().softmax(1) for i in range(0, len(x), 1000)])
-    out = classify(net, x)
-    for split, fr in (("train", real_train), ("test", real_test)):
-        out.update({f"{k}_{split}": v for k, v in feature_metrics(fr, f, blur, fake_probs=probs).items()})
-    return out
 
 
 @torch.no_grad()
@@ -57,7 +48,7 @@ def evaluate_checkpoint(ckpt: str, n: int = 1000, steps: int = 50, eta: float = 
     x = torch.cat([ddim_sample(model, diffusion, steps=steps, eta=eta, noise=noise[i:i + batch_size],
                                generator=torch.Generator().manual_seed(seed + 1))
                    for i in range(0, n, batch_size)])
-    result["ddim"] = _report(net, x, real_train, real_test, cfg.metric_blur)
+    result["ddim"] = sample_report(net, x, real_train, real_test, cfg.metric_blur)
     result["ddim"]["time"] = time.perf_counter() - t0
     if grid:
         save_grid(x[:cfg.grid_n], grid)
@@ -79,7 +70,7 @@ def evaluate_checkpoint(ckpt: str, n: int = 1000, steps: int = 50, eta: float = 
                                             noise=noise[i:i + batch_size],
                                             generator=torch.Generator().manual_seed(seed + 1), **kw)
                         for i in range(0, n, batch_size)])
-        result["ddim_ot"] = _report(net, xo, real_train, real_test, cfg.metric_blur)
+        result["ddim_ot"] = sample_report(net, xo, real_train, real_test, cfg.metric_blur)
         result["ddim_ot"]["time"] = time.perf_counter() - t0
         result["ot_guidance"] = {**{k: v for k, v in kw.items() if k != "feature_fn"}, "space": space}
         for split in ("train", "test"):
@@ -151,7 +142,7 @@ def dpm_ot_comparison(model, diffusion, data, net, noise, real_train, real_test,
                       grid_variants=("mix0_eta0", "mix1_eta0_z", "mix1_eta0_fresh"), batch_size: int = 1000,
                       progress: bool = False, log=print) -> dict:
     """DDIM-k vs DPM-OT-k (``k`` in ``steps``: network evaluations of the sampling; the OT map is
-    not one), from the same ``noise`` (n, C, H, W), every set measured by :func:`_report` and
+    not one), from the same ``noise`` (n, C, H, W), every set measured by :func:`~diffusion.evaluation.sample_report` and
     :func:`memorisation`.
 
     For each t' in ``t_start``: a :class:`DPMOTSampler` on the training images (``method``
@@ -182,7 +173,7 @@ def dpm_ot_comparison(model, diffusion, data, net, noise, real_train, real_test,
            "test_memorisation": test_mem, "ddim": {}, "dpm_ot": {}}
 
     def measure(x, t0, extra=None, target=None):
-        r = _report(net, x, real_train, real_test, blur)
+        r = sample_report(net, x, real_train, real_test, blur)
         r["memorisation"] = memorisation(x, x_train, train_nn, target)
         if target is not None:  # does the sample keep its OT target's class (feature net's label)?
             pred = torch.cat([net(x[i:i + 1000].to(next(net.parameters()).device)).argmax(1).cpu()

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from otkernels.coupling import sample_pairs
 
-from .process import TIMESTEP_SAMPLERS
+from .evaluation import sample_report
+from .process import sample_timesteps
 
 COUPLINGS = ("exact", "sinkhorn", "independent")
 SOLVERS = ("euler", "midpoint", "heun")
@@ -141,14 +142,9 @@ class FlowMatching:
 
     # ------------------------------------------------------------------ timesteps
     def sample_timesteps(self, n: int, sampler: str = "uniform", device=None, generator=None) -> torch.Tensor:
-        """(n,) long timesteps, as GaussianDiffusion's: ``"uniform"`` on [0, T), ``"quadratic"``
-        t = ⌊T·u²⌋ (more weight on small t: near the data, s close to 1)."""
-        if sampler not in TIMESTEP_SAMPLERS:
-            raise ValueError(f"timestep sampler must be one of {TIMESTEP_SAMPLERS}, got {sampler!r}")
-        if sampler == "uniform":
-            return torch.randint(0, self.T, (n,), device=device, generator=generator)
-        u = torch.rand(n, device=device, generator=generator)
-        return (u * u * self.T).long().clamp_(0, self.T - 1)
+        """(n,) long timesteps, as GaussianDiffusion's (:func:`~diffusion.process.sample_timesteps`):
+        ``"quadratic"`` puts more weight on small t, near the data (s close to 1)."""
+        return sample_timesteps(self.T, n, sampler, device, generator)
 
 
 # ---------------------------------------------------------------------- ODE sampler
@@ -230,18 +226,6 @@ def coupling_costs(x: torch.Tensor, batch_size: int = 128, batches: int = 10, se
             x0 = FlowMatching(coupling=c, coupling_blur=blur).pair(x1, noise, generator=g)
             out[c].append((x1 - x0).flatten(1).square().sum(1).mean().item())
     return {c: sum(v) / len(v) for c, v in out.items()}
-
-
-def _measure(net, x, real_train, real_test, blur):
-    from .evaluation import feature_metrics
-    from .features import classify, embed
-
-    f = embed(net, x)
-    probs = torch.cat([net(x[i:i + 1000]).float().softmax(1) for i in range(0, len(x), 1000)])
-    out = classify(net, x)
-    for split, fr in (("train", real_train), ("test", real_test)):
-        out.update({f"{k}_{split}": v for k, v in feature_metrics(fr, f, blur, fake_probs=probs).items()})
-    return out
 
 
 def _plot(result, path, keys=(("ot_train", "OT(gen, train)"), ("fid_train", "FID(gen, train)"),
@@ -356,7 +340,7 @@ def compare_couplings(ckpts: dict, nfes=(2, 5, 10, 20), n: int = 1000, seed: int
                 es.append(straightness(noise[i:i + batch_size], x, e))
             x = torch.cat(xs).clamp(-1, 1)
             dt = time.perf_counter() - t0
-            rec = _measure(net, x, real_train, real_test, cfg.metric_blur)
+            rec = sample_report(net, x, real_train, real_test, cfg.metric_blur)
             rec.update(straightness=torch.cat(es).mean().item(), sample_time=dt)
             rows["nfe"][str(nfe)] = rec
             grids[(name, nfe)] = x[:grid_n]
@@ -371,7 +355,7 @@ def compare_couplings(ckpts: dict, nfes=(2, 5, 10, 20), n: int = 1000, seed: int
             t0 = time.perf_counter()
             x = torch.cat([ddim_sample(model, diffusion, steps=nfe, eta=0.0, noise=noise[i:i + batch_size])
                            for i in range(0, n, batch_size)])
-            rec = _measure(net, x, real_train, real_test, cfg.metric_blur)
+            rec = sample_report(net, x, real_train, real_test, cfg.metric_blur)
             rec["sample_time"] = time.perf_counter() - t0
             rows["nfe"][str(nfe)] = rec
             grids[("ddim", nfe)] = x[:grid_n]

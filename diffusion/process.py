@@ -138,11 +138,16 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ timesteps
     def sample_timesteps(self, n: int, sampler: str = "uniform", device=None, generator=None) -> torch.Tensor:
-        """(n,) long timesteps: ``"uniform"`` on [0, T), or ``"quadratic"`` t = ⌊T·u²⌋
-        (density ∝ 1/√t: more weight on small t, where detail is decided)."""
-        if sampler not in TIMESTEP_SAMPLERS:
-            raise ValueError(f"timestep sampler must be one of {TIMESTEP_SAMPLERS}, got {sampler!r}")
-        if sampler == "uniform":
-            return torch.randint(0, self.T, (n,), device=device, generator=generator)
-        u = torch.rand(n, device=device, generator=generator)
-        return (u * u * self.T).long().clamp_(0, self.T - 1)
+        """(n,) long timesteps on [0, T): see :func:`sample_timesteps`."""
+        return sample_timesteps(self.T, n, sampler, device, generator)
+
+
+def sample_timesteps(T: int, n: int, sampler: str = "uniform", device=None, generator=None) -> torch.Tensor:
+    """(n,) long timesteps: ``"uniform"`` on [0, T), or ``"quadratic"`` t = ⌊T·u²⌋
+    (density ∝ 1/√t: more weight on small t, where detail is decided)."""
+    if sampler not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"timestep sampler must be one of {TIMESTEP_SAMPLERS}, got {sampler!r}")
+    if sampler == "uniform":
+        return torch.randint(0, T, (n,), device=device, generator=generator)
+    u = torch.rand(n, device=device, generator=generator)
+    return (u * u * T).long().clamp_(0, T - 1)
