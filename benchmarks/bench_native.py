@@ -2,8 +2,11 @@
 (forward + backward w.r.t. x), native vs blocked torch vs geomloss tensorized vs geomloss
 online (KeOps), plus this machine's peaks measured in the same run.
 
-    pytest benchmarks/bench_native.py --benchmark-only            # ~10 min on 2 cores
-    pytest benchmarks/bench_native.py --benchmark-only --large    # + the slowest (~30 min)
+    pytest benchmarks/bench_native.py --benchmark-only            # ~6 min on 2 cores
+    pytest benchmarks/bench_native.py --benchmark-only --large    # + N=10k divergences, the slowest (~40 min)
+
+(The default run's N=10k divergence comparison is bench_sinkhorn.py's group: ``auto`` runs
+``native`` there, against the same geomloss references.)
 
 * Data: float32 ``x ~ randn(N, D)``, ``y ~ randn(N, D) + 0.5`` (seed 0), N = M ∈ {5k, 10k},
   D ∈ {3, 128}, 2 torch threads.  Sinkhorn: p=2, blur=0.05, scaling=0.5, debias=True.
@@ -56,6 +59,12 @@ LARGE_ONLY = {
     ("divergence", "geomloss-online", 5000, 128): "geomloss online (KeOps CPU) ~145 s at N=5k D=128",
     ("divergence", "geomloss-online", 10000, 128): "geomloss online (KeOps CPU) ~10 min at N=10k D=128",
     ("divergence", "geomloss-online", 10000, 3): "geomloss online (KeOps CPU) several minutes at N=10k",
+    ("divergence", "geomloss-tensorized", 10000, 128): "geomloss tensorized ~90 s at N=10k D=128 "
+        "(the default run has it in bench_sinkhorn's N=10k group, next to auto -> native)",
+    ("divergence", "geomloss-tensorized", 10000, 3): "geomloss tensorized ~65 s at N=10k D=3 "
+        "(the default run has it in bench_sinkhorn's N=10k group, next to auto -> native)",
+    ("divergence", "native", 10000, 128): "the N=10k divergence group (its geomloss reference is --large here)",
+    ("divergence", "native", 10000, 3): "the N=10k divergence group (its geomloss reference is --large here)",
     ("divergence", "blocked", 10000, 128): "blocked torch ~5 min at N=10k D=128",
     ("divergence", "blocked", 10000, 3): "blocked torch several minutes at N=10k",
     ("divergence", "blocked", 5000, 128): "blocked torch ~1.5 min at N=5k D=128",
