@@ -55,7 +55,7 @@ class DiffusionConfig:
     lr: float = 2e-4
     ema_decay: float = 0.995
     grad_clip: float = 1.0             # max gradient norm (0: off)
-    amp: str = "none"                  # none | bf16 | fp16 (CUDA autocast only)
+    amp: str = "none"                  # none | bf16 | fp16 autocast (fp16 with a GradScaler)
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     threads: int = 0                   # torch CPU threads (0: torch's default)

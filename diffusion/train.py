@@ -1,4 +1,4 @@
-"""Training: the Trainer (Adam, EMA, gradient clipping, CUDA autocast, per-epoch logs, sample
+"""Training: the Trainer (Adam, EMA, gradient clipping, bf16/fp16 autocast, per-epoch logs, sample
 grids, atomic checkpoints, exact resume) and the OT-enhanced loss
 
     L = L_eps + λ(epoch) · Sinkhorn_p,blur( squash(x̂0), reference batch )
@@ -153,9 +153,10 @@ class Trainer:
         self.model = build_model(cfg, self.data.shape[0]).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.ema = EMA(self.model, cfg.ema_decay)
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
+        # autocast on the model's device (bf16 / fp16 on CUDA; on CPU too, where torch supports
+        # both, so the path is testable without a GPU); fp16 scales the loss, bf16 needs no scaler
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.order_gen = torch.Generator().manual_seed(cfg.seed)      # batch order
         self.ref_gen = torch.Generator().manual_seed(cfg.seed + 1)    # OT reference batches
         self.pool = ReferencePool(len(self.data.x_train), cfg.ot_pool_size, cfg.seed + 2)
@@ -191,7 +192,7 @@ class Trainer:
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ training
     def train_step(self, idx: torch.Tensor) -> dict:

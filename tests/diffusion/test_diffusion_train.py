@@ -99,3 +99,40 @@ def test_finetune_from_checkpoint(tiny_cfg, tmp_path):
     ft = Trainer(tiny_cfg.replace(out_dir=str(tmp_path / "ft"), init_from=base.ckpt_path, ot_lambda=0.1))
     assert torch.equal(_params(ft.model), _params(base.model))
     assert ft.epoch == 0
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_train_step(tiny_cfg, amp):
+    """bf16 / fp16 autocast (here on CPU: the same code path as CUDA): the UNet runs in the low
+    precision, the ε-loss and the Sinkhorn term in float32, the step updates the weights, and
+    fp16 goes through the loss scaler."""
+    tr = Trainer(tiny_cfg.replace(amp=amp, ot_lambda=0.1, ot_blur=0.35))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert tr.amp_dtype is low and tr.scaler.is_enabled() == (amp == "fp16")
+    seen = []
+    hook = tr.model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = _params(tr.model)
+    terms = tr.train_step(torch.arange(32))
+    hook.remove()
+    assert seen == [low]
+    assert all(torch.isfinite(torch.tensor(terms[k])) for k in ("loss", "loss_eps", "loss_ot"))
+    assert terms["loss"] == pytest.approx(terms["loss_eps"] + 0.1 * terms["loss_ot"], rel=1e-5)
+    if amp == "fp16":  # the scaler skips the steps whose scaled gradients overflow, then lowers its scale
+        scale0 = 2.0 ** 16
+        for _ in range(30):
+            if (_params(tr.model) - before).abs().max() > 0:
+                break
+            tr.train_step(torch.arange(32))
+        assert tr.scaler.get_scale() < scale0
+    assert (_params(tr.model) - before).abs().max() > 0
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())  # master weights stay float32
+    with tr._autocast():  # the OT term is computed in float32 even inside autocast
+        idx = torch.arange(16)
+        _, x0_hat = tr.diffusion.training_loss(tr.model, tr.data.x_train[idx], torch.randint(0, 50, (16,)),
+                                               torch.randn(16, 1, 8, 8))
+        loss_ot = tr.ot_loss(x0_hat, tr.data.x_train[tr.pool.draw(16, idx, tr.ref_gen)])
+    assert loss_ot.dtype == torch.float32 and torch.isfinite(loss_ot)
+
+
+def test_resume_with_fp16_scaler(tiny_cfg, check_resume):
+    check_resume(tiny_cfg.replace(amp="fp16"))  # the loss scale is part of the exact state
