@@ -63,7 +63,8 @@ def cache_plan(nbytes, cache=None):
     """Which cost matrices to cache, greedily in the given order (callers list ``C_xy`` first:
     it serves two of the four reductions of each Sinkhorn iteration, then ``C_xx``, ``C_yy``):
     a matrix is cached when it fits what the earlier ones left of :func:`cache_budget`.
-    ``cache`` True / False forces all / none.  ``nbytes`` list of ints -> list of bools."""
+    ``cache`` True / False forces all / none.  ``nbytes`` list of ints -> list of bools.
+    (``native`` also caches the first rows of ``C_xy`` when all of it does not fit.)"""
     if cache is not None:
         return [bool(cache)] * len(nbytes)
     left, plan = cache_budget(), []

@@ -18,7 +18,8 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
 * **Cached strategy.**  The cost matrices that fit :func:`otkernels.backends.cache_budget`
   (greedily: ``C_xy`` first, which serves two of the four reductions per iteration, then
   ``C_xx``, ``C_yy``; :func:`otkernels.backends.cache_plan`) are computed once (one GEMM) and
-  each of the ~60 passes of the Sinkhorn loop reads them; the others recompute tiles.  C_xy and C_yx share one matrix (column reductions
+  each of the ~60 passes of the Sinkhorn loop reads them; the others recompute tiles.  When
+  ``C_xy`` does not fit, the budget caches as many of its rows as it can (:class:`PartialCost`).  C_xy and C_yx share one matrix (column reductions
   read it in place).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
   through a pool (:func:`set_pool_limit`, :func:`empty_cache`): page faults on 1.2 GB of
   fresh memory cost more than the GEMMs that fill it.
@@ -401,6 +402,53 @@ class _SoftminGrad(torch.autograd.Function):
         return gx.to(ctx.handle.x.dtype), None, None, None
 
 
+class PartialCost(NativeCost):
+    """``C(x, y)`` with the rows ``i < R`` of ``C(x, y)`` cached (``cache`` (B,R,M)) and the
+    rest computed on the fly: what a budget smaller than the whole matrix buys (each cached
+    row saves its share of both Sinkhorn reductions' GEMM work).  ``transpose``: the handle of
+    ``C(y, x)`` (rows y_j), whose reductions over x split into the cached columns ``i < R``
+    and the recomputed ones, merged by log-sum-exp.  Same results as :class:`NativeCost`
+    (tests/backends/test_native.py)."""
+
+    def __init__(self, x, y, cost, cache, scale, rows, transpose=False):
+        super().__init__(x, y, cost, cache=cache, scale=scale, transpose=transpose)
+        self.sym = False
+        src = self.y if transpose else self.xd  # the cloud whose points index the cached rows
+        self.rows = rows
+        self.head, self.tail = src[:, :rows].contiguous(), src[:, rows:].contiguous()
+
+    def lse(self, eps, h):
+        R, K, s = self.rows, self.cache, self.scale
+        if self.transpose:  # h (B,N) over x: cached columns + recomputed ones
+            a = lse_cached(K, s, True, h[:, :R], eps)
+            b = lse_online(self.xd, self.tail, h[:, R:].contiguous(), eps, self.p)
+            return torch.logaddexp(a, b)
+        return torch.cat([lse_cached(K, s, False, h, eps), lse_online(self.tail, self.y, h, eps, self.p)], 1)
+
+    def softmin_two(self, eps, h, h_t):
+        if self.transpose:
+            return None
+        R, K, s = self.rows, self.cache, self.scale
+        r1, c1 = lse_cached(K, s, False, h, eps), lse_cached(K, s, True, h_t[:, :R], eps)
+        ht = h_t[:, R:].contiguous()
+        two = lse_online_two(self.tail, self.y, h, ht, eps, self.p)
+        r2, c2 = two if two is not None else (lse_online(self.tail, self.y, h, eps, self.p),
+                                              lse_online(self.y, self.tail, ht, eps, self.p))
+        e = -float(eps)
+        return torch.cat([r1, r2], 1).mul_(e), torch.logaddexp(c1, c2).mul_(e)
+
+    @torch.no_grad()
+    def grad_x(self, eps, h, f, g, s=None, fscale=None):
+        R, K, sc, p = self.rows, self.cache, self.scale, self.p
+        if self.transpose:  # gradient w.r.t. y: the sum over x splits into the two parts
+            s1, s2 = (None, None) if s is None else (s[:, :R], s[:, R:].contiguous())
+            return (grad_cached(K, sc, True, self.xd, self.head, h[:, :R], f, g, s1, eps, p, fscale)
+                    + grad_online(self.xd, self.tail, h[:, R:].contiguous(), f, g, s2, eps, p, fscale))
+        f1, f2, g1, g2 = f[:, :R], f[:, R:].contiguous(), g[:, :R], g[:, R:].contiguous()
+        return torch.cat([grad_cached(K, sc, False, self.head, self.y, h, f1, g1, s, eps, p, fscale),
+                          grad_online(self.tail, self.y, h, f2, g2, s, eps, p, fscale)], 1)
+
+
 def _cache_dtype(dtype):
     if dtype == torch.float64:
         return torch.float64
@@ -426,6 +474,12 @@ def cost_handles(x, y, cost, debias=True, cache=None):
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
     sizes = [B * N * M * item] + ([B * N * N * item, B * M * M * item] if debias else [])
     plan = cache_plan(sizes, cache)
+    # C_xy does not fit: the budget caches as many of its rows as it holds, C_xx and C_yy
+    # none (a byte of C_xy saves twice the work of a byte of C_xx: two reductions per
+    # iteration, while the self passes already compute only half of their tiles)
+    rows = min(N, cache_budget() // (B * M * item)) if cache is None and not plan[0] and N * M else 0
+    if rows:
+        plan = [False] * len(plan)
 
     def handle(a, b, cached):
         return NativeCost(a, b, cost, *cost_matrix(a, b, cost.p, cdt)) if cached else NativeCost(a, b, cost)
@@ -434,6 +488,10 @@ def cost_handles(x, y, cost, debias=True, cache=None):
         K, s = cost_matrix(x, y, cost.p, cdt)
         C_xy = NativeCost(x, y, cost, cache=K, scale=s)
         C_yx = NativeCost(y, x, cost, cache=K, scale=s, transpose=True)
+    elif rows:
+        K, s = cost_matrix(x[:, :rows], y, cost.p, cdt)
+        C_xy = PartialCost(x, y, cost, K, s, rows)
+        C_yx = PartialCost(y, x, cost, K, s, rows, transpose=True)
     else:
         C_xy, C_yx = NativeCost(x, y, cost), NativeCost(y, x, cost)
     C_xx, C_yy = (handle(x, x, plan[1]), handle(y, y, plan[2])) if debias else (None, None)

@@ -454,6 +454,69 @@ def test_samples_loss_matches_tensorized(monkeypatch, loss, p, cache):
         assert_rel(u.detach(), w.detach(), 1e-10, f"{loss} p={p} {cache}")
 
 
+@pytest.mark.parametrize("loss,kw", [("sinkhorn", dict(p=2)), ("sinkhorn", dict(p=1, reach=0.5)),
+                                     ("sinkhorn", dict(p=2, debias=False)), ("hausdorff", dict(p=2))])
+@pytest.mark.parametrize("D", [3, 12])  # direct distances / GEMM tiles (the two-way pass)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_partial_cache_same_result(monkeypatch, loss, kw, D, dtype):
+    """A budget below N·M caches the first rows of C_xy (all the budget holds; C_xx, C_yy
+    none): values and gradients w.r.t. both clouds and both weights equal the uncached ones,
+    batched."""
+    B, N, M = 2, 41, 29
+    x, y = make(B, N, M, D, dtype, seed=3)
+    a = torch.rand(B, N, dtype=dtype) + 0.1
+    b = torch.rand(B, M, dtype=dtype) + 0.1
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    item = torch.empty((), dtype=dtype).element_size()
+    row = B * M * item
+    # budget -> (cached rows of C_xy, C_xx cached, C_yy cached)
+    budgets = {0: (0, False, False), row: (1, False, False), 17 * row + 5: (17, False, False),
+               (N - 1) * row: (N - 1, False, False), 3 * row + B * M * M * item: (3 + M, False, False),
+               B * N * M * item: (0, False, False)}  # all of C_xy: the full cache, not a partial one
+    out = {}
+    for budget, (rows, want_xx, want_yy) in budgets.items():
+        monkeypatch.setattr(backends, "_budget", budget)
+        h_xy, h_yx, h_xx, h_yy = native.cost_handles(x, y, Cost(kw["p"]), debias=True)
+        assert getattr(h_xy, "rows", 0) == rows and getattr(h_yx, "rows", 0) == rows, f"budget {budget}"
+        full = budget >= B * N * M * item
+        assert (h_xy.cache is not None) == (rows > 0 or full) and (h_yx.cache is not None) == (rows > 0 or full)
+        assert (h_xx.cache is not None, h_yy.cache is not None) == (want_xx, want_yy), f"budget {budget}"
+        leaves = [t.clone().requires_grad_(True) for t in (a, x, b, y)]
+        v = otkernels.SamplesLoss(loss, blur=0.3, backend="native", **kw)(*leaves)
+        out[budget] = (v.detach(),) + torch.autograd.grad(v.sum(), leaves)
+    t = 1e-12 if dtype == torch.float64 else 2 * tol(dtype)  # float32: two float32 results, each within tol
+    for budget in budgets:
+        for what, u, w in zip(("value", "grad a", "grad x", "grad b", "grad y"), out[budget], out[0]):
+            assert_rel(u, w, t, f"{loss} {kw} D={D} budget {budget}: {what}")
+
+
+def test_partial_cache_handles_match_full_cache(monkeypatch):
+    """The partial handles' reductions (rows, columns, the two-way pass, gradients with weights
+    s) against the fully cached handles, directly."""
+    x, y = make(2, 37, 26, 12, torch.float64, seed=5)
+    monkeypatch.setattr(backends, "_budget", None)
+    full = native.cost_handles(x, y, Cost(2), debias=False, cache=True)[:2]
+    monkeypatch.setattr(backends, "_budget", 10 * 2 * 26 * 8)
+    part = native.cost_handles(x, y, Cost(2), debias=False)[:2]
+    assert part[0].rows == 10
+    g = torch.Generator().manual_seed(0)
+    hx, hy = torch.randn(2, 37, generator=g, dtype=torch.float64), torch.randn(2, 26, generator=g, dtype=torch.float64)
+    eps = 0.7
+    (F, G), (P, Q) = full, part
+    assert_rel(Q.softmin(eps, hx), G.softmin(eps, hx), 1e-13, "columns")
+    assert_rel(P.softmin(eps, hy), F.softmin(eps, hy), 1e-13, "rows")
+    r, c = P.softmin_two(eps, hy, hx)
+    assert_rel(r, F.softmin(eps, hy), 1e-13, "two: rows")
+    assert_rel(c, G.softmin(eps, hx), 1e-13, "two: columns")
+    assert Q.softmin_two(eps, hx, hy) is None
+    fx, gx = F.softmin(eps, hy), torch.randn(2, 37, generator=g, dtype=torch.float64)
+    fy, gy = G.softmin(eps, hx), torch.randn(2, 26, generator=g, dtype=torch.float64)
+    sx, sy = torch.rand(2, 37, generator=g, dtype=torch.float64), torch.rand(2, 26, generator=g, dtype=torch.float64)
+    for s_x, s_y in ((None, None), (sx, sy)):
+        assert_rel(P.grad_x(eps, hy, fx, gx, s_y), F.grad_x(eps, hy, fx, gx, s_y), 1e-12, "grad x")
+        assert_rel(Q.grad_x(eps, hx, fy, gy, s_x), G.grad_x(eps, hx, fy, gy, s_x), 1e-12, "grad y")
+
+
 def test_samples_loss_gemm_path_float32():
     """D = 20 (GEMM tiles): float32 native vs the float64 reference."""
     x, y = make(1, 300, 200, 20, torch.float64)
