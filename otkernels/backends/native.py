@@ -412,7 +412,6 @@ class PartialCost(NativeCost):
 
     def __init__(self, x, y, cost, cache, scale, rows, transpose=False):
         super().__init__(x, y, cost, cache=cache, scale=scale, transpose=transpose)
-        self.sym = False
         src = self.y if transpose else self.xd  # the cloud whose points index the cached rows
         self.rows = rows
         self.head, self.tail = src[:, :rows].contiguous(), src[:, rows:].contiguous()
@@ -477,9 +476,10 @@ def cost_handles(x, y, cost, debias=True, cache=None):
     # C_xy does not fit: the budget caches as many of its rows as it holds, C_xx and C_yy
     # none (a byte of C_xy saves twice the work of a byte of C_xx: two reductions per
     # iteration, while the self passes already compute only half of their tiles)
-    rows = min(N, cache_budget() // (B * M * item)) if cache is None and not plan[0] and N * M else 0
-    if rows:
-        plan = [False] * len(plan)
+    rows = 0
+    if cache is None and not plan[0] and N * M:
+        rows = min(N, cache_budget() // (B * M * item))
+        plan = [False] * len(plan) if rows else plan
 
     def handle(a, b, cached):
         return NativeCost(a, b, cost, *cost_matrix(a, b, cost.p, cdt)) if cached else NativeCost(a, b, cost)
