@@ -104,20 +104,30 @@ def available():
     return out
 
 
+def _usable(name) -> bool:
+    """Whether one backend is usable, probing that backend alone."""
+    if name in _disabled():
+        return False
+    try:
+        return bool(importlib.import_module(f".{_MODULES[name]}", __name__).available()[0])
+    except ImportError:
+        return False
+
+
 def select(B, N, M, D, device, need=None, kind="sinkhorn"):
     """The ``auto`` rule: the name of the backend for a (B,N,D) x (B,M,D) problem.
 
     ``kind``: ``"sinkhorn"`` (Sinkhorn and Hausdorff: softmin reductions) or ``"kernel"``
     (kernel sums); ``need="dense"``: a computation only ``tensorized`` runs (a custom kernel)."""
-    usable = {k for k, (ok, _) in available().items() if ok}
     if kind not in ("sinkhorn", "kernel"):
         raise ValueError(f"kind must be 'sinkhorn' or 'kernel', got {kind!r}")
     if need == "dense":
         return "tensorized"
-    if _is_cuda(device):
+    if _is_cuda(device):  # probe only the GPU backends: never JIT-compile native for a CUDA call
         for name in ("triton", "keops"):
-            if name in usable:
+            if _usable(name):
                 return name
+    usable = {k for k, (ok, _) in available().items() if ok}
     tiled = "blocked" if "blocked" in usable else "tensorized"
     if _is_cpu(device):
         if "native" in usable:
