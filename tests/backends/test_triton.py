@@ -207,7 +207,7 @@ def test_tf32_rounds_operands(interpret_env, monkeypatch):
     interpreter then multiplies exactly, as the tensor cores do on rounded inputs).  A softmin
     pass keeps ~2^-11 relative accuracy and a D = 48 Sinkhorn divergence stays within 1e-4 of
     float64 (truncated TF32 inputs would bias it by ~7e-4 at D = 128)."""
-    monkeypatch.setattr(ops, "_precision", "tf32")
+    monkeypatch.setattr(ops._precision, "_default", "tf32")
     x, y, h = make(1, 150, 140, 48)
     ref = ref_softmin(x, y, h, 0.5, 2)
     err = rel(ops.softmin(x.float(), y.float(), h.float(), 0.5, 2), ref)

@@ -9,11 +9,13 @@ Batches are a grid axis.  A user callable cost goes to the ``blocked`` backend's
 Availability: a CUDA device, or ``TRITON_INTERPRET=1`` (Triton's interpreter runs the same
 kernels on CPU tensors, slowly: for tests).  ``backend="auto"`` picks it for CUDA tensors.
 
-Precision: float32 ``tl.dot`` in IEEE float32 by default; ``set_precision("tf32")`` (or
-``OTKERNELS_TRITON_PRECISION=tf32``) opts into TF32 tensor cores with operands rounded to the
-nearest TF32 in the kernels (the hardware truncates: a biased ~2^-11 per product, which put
-a D=128 divergence 7e-4 off; rounded, 5e-7), ``"tf32x3"`` into the 3-pass TF32 split
-(≈ float32 accuracy).  float64 problems stay float64 end to end.  The Sinkhorn gradient is
+Precision of float32 points (``SamplesLoss(precision=...)``, :func:`ops.precision_scope`,
+:func:`ops.set_precision` or ``OTKERNELS_TRITON_PRECISION``): ``"tf32x3"`` by default (three
+TF32 tensor-core products, about float32 accuracy: geomloss parity), ``"ieee"`` (float32
+FMA, no tensor cores), ``"tf32"`` (operands rounded to the nearest TF32: the hardware
+truncates, a biased ~2^-11 per product which put a D=128 divergence 7e-4 off; rounded, 5e-7)
+and ``"bf16"`` (operands rounded to bfloat16, ~1e-2).  The squared norms come from the same
+rounded points.  float64 problems stay float64 end to end.  The Sinkhorn gradient is
 computed with the plan normalised in the same pass as the value (accurate in float32 even
 when ``C/ε`` reaches 1e6, where rebuilding ``exp(h − C/ε + f/ε)`` from the stored ``f`` is
 off by 1e-2).
@@ -44,7 +46,8 @@ except ImportError as e:  # optional dependency
 else:
     HAS_TRITON, _IMPORT_ERROR = True, None
     from . import ops
-    from .ops import argmax, argmin, get_precision, kernel_sum as kernel_sum_op, set_precision, softmin  # noqa: F401
+    from .ops import (argmax, argmin, get_precision, kernel_sum as kernel_sum_op, precision_scope,  # noqa: F401
+                      set_precision, softmin)
 
 
 def _interpret_env() -> bool:
@@ -65,14 +68,16 @@ def available():
 class TritonCost:
     """Cost handle ``C(x_i, y_j)`` (p = 1 or 2), x (B,N,D) first argument (gets gradients)."""
 
-    def __init__(self, x, y, cost, norms=None):
+    def __init__(self, x, y, cost, norms=None, precision=None):
         self.x, self.xd, self.y, self.p = x, x.detach(), y.detach(), cost.p
+        self.precision = ops.resolve_precision(x.dtype, precision)  # fixed for forward and backward
         self.mode = ops._compiled.SOFTMIN_P2 if self.p == 2 else ops._compiled.SOFTMIN_P1
-        self.xx, self.yy = norms if norms is not None else (ops.sqnorms(self.xd), ops.sqnorms(self.y))
+        self.xx, self.yy = norms if norms is not None else (ops.sqnorms(self.xd, self.precision),
+                                                            ops.sqnorms(self.y, self.precision))
 
     def softmin(self, eps, h):
         """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient."""
-        out = ops.softmin_rows(self.xd, self.y, h, eps, self.p, self.xx, self.yy)
+        out = ops.softmin_rows(self.xd, self.y, h, eps, self.p, self.xx, self.yy, precision=self.precision)
         return out.to(h.dtype)
 
     def softmin_grad(self, eps, h):
@@ -86,14 +91,16 @@ class TritonCost:
     @torch.no_grad()
     def grad_x(self, eps, h, f, g, s=None):
         """``Σ_j g_i P_ij s_j ∇_x C(x_i, y_j)``, ``P_ij = exp(h_j − C_ij/ε + f_i/ε)``: (B,N,D)."""
-        out = ops.weighted_grad(self.xd, self.y, self.mode, eps, hc=h, rr=f, cw=s, xx=self.xx, yy=self.yy)
+        out = ops.weighted_grad(self.xd, self.y, self.mode, eps, hc=h, rr=f, cw=s, xx=self.xx, yy=self.yy,
+                                precision=self.precision)
         return (out * g[:, :, None].to(out.dtype)).to(self.xd.dtype)
 
 
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
-        f, G = ops.softmin_and_grad(handle.xd, handle.y, h, eps, handle.p, handle.xx, handle.yy)
+        f, G = ops.softmin_and_grad(handle.xd, handle.y, h, eps, handle.p, handle.xx, handle.yy,
+                                    precision=handle.precision)
         ctx.x_dtype, ctx.handle, ctx.eps = x.dtype, handle, eps
         ctx.save_for_backward(G, h)
         return f.to(h.dtype)
@@ -113,10 +120,10 @@ def cost_handles(x, y, cost, debias=True, cache=None):
     if not cost.builtin:
         from .. import blocked
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
-    xd, yd = x.detach(), y.detach()
-    nx, ny = ops.sqnorms(xd), ops.sqnorms(yd)
-    C_xy, C_yx = TritonCost(x, y, cost, (nx, ny)), TritonCost(y, x, cost, (ny, nx))
-    C_xx, C_yy = ((TritonCost(x, x, cost, (nx, nx)), TritonCost(y, y, cost, (ny, ny)))
+    prec = ops.resolve_precision(x.dtype)  # the current scope (SamplesLoss(precision=...))
+    nx, ny = ops.sqnorms(x.detach(), prec), ops.sqnorms(y.detach(), prec)
+    C_xy, C_yx = TritonCost(x, y, cost, (nx, ny), prec), TritonCost(y, x, cost, (ny, nx), prec)
+    C_xx, C_yy = ((TritonCost(x, x, cost, (nx, nx), prec), TritonCost(y, y, cost, (ny, ny), prec))
                   if debias else (None, None))
     return C_xy, C_yx, C_xx, C_yy
 

@@ -7,32 +7,53 @@ Triton's interpreter switched on, to run the same kernels on CPU tensors (tests,
 without a GPU) next to the compiled copy used for CUDA tensors.
 
 FlashAttention structure: a program owns ``BLOCK_N`` rows of one batch element (grid
-``(cdiv(N, BLOCK_N), B)``), keeps its x tile, walks the columns by ``BLOCK_M`` blocks, builds
-the cost tile from ``tl.dot`` (``‖x‖²/2 + ‖y‖²/2 − x·yᵀ``, or ``sqrt(max(d², 1e-8))`` for
-p=1), and folds it into row accumulators: an online log-sum-exp (running max and sum, in
+``(cdiv(N, BLOCK_N), B[, cdiv(D, BLOCK_DV)])``), walks the columns by ``BLOCK_M`` blocks,
+builds the cost tile from ``tl.dot`` (``‖x‖²/2 + ‖y‖²/2 − x·yᵀ``, or ``sqrt(max(d², 1e-8))``
+for p=1), and folds it into row accumulators: an online log-sum-exp (running max and sum, in
 base 2: ``exp2`` with ``log2(e)`` folded into the scale), a weighted kernel sum, a
 softmax-weighted ``P·Y`` (attention's P·V), or a running arg-min/max.  Column reductions are
 the same kernels with x and y swapped by the caller (no transposed copies).
 
-For D ≤ 8 (``DIRECT``) the tiles come from coordinate differences instead of ``tl.dot``: the
+**D.**  ``D_PAD`` is a multiple of the dot's chunk ``BLOCK_D`` (:func:`d_layout`): small or
+power-of-two D up to 256 is one chunk (the x tile is loaded once per program), any other D is
+walked by chunks of 16–128 inside the column loop, so D = 129 does 160 columns of work, not 256.
+The gradient kernel tiles its output coordinates by ``BLOCK_DV`` (a grid axis): each program
+keeps a (BLOCK_N, BLOCK_DV) accumulator, recomputes the cost tile over all of D, and runs its
+own online softmax; at D ≤ 256 one chunk usually covers D and the y tile serves both dots.
+
+**D ≤ 8** (``DIRECT``): the tiles come from coordinate differences instead of ``tl.dot``: the
 dot's K would be padded to 16 anyway, and ``‖x‖² + ‖y‖² − 2⟨x,y⟩`` cancels near coincident
 points, which the square roots of p=1 and of the laplacian/energy kernels amplify.
 
-Tuning: ``@triton.autotune`` over tile shapes × warps × stages, keyed on the power-of-two
-buckets of N and M and on ``D_PAD``; ``_prune_for`` drops the shapes whose registers would
-spill at that D (a per-thread estimate calibrated with ``ptxas -v``, see
-tests/backends/test_triton_compile.py).  The forward kernels hold the whole padded D up to
-256 and walk D by chunks of 128 above (``block_d``); the gradient keeps a (BLOCK_N, D)
-accumulator and shrinks its tiles with D instead.
+**Precision** (``PRECISION``, float32 points): ``"ieee"`` (float32 FMA, no tensor cores),
+``"tf32x3"`` (three TF32 products, ≈ float32), ``"tf32"`` (operands rounded to the nearest
+TF32), ``"bf16"`` (operands rounded to bfloat16); float32 accumulation in every case.  The
+caller computes the squared norms from the same rounded points, so ``C(x_i, x_i)`` is zero to
+float32 rounding.  float16/bfloat16 points use their own dtype, float64 stays float64.
+
+**Exact small gradients** (``DIFF``, float64): ``Σ_j W_ij (x_i − y_j)`` is summed from the
+differences inside the tile (CUDA cores), not as ``x_i Σ_j W_ij − W·Y``, which cancels when
+one ``W_ij`` dominates (a nearly diagonal kernel: gradients 1e-98 came out 1e-19).
+
+**Robustness.**  Row offsets are int64 before they meet a stride (N·D ≥ 2³¹ elements);
+a column tile whose scores are all −inf leaves the running max at −inf without NaN (the
+shift is 0 then); float16 ``P·Y`` operands are scaled per row by a power of two before the
+cast, so small plans times small upstream gradients do not underflow.
+
+**Tuning.**  ``@triton.autotune`` over tile shapes × warps × stages (× ``BLOCK_DV``), keyed on
+the power-of-two buckets of N and M and on *every* constexpr that changes the code (mode,
+precision, dtype), so a config tuned for one variant is never launched for another.
+``_prune_for`` keeps the configs whose registers (:func:`register_words`, calibrated with
+``ptxas -v``) and shared memory (:func:`shared_bytes`, checked against the compiled kernels'
+own figure for sm_80, sm_86 and sm_90) fit the device's limits.
 
 Conventions: pointers capitalised, strides explicit for the (B, N, D) point clouds, vectors
 (B, N) contiguous in the accumulator dtype ``ACC`` (float64 for float64 points, float32
-otherwise: float16/bfloat16 points feed the tensor cores, everything else is float32);
-scalars (ε, 1/σ²) come through a one-element tensor ``Par`` of dtype ``ACC`` so float64
-problems keep float64 scales.  D is padded to ``D_PAD`` (a power of two ≥ 16) with masked
-loads; masks handle any N, M, D.
+otherwise); scalars (ε, 1/σ²) come through a one-element tensor ``Par`` of dtype ``ACC``.
 """
 from __future__ import annotations
+
+import contextvars
 
 import triton
 import triton.language as tl
@@ -47,84 +68,217 @@ GAUSSIAN = 2
 LAPLACIAN = 3
 ENERGY = 4
 
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+
+# Shared memory per block (opt-in maximum, bytes) by compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+DEFAULT_CC = 80  # the pruner's target when no device is known (the smallest limits of sm_80/90)
+
+# The target the pruner sizes configs for: ``None`` = the device of the launch's tensors.
+# ``otkernels.backends.triton.resources`` sets it to compile for a given architecture offline.
+TARGET_CC: contextvars.ContextVar = contextvars.ContextVar("otkernels_triton_target_cc", default=None)
+
+
+# ----------------------------------------------------------------------------- layout of D
+WHOLE_MAX = 256  # x tile held whole up to this padded D
+
+
+def d_layout(D: int, direct: int = 0):
+    """``(D_PAD, BLOCK_D)`` for the cost dot: one chunk (``BLOCK_D == D_PAD``, a power of two)
+    when D ≤ 64 or D rounded to 16 is a power of two ≤ 256; else chunks of the largest
+    ``BLOCK_D`` ∈ {128, 64, 32, 16} that pads D by at most 1/8 beyond its multiple of 16."""
+    if direct:
+        return 16, 16
+    d16 = -(-D // 16) * 16
+    p2 = max(16, 1 << (D - 1).bit_length())
+    if p2 <= 64 or (p2 == d16 and p2 <= WHOLE_MAX):
+        return p2, p2
+    for b in (128, 64, 32, 16):
+        padded = -(-D // b) * b
+        if padded * 8 <= d16 * 9:
+            return padded, b
+    return d16, 16
+
 
 # ----------------------------------------------------------------------------- configs
 # (BLOCK_N, BLOCK_M, num_warps) candidates; num_stages 2 or 3 for each.
-# The small tiles are there for large D, where the bigger ones would spill.
-_TILES = [(16, 32, 4), (32, 32, 8), (32, 64, 4), (32, 64, 8), (64, 32, 8), (64, 64, 4), (64, 64, 8),
-          (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)]
+_TILES = [(16, 32, 4), (32, 32, 4), (32, 64, 4), (32, 64, 8), (64, 32, 4), (64, 32, 8), (64, 64, 4),
+          (64, 64, 8), (64, 128, 8), (128, 64, 4), (128, 64, 8), (128, 128, 8)]
+_DV = (16, 32, 64, 128, 256)
 
 
-def _configs():
-    """Autotuning space: tile shapes × warps × pipeline depth, trimmed per problem by :func:`_prune_for`."""
-    return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm), num_warps=w, num_stages=s)
-            for bn, bm, w in _TILES for s in (2, 3)]
+def _configs(grad=False):
+    """Autotuning space: tile shapes × warps × pipeline depth (× output chunk ``BLOCK_DV`` for
+    the gradient), trimmed per problem by :func:`_prune_for`."""
+    return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, **({"BLOCK_DV": dv} if grad else {})),
+                          num_warps=w, num_stages=s)
+            for bn, bm, w in _TILES for s in (2, 3) for dv in (_DV if grad else (0,))]
 
 
-def register_words(kernel, bn, bm, w, d_pad, direct=0):
-    """Rough 32-bit registers per thread that a kernel's tiles need (calibrated with ``ptxas -v``
-    on sm_80 and sm_90, see tests/backends/test_triton_compile.py): the forward kernels hold the
-    (bn, bm) score tile (their x tile feeds the tensor cores from shared memory); the gradient
-    also holds the x tile and the (bn, D) accumulator."""
+def _elt(dtype_bits: int) -> int:
+    return dtype_bits // 8
+
+
+def register_words(kernel, bn, bm, w, d_pad, block_d=None, direct=0, dv=None, diff=False, elt=4):
+    """Rough 32-bit registers per thread that a kernel's tiles need (calibrated with ``ptxas
+    -v`` on sm_80 and sm_90): the score tile (bn, bm) and its temporaries; the gradient also
+    its (bn, BLOCK_DV) accumulator and, when its x tile is whole, that tile; float64 counts
+    double.  The forward kernels read their x tile from shared memory."""
+    block_d = d_pad if block_d is None else block_d
+    k = 2 if elt == 8 else 1
     if kernel == "_weighted_grad":
-        return (2 * bn * d_pad + (4 if direct else 3) * bn * bm) / (32 * w)
-    if direct:  # no x tile, but the difference, distance and score tiles are live together
-        return 3 * bn * bm / (32 * w)
-    if d_pad > 256:  # D walked by chunks inside the column loop: ptxas spilled far more
-        return 2 * (2 * bn * block_d(d_pad) + bn * bm) / (32 * w)
-    return (bn * d_pad + bn * bm) / (32 * w)
+        dv = d_pad if dv is None else dv
+        if diff:  # the (bn, bm, dv) difference product lives in registers
+            return k * (bn * bm * dv + 2 * bn * dv + 3 * bn * bm) / (32 * w)
+        x_whole = bn * d_pad if block_d == d_pad else 2 * bn * block_d
+        return k * (x_whole + bn * dv + (4 if direct else 3) * bn * bm) / (32 * w)
+    if direct:
+        return k * 3 * bn * bm / (32 * w)
+    if block_d != d_pad:  # D walked by chunks inside the column loop
+        return k * 2 * (2 * bn * block_d + bn * bm) / (32 * w)
+    return k * (bn * d_pad + bn * bm) / (32 * w)
+
+
+def shared_bytes(kernel, bn, bm, stages, d_pad, block_d=None, direct=0, dv=None, elt=4):
+    """Shared memory (bytes) a config is expected to need: the pipelined operand buffers
+    (``stages`` copies of each tile the column loop loads; float32 operands are staged as
+    float32 even when rounded to bfloat16/TF32), the x tile when it is held whole, and the
+    plan tile that the gradient's ``P·Y`` dot reads from shared memory.  Calibrated on the
+    compiled kernels (``resources.py``): it over-estimates Triton's own figure, never
+    under-estimates it (tests/backends/test_triton_compile.py)."""
+    block_d = d_pad if block_d is None else block_d
+    if direct:
+        body = 0
+        x = 0
+    elif block_d == d_pad:
+        body = bm * d_pad * elt
+        x = bn * d_pad * elt
+    else:
+        body = (bn + bm) * block_d * elt
+        x = 0
+    if kernel == "_weighted_grad":
+        dv = d_pad if dv is None else dv
+        share = block_d == d_pad and dv >= d_pad and not direct
+        if not share:
+            body += bm * dv * elt
+        x = max(x, bn * bm * max(elt, 4))  # the plan tile, converted for the P·Y dot
+        return int(1.15 * (stages * body + x)) + 1024
+    return int(1.15 * (stages * body + x)) + 1024
 
 
 # words/thread above which ptxas spilled (sm_80, sm_90; D = 128, 256, 512; float32, bfloat16)
 BUDGET = {"_weighted_grad": 120, "fwd": 160}
 
 
+def _cc_of(named_args):
+    cc = TARGET_CC.get()
+    if cc is not None:
+        return cc
+    x = named_args.get("X")
+    try:
+        import torch
+        if x is not None and x.is_cuda:
+            major, minor = torch.cuda.get_device_capability(x.device)
+            return 10 * major + minor
+    except Exception:  # noqa: BLE001 - no CUDA runtime: size for the default target
+        pass
+    return DEFAULT_CC
+
+
+def shared_limit(cc: int) -> int:
+    return SHARED_LIMIT.get(cc, SHARED_LIMIT[DEFAULT_CC] if cc >= 80 else 49152)
+
+
+def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False):
+    """The configs the autotuner may launch for one problem on ``sm_<cc>``: those whose
+    registers (:data:`BUDGET`) and shared memory (:func:`shared_bytes` ≤ the device's
+    limit) fit, without duplicates; small tiles are dropped when large ones fit.  Never
+    empty: if nothing fits the register budget, the smallest config that fits shared memory.
+    The gradient's ``BLOCK_DV`` ranges over the powers of two from 64 (or D) up to D."""
+    BLOCK_D = D_PAD if BLOCK_D is None else BLOCK_D
+    limit = shared_limit(cc)
+    budget = BUDGET.get(kernel, BUDGET["fwd"])
+    grad = kernel == "_weighted_grad"
+    d_true = D if D is not None else D_PAD
+    dv_max = max(16, 1 << (d_true - 1).bit_length())
+    if grad:
+        if DIFF:
+            dvs = {16}
+        else:
+            dvs = {dv for dv in _DV if min(dv_max, 64) <= dv <= min(dv_max, 256)}
+    out, seen = [], set()
+    for c in configs:
+        bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
+        dv = c.kwargs.get("BLOCK_DV")
+        if grad and dv not in dvs:
+            continue
+        if DIFF and bn * bm > 32 * 32:
+            continue
+        key = (bn, bm, dv, c.num_warps, c.num_stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        words = register_words(kernel, bn, bm, c.num_warps, D_PAD, BLOCK_D, DIRECT, dv, DIFF, ELT)
+        smem = shared_bytes(kernel, bn, bm, c.num_stages, D_PAD, BLOCK_D, DIRECT, dv, ELT)
+        if smem <= limit:
+            out.append((words, smem, c))
+    fits = [c for words, _, c in out if words <= budget]
+    big = [c for c in fits if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= 64 * 64]
+    if big or fits:
+        return big or fits
+    if out:
+        return [min(out, key=lambda t: (t[0], t[1]))[2]]
+    raise ValueError(f"{kernel}: no configuration fits sm_{cc}'s {limit} bytes of shared memory at D_PAD={D_PAD}")
+
+
 def _prune_for(kernel):
     def prune(configs, named_args, **kwargs):
-        """Drop the tile shapes whose registers would spill at this ``D_PAD``, and the tiles
-        under 64×64 when larger ones fit; keep at least one."""
-        d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
-        direct = kwargs.get("DIRECT", named_args.get("DIRECT", 0))
-        budget = BUDGET.get(kernel, BUDGET["fwd"])
-
-        def words(c):
-            return register_words(kernel, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, d_pad, direct)
-        kept = [c for c in configs if words(c) <= budget
-                and (kernel == "_weighted_grad" or d_pad <= 256 or c.num_stages == 2)]  # D chunks: 2 stages
-        big = [c for c in kept if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= 64 * 64]
-        return big or kept or [min(configs, key=words)]
+        """Configs that fit the target's registers and shared memory (:func:`keep_configs`)."""
+        a = {**named_args, **kwargs}
+        x = a.get("X")
+        bits = x.dtype.itemsize * 8 if hasattr(x, "dtype") and hasattr(x.dtype, "itemsize") else 32
+        return keep_configs(kernel, configs, _cc_of(a), a["D_PAD"], a.get("BLOCK_D"), a.get("DIRECT", 0),
+                            _elt(bits), a.get("D"), a.get("DIFF", False))
     return prune
 
 
-def block_d(d_pad: int) -> int:
-    """D chunk of the forward kernels: the whole padded D up to 256 (the x tile is loaded once
-    per program; chunking D = 128 by 64 made ptxas spill), chunks of 128 above."""
-    return d_pad if d_pad <= 256 else 128
-
-
 # Autotuning keys: N_KEY = N.bit_length() retunes per power of two, not per N (a training loop
-# with varying sizes would retune at every step); the dtypes of the tensors are added by triton.
-_KEY = ["N_KEY", "M_KEY", "D_PAD", "DIRECT"]
+# with varying sizes would retune at every step); every constexpr that changes the code is in
+# the key, and triton adds the dtypes of the tensors.
+_KEY = ["N_KEY", "M_KEY", "D_PAD", "BLOCK_D", "DIRECT", "PRECISION"]
 
 
 # ----------------------------------------------------------------------------- tile helpers
 @triton.jit
 def _load_rows(Base, offs, mask, offs_d, D, stride_n, stride_d):
-    """Rows ``offs`` (masked) × coordinates ``offs_d`` (< D) of a (N, D) cloud; zeros outside."""
-    ptrs = Base + offs[:, None] * stride_n + offs_d[None, :] * stride_d
+    """Rows ``offs`` (masked) × coordinates ``offs_d`` (< D) of a (N, D) cloud; zeros outside.
+    The row offsets are int64 before they meet the stride (no wrap once N·D ≥ 2³¹)."""
+    ptrs = Base + offs.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d
     return tl.load(ptrs, mask=mask[:, None] & (offs_d[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _tf32(t, PRECISION: tl.constexpr):
-    """Round a float32 tile to the nearest TF32 for ``tl.dot(..., "tf32")``: the tensor cores
-    truncate the 13 low mantissa bits, which biases every product by ~2^-11 (a Sinkhorn
-    divergence at D = 128 came out 7e-4 off; rounded: 5e-7, measured with torch emulation)."""
-    if PRECISION == "tf32":
-        if t.dtype == tl.float32:
+def _operand(t, PRECISION: tl.constexpr):
+    """A float32 tile as the dot reads it: rounded to the nearest TF32 for ``"tf32"`` (the
+    tensor cores truncate the 13 low mantissa bits, a bias of ~2^-11 per product), to
+    bfloat16 for ``"bf16"``; other dtypes and precisions unchanged."""
+    if t.dtype == tl.float32:
+        if PRECISION == "tf32":
             bits = t.to(tl.uint32, bitcast=True) + 0x1000
             t = (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+        elif PRECISION == "bf16":
+            t = t.to(tl.bfloat16)
     return t
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """``acc + a·b`` with the precision's ``input_precision`` (bf16 operands need none)."""
+    if PRECISION == "bf16":
+        out = tl.dot(a, b, acc, out_dtype=ACC)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+    return out
 
 
 @triton.jit
@@ -134,9 +288,11 @@ def _direct_xy(Xb, Yb, offs_n, mask_n, offs_m, mask_m, sxn, sxd, sym, syd,
     coincident points, where ``‖x‖² + ‖y‖² − 2⟨x,y⟩`` loses ~1e-7·‖x‖² in float32, which
     ``sqrt`` (p=1, laplacian, energy) turns into ~3e-4·‖x‖."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), ACC)
+    rn = offs_n.to(tl.int64) * sxn
+    rm = offs_m.to(tl.int64) * sym
     for d in tl.static_range(DIRECT):
-        xc = tl.load(Xb + offs_n * sxn + d * sxd, mask=mask_n, other=0.0).to(ACC)
-        yc = tl.load(Yb + offs_m * sym + d * syd, mask=mask_m, other=0.0).to(ACC)
+        xc = tl.load(Xb + rn + d * sxd, mask=mask_n, other=0.0).to(ACC)
+        yc = tl.load(Yb + rm + d * syd, mask=mask_m, other=0.0).to(ACC)
         diff = xc[:, None] - yc[None, :]
         acc += diff * diff
     return -0.5 * acc
@@ -159,19 +315,19 @@ def _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, sxn, sxd, sym, syd,
              PRECISION: tl.constexpr, ACC: tl.constexpr, DIRECT: tl.constexpr):
     """``⟨x_i, y_j⟩`` on a (BLOCK_N, BLOCK_M) tile in ``ACC`` (``−½‖x_i − y_j‖²`` in direct mode,
     ``DIRECT`` = D ≤ 8).  With ``BLOCK_D == D_PAD`` ``x`` is the program's x tile (loaded once
-    by the caller); else the dot walks D by chunks."""
+    by the caller); else the dot walks D by chunks of ``BLOCK_D``."""
     if DIRECT > 0:
         xy = _direct_xy(Xb, Yb, offs_n, mask_n, offs_m, mask_m, sxn, sxd, sym, syd, BLOCK_N, BLOCK_M, DIRECT, ACC)
     elif BLOCK_D == D_PAD:
-        y = _tf32(_load_rows(Yb, offs_m, mask_m, tl.arange(0, D_PAD), D, sym, syd), PRECISION)
-        xy = tl.dot(x, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
+        y = _operand(_load_rows(Yb, offs_m, mask_m, tl.arange(0, D_PAD), D, sym, syd), PRECISION)
+        xy = _dot(x, tl.trans(y), tl.zeros((BLOCK_N, BLOCK_M), ACC), PRECISION, ACC)
     else:
         xy = tl.zeros((BLOCK_N, BLOCK_M), ACC)
         for d0 in range(0, D_PAD, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
-            xk = _tf32(_load_rows(Xb, offs_n, mask_n, offs_d, D, sxn, sxd), PRECISION)
-            yk = _tf32(_load_rows(Yb, offs_m, mask_m, offs_d, D, sym, syd), PRECISION)
-            xy = tl.dot(xk, tl.trans(yk), xy, input_precision=PRECISION, out_dtype=ACC)
+            xk = _operand(_load_rows(Xb, offs_n, mask_n, offs_d, D, sxn, sxd), PRECISION)
+            yk = _operand(_load_rows(Yb, offs_m, mask_m, offs_d, D, sym, syd), PRECISION)
+            xy = _dot(xk, tl.trans(yk), xy, PRECISION, ACC)
     return xy
 
 
@@ -182,9 +338,9 @@ def _x_tile(Xb, offs_n, mask_n, D, sxn, sxd,
     """The program's x tile (BLOCK_N, D_PAD) as the dot reads it, when it is used whole, else a
     small placeholder."""
     if BLOCK_D == D_PAD and DIRECT == 0:
-        x = _tf32(_load_rows(Xb, offs_n, mask_n, tl.arange(0, D_PAD), D, sxn, sxd), PRECISION)
+        x = _operand(_load_rows(Xb, offs_n, mask_n, tl.arange(0, D_PAD), D, sxn, sxd), PRECISION)
     else:
-        x = tl.zeros((BLOCK_N, BLOCK_D), Xb.dtype.element_ty)
+        x = tl.zeros((BLOCK_N, 16), Xb.dtype.element_ty)
     return x
 
 
@@ -198,6 +354,18 @@ def _softmin_scores(xy, xx, yy, h, k, P: tl.constexpr):
         d2 = tl.maximum(xx[:, None] + yy[None, :] - 2.0 * xy, _CLAMP)
         s = (h * _LOG2E)[None, :] - tl.sqrt(d2) * k
     return s
+
+
+@triton.jit
+def _lse_update(m_i, l_i, s):
+    """Online log-sum-exp (base 2) of a score tile ``s`` into the running max ``m_i`` and sum
+    ``l_i``; returns ``(m_new, alpha, p, l_new)``.  A row whose scores are all −inf so far keeps
+    ``m = −inf`` and shifts by 0 (no ``−inf − (−inf)``)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - shift)
+    p = tl.exp2(s - shift[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -225,7 +393,7 @@ def _kernel_values(xy, xx, yy, inv_s2, MODE: tl.constexpr, GRAD: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- softmin
-@triton.autotune(configs=_configs(), key=_KEY + ["P"],
+@triton.autotune(configs=_configs(), key=_KEY + ["P"], cache_results=True,
                  prune_configs_by={"early_config_prune": _prune_for("_softmin_fwd")})
 @triton.jit
 def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
@@ -255,9 +423,7 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
         h = tl.load(H + pid_b * M + offs_m, mask=mask_m, other=0.0)
         s = _softmin_scores(xy, xx, yy, h, k, P)
         s = tl.where(mask_m[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
+        m_i, _alpha, _p, l_i = _lse_update(m_i, l_i, s)
     out = (m_i + tl.log2(l_i)) * (-eps / _LOG2E)
     if P == 2:
         out += 0.5 * xx
@@ -265,16 +431,36 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
 
 
 # ----------------------------------------------------------------------------- P·Y gradients
-@triton.autotune(configs=_configs(), key=_KEY + ["MODE"],
-                 prune_configs_by={"early_config_prune": _prune_for("_weighted_grad")})
+@triton.jit
+def _pv_update(acc, W, y, x_dv, y_dv, PRECISION: tl.constexpr, ACC: tl.constexpr, DIFF: tl.constexpr,
+               HALF_SCALE: tl.constexpr):
+    """``acc += W·Y`` (or, with ``DIFF``, ``acc += Σ_j W_ij (x_i − y_j)`` summed from the
+    differences).  float16 operands (``HALF_SCALE``): each row of W is scaled by a power of two
+    that brings its largest entry to 1 before the cast, and the product is scaled back."""
+    if DIFF:
+        acc += tl.sum(W[:, :, None] * (x_dv[:, None, :] - y_dv[None, :, :]), 1)
+    elif HALF_SCALE:
+        big = tl.max(tl.abs(W), 1)
+        e = tl.where(big > 0, tl.ceil(tl.log2(tl.where(big > 0, big, 1.0))), 0.0)
+        scale = tl.exp2(e)
+        Wn = (W * tl.exp2(-e)[:, None]).to(y.dtype)
+        acc += scale[:, None] * tl.dot(Wn, y, out_dtype=ACC)
+    else:
+        acc = _dot(_operand(W.to(y.dtype), PRECISION), y, acc, PRECISION, ACC)
+    return acc
+
+
+@triton.autotune(configs=_configs(grad=True), key=_KEY + ["MODE", "HAS_CW", "WRITE_RS", "NORMALIZED", "DIFF"],
+                 cache_results=True, prune_configs_by={"early_config_prune": _prune_for("_weighted_grad")})
 @triton.jit
 def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
                    N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
                    N_KEY, M_KEY,
                    MODE: tl.constexpr, HAS_CW: tl.constexpr, WRITE_RS: tl.constexpr, NORMALIZED: tl.constexpr,
-                   ACC: tl.constexpr, D_PAD: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``Out_i = x_i Σ_j W_ij − Σ_j W_ij y_j`` with
+                   ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr,
+                   PRECISION: tl.constexpr, DIFF: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``Out_i = Σ_j W_ij (x_i − y_j)`` on the coordinates ``[pid_dv·BLOCK_DV, +BLOCK_DV)`` with
 
     * softmin (MODE 0, 1): ``W_ij = E_ij · w_ij``, ``E_ij = exp(Hc_j − C_ij/ε + Rr_i/ε) Cw_j``
       (the plan), ``w = 1`` for p=2 (∇_x C = x − y) and ``1/‖x_i − y_j‖`` for p=1 (0 inside
@@ -285,18 +471,22 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
       the softmin ``−ε log Σ_j exp(Hc_j − C_ij/ε)`` of the same pass (``Rr`` is not read);
     * kernels (MODE 2, 3, 4): ``W_ij = 2 ∂k/∂d²(x_i, y_j) · Cw_j`` (``Par`` = 1/σ²).
 
-    The (BLOCK_M, D_PAD) y tile serves both the cost ``tl.dot`` and the ``W·Y`` ``tl.dot``.
+    Computed as ``x_i Σ_j W_ij − W·Y`` (tensor cores), or from the differences with ``DIFF``.
+    When one chunk covers D the (BLOCK_M, D_PAD) y tile serves both the cost and the ``W·Y`` dot.
     """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_dv = tl.program_id(2)
+    SHARE_Y: tl.constexpr = (BLOCK_D == D_PAD) and (BLOCK_DV == D_PAD) and (DIRECT == 0) and (not DIFF)
+    HALF_SCALE: tl.constexpr = X.dtype.element_ty == tl.float16
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_d = tl.arange(0, D_PAD)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
     Xb = X + pid_b * stride_xb
     Yb = Y + pid_b * stride_yb
     par = tl.load(Par)
-    x = _load_rows(Xb, offs_n, mask_n, offs_d, D, stride_xn, stride_xd)
-    x_dot = _tf32(x, PRECISION)
+    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT, PRECISION)
+    x_dv = _load_rows(Xb, offs_n, mask_n, offs_dv, D, stride_xn, stride_xd).to(ACC)
     xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
     if MODE < 2:
         k = _LOG2E / par
@@ -304,32 +494,34 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
             r = tl.load(Rr + pid_b * N + offs_n, mask=mask_n, other=0.0) * k
             if MODE == 0:
                 r -= xx * (0.5 * k)
-    acc = tl.zeros((BLOCK_N, D_PAD), ACC)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     sw = tl.zeros((BLOCK_N,), ACC)
     rs = tl.zeros((BLOCK_N,), ACC)
     m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
     for j0 in range(0, M, BLOCK_M):
         offs_m = j0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        y = _tf32(_load_rows(Yb, offs_m, mask_m, offs_d, D, stride_ym, stride_yd), PRECISION)
-        if DIRECT > 0:
-            xy = _direct_xy(Xb, Yb, offs_n, mask_n, offs_m, mask_m, stride_xn, stride_xd, stride_ym, stride_yd,
-                            BLOCK_N, BLOCK_M, DIRECT, ACC)
+        if SHARE_Y:
+            y = _operand(_load_rows(Yb, offs_m, mask_m, tl.arange(0, D_PAD), D, stride_ym, stride_yd), PRECISION)
+            xy = _dot(x, tl.trans(y), tl.zeros((BLOCK_N, BLOCK_M), ACC), PRECISION, ACC)
+            y_dv = y
         else:
-            xy = tl.dot(x_dot, tl.trans(y), input_precision=PRECISION, out_dtype=ACC)
+            xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
+                          stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+            y_dv = _load_rows(Yb, offs_m, mask_m, offs_dv, D, stride_ym, stride_yd)
+            if DIFF:
+                y_dv = y_dv.to(ACC)
+            else:
+                y_dv = _operand(y_dv, PRECISION)
         yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
         if MODE < 2:
             h = tl.load(Hc + pid_b * M + offs_m, mask=mask_m, other=0.0)
             e = _softmin_scores(xy, xx, yy, h, k, 2 - MODE)
             if NORMALIZED:  # online softmax: rescale what was accumulated to the new row max
                 e = tl.where(mask_m[None, :], e, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(e, 1))
-                alpha = tl.exp2(m_i - m_new)
-                W = tl.exp2(e - m_new[:, None])
-                rs = rs * alpha + tl.sum(W, 1)
+                m_i, alpha, W, rs = _lse_update(m_i, rs, e)
                 sw = sw * alpha
                 acc = acc * alpha[:, None]
-                m_i = m_new
             else:
                 W = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], e + r[:, None], float("-inf")))
         else:
@@ -342,23 +534,29 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
         if MODE == 1:  # ∇_x ‖x − y‖ = (x − y)/‖x − y‖, zero where the clamp is active
             d2 = xx[:, None] + yy[None, :] - 2.0 * xy
             W = tl.where(d2 > _CLAMP, W / tl.sqrt(tl.maximum(d2, _CLAMP)), 0.0)
-        sw += tl.sum(W, 1)
-        acc = tl.dot(_tf32(W.to(y.dtype), PRECISION), y, acc, input_precision=PRECISION, out_dtype=ACC)
-    out = x.to(ACC) * sw[:, None] - acc
+        if not DIFF:
+            sw += tl.sum(W, 1)
+        acc = _pv_update(acc, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, HALF_SCALE)
+    if DIFF:
+        out = acc
+    else:
+        out = x_dv * sw[:, None] - acc
     row = pid_b * N + offs_n
     if NORMALIZED:
         out = out / rs[:, None]
-        f = (m_i + tl.log2(rs)) * (-par / _LOG2E)
-        if MODE == 0:
-            f += 0.5 * xx
-        tl.store(Fout + row, f, mask=mask_n)
-    tl.store(Out + row[:, None] * D + offs_d[None, :], out, mask=mask_n[:, None] & (offs_d[None, :] < D))
+        if pid_dv == 0:
+            f = (m_i + tl.log2(rs)) * (-par / _LOG2E)
+            if MODE == 0:
+                f += 0.5 * xx
+            tl.store(Fout + row, f, mask=mask_n)
+    tl.store(Out + row[:, None] * D + offs_dv[None, :], out, mask=mask_n[:, None] & (offs_dv[None, :] < D))
     if WRITE_RS and not NORMALIZED:
-        tl.store(RowSum + row, rs, mask=mask_n)
+        if pid_dv == 0:
+            tl.store(RowSum + row, rs, mask=mask_n)
 
 
 # ----------------------------------------------------------------------------- kernel sums
-@triton.autotune(configs=_configs(), key=_KEY + ["MODE"],
+@triton.autotune(configs=_configs(), key=_KEY + ["MODE"], cache_results=True,
                  prune_configs_by={"early_config_prune": _prune_for("_kernel_sum_fwd")})
 @triton.jit
 def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
@@ -390,7 +588,7 @@ def _kernel_sum_fwd(X, Y, XX, YY, Bw, Par, Out,
 
 
 # ----------------------------------------------------------------------------- arg-min / max
-@triton.autotune(configs=_configs(), key=_KEY + ["SQDIST"],
+@triton.autotune(configs=_configs(), key=_KEY + ["SQDIST", "MAXIMIZE"], cache_results=True,
                  prune_configs_by={"early_config_prune": _prune_for("_argminmax")})
 @triton.jit
 def _argminmax(X, Y, XX, YY, H, Val, Idx,

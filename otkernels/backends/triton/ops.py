@@ -17,9 +17,10 @@ Public functions (shapes: x (B,N,D) or (N,D), y (B,M,D) or (M,D), vectors (B,·)
   :func:`kernel_sum_rows`, :func:`argminmax_rows` used by the backend's cost handles (no
   autograd).
 
-Dtypes: float32 (``tl.dot`` in IEEE float32 unless :func:`set_precision` opts into ``"tf32"``
-or ``"tf32x3"``), float64, and float16/bfloat16 points (tensor-core dots, float32
-accumulation; the results are float32, gradients come back in the input dtype).
+Dtypes: float32 (dots in the precision of :func:`set_precision` / :func:`precision_scope` /
+the ``precision=`` argument: ``"tf32x3"`` by default, ``"ieee"``, ``"tf32"``, ``"bf16"``),
+float64, and float16/bfloat16 points (tensor-core dots, float32 accumulation; the results
+are float32, gradients come back in the input dtype).
 
 Where the kernels run: CUDA tensors use the compiled kernels, autotuned per (power-of-two
 bucket of N and M, ``D_PAD``, dtype); CPU tensors (or any tensor with ``TRITON_INTERPRET=1``)
@@ -42,30 +43,27 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from ... import _precision
 from ...costs import Cost, Kernel
 from .. import _double
 from . import kernels as _compiled
 
-INTERPRET_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_D": 128}  # BLOCK_D: D chunk, ≤ D_PAD
-PRECISIONS = ("ieee", "tf32", "tf32x3")
-_precision = os.environ.get("OTKERNELS_TRITON_PRECISION", "ieee")
+INTERPRET_CONFIG = {"BLOCK_N": 128, "BLOCK_M": 128}  # + BLOCK_DV: one chunk up to 256 (see _launch)
+PRECISIONS = _precision.PRECISIONS
+DEFAULT_PRECISION = _precision.DEFAULT
+check_precision = _precision.check
+set_precision = _precision.set_default  # see otkernels/_precision.py for the four precisions
+get_precision = _precision.current
+precision_scope = _precision.scope
 _KERNEL_MODES = {"gaussian": _compiled.GAUSSIAN, "laplacian": _compiled.LAPLACIAN, "energy": _compiled.ENERGY}
 
 
-def set_precision(precision: str) -> None:
-    """``tl.dot`` precision for float32 points: ``"ieee"`` (default, exact float32, no tensor
-    cores), ``"tf32"`` (tensor cores; the kernels round the operands to the nearest TF32, since
-    the hardware's truncation biases products by ~2^-11: ~5e-4 relative error per product,
-    unbiased) or ``"tf32x3"`` (three TF32 products, about float32 accuracy at ~3× the TF32
-    cost).  Also read from ``OTKERNELS_TRITON_PRECISION`` at import."""
-    global _precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    _precision = precision
-
-
-def get_precision() -> str:
-    return _precision
+def resolve_precision(dtype, precision=None) -> str:
+    """The ``PRECISION`` constexpr for points of ``dtype``: the requested (or current) precision
+    for float32, ``"ieee"`` (the dtype's own dots) for float16/bfloat16/float64."""
+    if dtype != torch.float32:
+        return "ieee"
+    return check_precision(precision) or get_precision() or DEFAULT_PRECISION
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -197,21 +195,64 @@ def _interpreter_scope():
                     setattr(m, k, v)
 
 
+TUNE_ROWS, TUNE_COLS = 32768, 8192  # autotuning runs on at most this many rows × columns
+_tuned: set = set()
+_capture = threading.local()
+
+
+@contextlib.contextmanager
+def capture():
+    """Record the launches of the raw passes instead of running them: yields a list that
+    receives ``(name, args, consts)`` for each launch (``resources.py`` compiles exactly
+    what the launchers pass, with the JIT's own specialisation)."""
+    _capture.log = []
+    try:
+        yield _capture.log
+    finally:
+        del _capture.log
+
+
+def _grid(N, B, D):
+    return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, triton.cdiv(D, meta.get("BLOCK_DV", D) or D))  # noqa: E731
+
+
 def _launch(name, B, N, device, args, consts):
-    """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B)``: autotuned when compiled,
-    one fixed large tile in the interpreter."""
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B)  # noqa: E731
+    """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B[, cdiv(D, BLOCK_DV)])``.
+
+    Compiled (CUDA): on the tensors' device; the first launch of a tuning key (size buckets,
+    constexprs, dtypes) with more than ``TUNE_ROWS`` rows or ``TUNE_COLS`` columns first
+    launches on the leading rows and columns only (same key), so that the autotuner times
+    its configs on a bounded problem — seconds, not minutes at N = 10⁶ — and the full launch
+    reuses the winner (also cached on disk by triton).  Interpreted: one large fixed tile."""
+    log = getattr(_capture, "log", None)
+    if log is not None:
+        log.append((name, args, consts))
+        return
+    tuner = _compiled.KERNELS[name]
+    names = tuner.fn.arg_names
+    D = args[names.index("D")]
     if not interpreting(device):
-        _compiled.KERNELS[name][grid](*args, **consts)
+        iN, iM = names.index("N"), names.index("M")
+        M = args[iM]
+        key = (name, tuple(sorted(consts.items())), args[names.index("N_KEY")], args[names.index("M_KEY")],
+               str(args[0].dtype), device)
+        with torch.cuda.device(device):
+            if key not in _tuned:
+                if N > TUNE_ROWS or M > TUNE_COLS:
+                    proxy = list(args)
+                    proxy[iN], proxy[iM] = min(N, TUNE_ROWS), min(M, TUNE_COLS)
+                    tuner[_grid(proxy[iN], B, D)](*proxy, **consts)
+                _tuned.add(key)
+            tuner[_grid(N, B, D)](*args, **consts)
         return
     native = _is_interpreted(_compiled)  # TRITON_INTERPRET=1 before triton was imported
     tuner = (_compiled if native else _interpreted()).KERNELS[name]
     meta = {k: v for k, v in INTERPRET_CONFIG.items() if k in tuner.configs[0].kwargs}
-    if "BLOCK_D" in consts:
-        consts = dict(consts, BLOCK_D=min(INTERPRET_CONFIG["BLOCK_D"], consts["D_PAD"]))
+    if "BLOCK_DV" in tuner.configs[0].kwargs and "BLOCK_DV" not in meta:
+        meta["BLOCK_DV"] = 16 if consts.get("DIFF") else min(256, max(16, triton.next_power_of_2(D)))
     with _lock:
         with (contextlib.nullcontext() if native else _interpreter_scope()), _interpreter_fixes():
-            tuner.fn[grid](*args, **consts, **meta)
+            tuner.fn[_grid(N, B, D)](*args, **consts, **meta)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -238,17 +279,14 @@ def _check_points(x, y):
 DIRECT_MAX_D = 8  # distances from coordinate differences up to this D (see kernels._direct_xy)
 
 
-def _consts(x, chunked=True, distances=True):
-    """Constexprs shared by the kernels; ``chunked``: the kernel takes a ``BLOCK_D``;
-    ``distances``: the tiles only enter through ‖x − y‖² (direct mode allowed)."""
+def _consts(x, precision=None, distances=True):
+    """Constexprs shared by the kernels: the D layout (:func:`kernels.d_layout`), direct mode
+    (``distances``: the tiles only enter through ‖x − y‖²) and the dot precision."""
     D = x.shape[2]
-    d_pad = max(16, triton.next_power_of_2(D))
-    prec = _precision if x.dtype == torch.float32 else "ieee"
     direct = D if (distances and D <= DIRECT_MAX_D) else 0
-    out = dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=d_pad, DIRECT=direct, PRECISION=prec)
-    if chunked:
-        out["BLOCK_D"] = _compiled.block_d(d_pad)
-    return out
+    d_pad, block_d = _compiled.d_layout(D, direct)
+    return dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=d_pad, BLOCK_D=block_d, DIRECT=direct,
+                PRECISION=resolve_precision(x.dtype, precision))
 
 
 def _sizes(x, y):
@@ -257,9 +295,21 @@ def _sizes(x, y):
     return (N, M, D, *x.stride(), *y.stride(), N.bit_length(), M.bit_length())
 
 
-def sqnorms(x):
-    """‖x_i‖² (B,N) in the accumulator dtype, from the points as the kernels read them."""
-    return x.to(acc_dtype(x.dtype)).square().sum(-1).contiguous()
+def rounded(x, precision=None):
+    """The points as the dots of ``precision`` see them (float32 rounded to TF32/bfloat16)."""
+    prec = resolve_precision(x.dtype, precision)
+    if prec == "tf32":
+        bits = x.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & -0x2000).view(torch.float32)  # 0xFFFFE000 as int32
+    if prec == "bf16":
+        return x.to(torch.bfloat16).to(torch.float32)
+    return x
+
+
+def sqnorms(x, precision=None):
+    """‖x_i‖² (B,N) in the accumulator dtype, from the points as the kernels' dots read them
+    (rounded for ``"tf32"``/``"bf16"``), so that ``C(x_i, x_i) = 0`` to rounding."""
+    return rounded(x, precision).to(acc_dtype(x.dtype)).square().sum(-1).contiguous()
 
 
 def _vec(v, like):
@@ -287,22 +337,28 @@ def _check_create_graph():
 
 # ----------------------------------------------------------------------------- raw row passes
 @torch.no_grad()
-def softmin_rows(x, y, h, eps, p=2, xx=None, yy=None):
+def softmin_rows(x, y, h, eps, p=2, xx=None, yy=None, precision=None):
     """``−ε log Σ_j exp(h_j − C(x_i, y_j)/ε)``: x (B,N,D), y (B,M,D), h (B,M) -> (B,N) (acc dtype).
 
-    ``xx``, ``yy``: the squared norms (:func:`sqnorms`), if the caller keeps them."""
+    ``xx``, ``yy``: the squared norms (:func:`sqnorms` with the same precision), if the
+    caller keeps them."""
     _check_points(x, y)
     B, N = x.shape[:2]
     out = torch.empty(B, N, dtype=acc_dtype(x.dtype), device=x.device)
-    xx = sqnorms(x) if xx is None else xx
-    yy = sqnorms(y) if yy is None else yy
+    xx = sqnorms(x, precision) if xx is None else xx
+    yy = sqnorms(y, precision) if yy is None else yy
     args = (x, y, xx, yy, _vec(h, x), _par(eps, x), out, *_sizes(x, y))
-    _launch("_softmin_fwd", B, N, x.device, args, dict(P=int(p), **_consts(x)))
+    _launch("_softmin_fwd", B, N, x.device, args, dict(P=int(p), **_consts(x, precision)))
     return out
 
 
+def _grad_consts(x, mode, precision, has_cw, write_rs, normalized):
+    return dict(MODE=int(mode), HAS_CW=bool(has_cw), WRITE_RS=bool(write_rs), NORMALIZED=bool(normalized),
+                DIFF=x.dtype == torch.float64, **_consts(x, precision))
+
+
 @torch.no_grad()
-def softmin_and_grad(x, y, h, eps, p=2, xx=None, yy=None):
+def softmin_and_grad(x, y, h, eps, p=2, xx=None, yy=None, precision=None):
     """One fused pass: ``f_i = −ε log Σ_j exp(h_j − C_ij/ε)`` (B,N) and ``Σ_j P_ij ∇_x C(x_i, y_j)``
     (B,N,D) with ``P = softmax_j(h_j − C_ij/ε)`` normalised in the same pass (attention's
     forward with V = y); acc dtype."""
@@ -311,18 +367,17 @@ def softmin_and_grad(x, y, h, eps, p=2, xx=None, yy=None):
     acc = acc_dtype(x.dtype)
     out = torch.empty(B, N, D, dtype=acc, device=x.device)
     f = torch.empty(B, N, dtype=acc, device=x.device)
-    xx = sqnorms(x) if xx is None else xx
-    yy = sqnorms(y) if yy is None else yy
+    xx = sqnorms(x, precision) if xx is None else xx
+    yy = sqnorms(y, precision) if yy is None else yy
     mode = _compiled.SOFTMIN_P2 if p == 2 else _compiled.SOFTMIN_P1
     args = (x, y, xx, yy, _vec(h, x), xx, xx, _par(eps, x), out, f, f, *_sizes(x, y))
-    consts = dict(MODE=mode, HAS_CW=False, WRITE_RS=False, NORMALIZED=True, **_consts(x, chunked=False))
-    _launch("_weighted_grad", B, N, x.device, args, consts)
+    _launch("_weighted_grad", B, N, x.device, args, _grad_consts(x, mode, precision, False, False, True))
     return f, out
 
 
 @torch.no_grad()
-def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, rowsum=False):
-    """``x_i Σ_j W_ij − Σ_j W_ij y_j`` (B,N,D) in the acc dtype.
+def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, rowsum=False, precision=None):
+    """``Σ_j W_ij (x_i − y_j)`` (B,N,D) in the acc dtype.
 
     softmin modes (``kernels.SOFTMIN_P2``/``SOFTMIN_P1``, ``par`` = ε): ``W_ij = E_ij`` (p=2) or
     ``E_ij/‖x_i − y_j‖`` (p=1) with ``E_ij = exp(hc_j − C_ij/ε + rr_i/ε) cw_j``, so that the
@@ -334,14 +389,12 @@ def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, 
     acc = acc_dtype(x.dtype)
     out = torch.empty(B, N, D, dtype=acc, device=x.device)
     rs = torch.empty(B, N, dtype=acc, device=x.device) if rowsum else out
-    xx = sqnorms(x) if xx is None else xx
-    yy = sqnorms(y) if yy is None else yy
+    xx = sqnorms(x, precision) if xx is None else xx
+    yy = sqnorms(y, precision) if yy is None else yy
     dummy = xx
     args = (x, y, xx, yy, dummy if hc is None else _vec(hc, x), dummy if rr is None else _vec(rr, x),
             dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, dummy, *_sizes(x, y))
-    consts = dict(MODE=int(mode), HAS_CW=cw is not None, WRITE_RS=bool(rowsum), NORMALIZED=False,
-                  **_consts(x, chunked=False))
-    _launch("_weighted_grad", B, N, x.device, args, consts)
+    _launch("_weighted_grad", B, N, x.device, args, _grad_consts(x, mode, precision, cw is not None, rowsum, False))
     return (out, rs) if rowsum else out
 
 
@@ -352,21 +405,21 @@ def _kernel_mode(kernel, blur):
 
 
 @torch.no_grad()
-def kernel_sum_rows(x, y, b, kernel, blur, xx=None, yy=None):
+def kernel_sum_rows(x, y, b, kernel, blur, xx=None, yy=None, precision=None):
     """``Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D), b (B,M) -> (B,N) (acc dtype), no autograd."""
     _check_points(x, y)
     mode, inv_s2 = _kernel_mode(kernel, blur)
     B, N = x.shape[:2]
     out = torch.empty(B, N, dtype=acc_dtype(x.dtype), device=x.device)
-    xx = sqnorms(x) if xx is None else xx
-    yy = sqnorms(y) if yy is None else yy
+    xx = sqnorms(x, precision) if xx is None else xx
+    yy = sqnorms(y, precision) if yy is None else yy
     args = (x, y, xx, yy, _vec(b, x), _par(inv_s2, x), out, *_sizes(x, y))
-    _launch("_kernel_sum_fwd", B, N, x.device, args, dict(MODE=mode, **_consts(x)))
+    _launch("_kernel_sum_fwd", B, N, x.device, args, dict(MODE=mode, **_consts(x, precision)))
     return out
 
 
 @torch.no_grad()
-def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False):
+def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False, precision=None):
     """Values (B,N) (acc dtype) and indices (B,N) int64 of the best j, no autograd."""
     _check_points(x, y)
     if cost not in ("sqdist", "dot"):
@@ -377,9 +430,10 @@ def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False):
     val = torch.empty(B, N, dtype=acc, device=x.device)
     idx = torch.empty(B, N, dtype=torch.int64, device=x.device)
     h = torch.zeros(B, M, dtype=acc, device=x.device) if h is None else _vec(h, x)
-    xx, yy = sqnorms(x), sqnorms(y)
+    xx, yy = sqnorms(x, precision), sqnorms(y, precision)
     args = (x, y, xx, yy, h, val, idx, *_sizes(x, y))
-    consts = dict(SQDIST=cost == "sqdist", MAXIMIZE=bool(maximize), **_consts(x, distances=cost == "sqdist"))
+    consts = dict(SQDIST=cost == "sqdist", MAXIMIZE=bool(maximize),
+                  **_consts(x, precision, distances=cost == "sqdist"))
     _launch("_argminmax", B, N, x.device, args, consts)
     return val, idx
 
@@ -387,12 +441,13 @@ def argminmax_rows(x, y, h=None, cost="sqdist", maximize=False):
 # ----------------------------------------------------------------------------- autograd
 class _Softmin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, h, eps, p):
+    def forward(ctx, x, y, h, eps, p, precision):
+        precision = resolve_precision(x.dtype, precision)  # the backward uses the same dots
         if ctx.needs_input_grad[0]:  # value and Σ_j P_ij ∇_x C in one pass (attention's forward)
-            f, G = softmin_and_grad(x.detach(), y.detach(), h.detach(), eps, p)
+            f, G = softmin_and_grad(x.detach(), y.detach(), h.detach(), eps, p, precision=precision)
         else:
-            f, G = softmin_rows(x.detach(), y.detach(), h.detach(), eps, p), None
-        ctx.eps, ctx.p, ctx.G = eps, p, G
+            f, G = softmin_rows(x.detach(), y.detach(), h.detach(), eps, p, precision=precision), None
+        ctx.eps, ctx.p, ctx.G, ctx.precision = eps, p, G, precision
         ctx.save_for_backward(x, y, h, f)
         return f
 
@@ -402,22 +457,24 @@ class _Softmin(torch.autograd.Function):
         eps, mode = ctx.eps, (_compiled.SOFTMIN_P2 if ctx.p == 2 else _compiled.SOFTMIN_P1)
         nx, ny, nh = ctx.needs_input_grad[:3]
         if _double.create_graph():
-            return (*_double.softmin_backward(x, y, h, eps, Cost(ctx.p), g, (nx, ny, nh)), None, None)
+            return (*_double.softmin_backward(x, y, h, eps, Cost(ctx.p), g, (nx, ny, nh)), None, None, None)
         gx = gy = gh = None
         if nx:  # Σ_j g_i P_ij ∇_x C(x_i, y_j), from the forward pass
             gx = (ctx.G * g[:, :, None].to(ctx.G.dtype)).to(x.dtype)
         if ny or nh:  # swapped: rows y_j, columns x_i with log-weights f_i/ε, column weights g_i
-            gyj, rs = weighted_grad(y, x, mode, eps, hc=f / eps, rr=eps * h, cw=g, rowsum=True)
+            gyj, rs = weighted_grad(y, x, mode, eps, hc=f / eps, rr=eps * h, cw=g, rowsum=True,
+                                    precision=ctx.precision)
             gy = gyj.to(y.dtype) if ny else None
             gh = (-eps * rs).to(h.dtype) if nh else None
-        return gx, gy, gh, None, None
+        return gx, gy, gh, None, None, None
 
 
 class _KernelSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, b, kernel, blur):
-        out = kernel_sum_rows(x.detach(), y.detach(), b.detach(), kernel, blur)
-        ctx.kernel, ctx.blur = kernel, blur
+    def forward(ctx, x, y, b, kernel, blur, precision):
+        precision = resolve_precision(x.dtype, precision)
+        out = kernel_sum_rows(x.detach(), y.detach(), b.detach(), kernel, blur, precision=precision)
+        ctx.kernel, ctx.blur, ctx.precision = kernel, blur, precision
         ctx.save_for_backward(x, y, b)
         return out
 
@@ -427,21 +484,24 @@ class _KernelSum(torch.autograd.Function):
         mode, inv_s2 = _kernel_mode(ctx.kernel, ctx.blur)
         nx, ny, nb = ctx.needs_input_grad[:3]
         if _double.create_graph():
-            return (*_double.kernel_sum_backward(x, y, b, Kernel(ctx.kernel, ctx.blur), g, (nx, ny, nb)), None, None)
+            return (*_double.kernel_sum_backward(x, y, b, Kernel(ctx.kernel, ctx.blur), g, (nx, ny, nb)),
+                    None, None, None)
         gx = gy = gb = None
         if nx:  # 2 g_i Σ_j b_j k'_ij (x_i − y_j)
-            gx = (weighted_grad(x, y, mode, inv_s2, cw=b) * g[:, :, None]).to(x.dtype)
+            gx = (weighted_grad(x, y, mode, inv_s2, cw=b, precision=ctx.precision) * g[:, :, None]).to(x.dtype)
         if ny:  # 2 b_j Σ_i g_i k'_ij (y_j − x_i)
-            gy = (weighted_grad(y, x, mode, inv_s2, cw=g) * b[:, :, None].to(g.dtype)).to(y.dtype)
+            gy = (weighted_grad(y, x, mode, inv_s2, cw=g, precision=ctx.precision)
+                  * b[:, :, None].to(g.dtype)).to(y.dtype)
         if nb:  # Σ_i g_i k(x_i, y_j): the column sum, a row sum with x and y swapped
-            gb = kernel_sum_rows(y, x, g, ctx.kernel, ctx.blur).to(b.dtype)
-        return gx, gy, gb, None, None
+            gb = kernel_sum_rows(y, x, g, ctx.kernel, ctx.blur, precision=ctx.precision).to(b.dtype)
+        return gx, gy, gb, None, None, None
 
 
 class _ArgMinMax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, h, cost, maximize):
-        val, idx = argminmax_rows(x.detach(), y.detach(), None if h is None else h.detach(), cost, maximize)
+    def forward(ctx, x, y, h, cost, maximize, precision):
+        val, idx = argminmax_rows(x.detach(), y.detach(), None if h is None else h.detach(), cost, maximize,
+                                  precision=precision)
         ctx.cost, ctx.has_h, ctx.M = cost, h is not None, y.shape[1]
         ctx.save_for_backward(x, y, idx)
         ctx.mark_non_differentiable(idx)
@@ -467,24 +527,25 @@ class _ArgMinMax(torch.autograd.Function):
         gh = None
         if nh and ctx.has_h:
             gh = torch.zeros(y.shape[:2], dtype=g.dtype, device=y.device).scatter_add_(1, idx, g)
-        return gx, gy, gh, None, None
+        return gx, gy, gh, None, None, None
 
 
 # ----------------------------------------------------------------------------- public functions
-def softmin(x, y, h, eps, p=2):
+def softmin(x, y, h, eps, p=2, precision=None):
     """``f_i = −ε log Σ_j exp(h_j − C(x_i, y_j)/ε)``, C = ½‖x−y‖² (p=2) or ‖x−y‖ (p=1).
 
     x (B,N,D)/(N,D), y (B,M,D)/(M,D), h (B,M)/(M,) -> (B,N)/(N,) in float32 (float64 for
-    float64 points).  Differentiable w.r.t. x, y and h (first order).
+    float64 points).  Differentiable w.r.t. x, y and h (first order).  ``precision``: the
+    float32 dots (:func:`set_precision`; None = the current default, ``"tf32x3"``).
     """
     if p not in (1, 2):
         raise ValueError(f"p={p!r}: expected 1 or 2")
     (x, y, h), batched = _batched(x, y, h)
-    f = _Softmin.apply(x, y, h, float(eps), int(p))
+    f = _Softmin.apply(x, y, h, float(eps), int(p), check_precision(precision))
     return f if batched else f[0]
 
 
-def kernel_sum(x, y, b, kernel="gaussian", blur=1.0):
+def kernel_sum(x, y, b, kernel="gaussian", blur=1.0, precision=None):
     """``Σ_j k(x_i, y_j) b_j`` with geomloss's gaussian ``exp(−‖x−y‖²/2σ²)``, laplacian
     ``exp(−‖x−y‖/σ)`` or energy ``−‖x−y‖`` kernels (σ = blur).
 
@@ -492,26 +553,26 @@ def kernel_sum(x, y, b, kernel="gaussian", blur=1.0):
     """
     _kernel_mode(kernel, blur)
     (x, y, b), batched = _batched(x, y, b)
-    out = _KernelSum.apply(x, y, b, kernel, float(blur))
+    out = _KernelSum.apply(x, y, b, kernel, float(blur), check_precision(precision))
     return out if batched else out[0]
 
 
-def _argbest(x, y, h, cost, maximize):
+def _argbest(x, y, h, cost, maximize, precision):
     (x, y, h), batched = _batched(x, y, h)
-    val, idx = _ArgMinMax.apply(x, y, h, cost, maximize)
+    val, idx = _ArgMinMax.apply(x, y, h, cost, maximize, check_precision(precision))
     return (val, idx) if batched else (val[0], idx[0])
 
 
-def argmin(x, y, h=None, cost="sqdist"):
+def argmin(x, y, h=None, cost="sqdist", precision=None):
     """``(min_j s_ij, argmin_j s_ij)`` with ``s_ij = ‖x_i − y_j‖² + h_j`` (``cost="sqdist"``)
     or ``⟨x_i, y_j⟩ + h_j`` (``cost="dot"``); ties go to the smallest j.
 
     x (B,N,D)/(N,D), y (B,M,D)/(M,D), h (B,M)/(M,) or None -> values (B,N), indices (B,N)
     int64; the values are differentiable w.r.t. x, y, h.
     """
-    return _argbest(x, y, h, cost, False)
+    return _argbest(x, y, h, cost, False, precision)
 
 
-def argmax(x, y, h=None, cost="dot"):
+def argmax(x, y, h=None, cost="dot", precision=None):
     """``(max_j s_ij, argmax_j s_ij)``, same conventions as :func:`argmin`."""
-    return _argbest(x, y, h, cost, True)
+    return _argbest(x, y, h, cost, True, precision)
