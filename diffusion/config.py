@@ -13,13 +13,12 @@ import typing
 from dataclasses import dataclass, fields
 
 from .data import DATASETS
-from .flow import COUPLINGS, SOLVERS
+from .methods import COUPLINGS, METHODS, SOLVERS
 from .process import BETA_SCHEDULES, OBJECTIVES, TIMESTEP_SAMPLERS
 
 AMP_MODES = ("none", "bf16", "fp16")
 OT_SPACES = ("pixel", "feature")
 OT_SQUASH = ("clamp", "tanh")
-METHODS = ("diffusion", "flow")
 
 
 @dataclass

@@ -7,8 +7,8 @@ import torch
 from diffusion.cli import main
 from diffusion.config import DiffusionConfig, apply_overrides, preset
 from diffusion.data import load_data
-from diffusion.flow import (FlowMatching, compare_couplings, flow_sample, integrate, path_straightness,
-                            straightness)
+from diffusion.flow import FlowMatching, flow_sample, integrate, path_straightness, straightness
+from diffusion.flow_compare import compare_couplings
 from diffusion.model import Unet
 from diffusion.train import Trainer, load_model
 
