@@ -42,11 +42,11 @@ class SamplesLoss(Module):
     (0, 1)), truncate, cluster_scale (multiscale only: ignored), cost (None, a geomloss cost
     string or a callable (x, y) -> (B,N,M)), kernel (callable for kernel losses), debias,
     potentials, verbose, backend; and ``precision`` (otkernels only): the float32 dots of the
-    ``triton`` backend — None (default: ``"tf32x3"``, three TF32 tensor-core products, about
+    ``triton`` backend — None (default ``"tf32x3"``: three TF32 tensor-core products,
     float32 accuracy, geomloss parity), ``"ieee"`` (float32 FMA, no tensor cores), ``"tf32"``
-    (operands rounded to TF32: ~5e-4 relative per coordinate; a D=48 divergence within 1e-4
-    of float64) or ``"bf16"`` (operands rounded to bfloat16, ~4e-3 per coordinate: values
-    within ~1e-2 relative).  Other backends compute in the input dtype and ignore it.
+    (operands rounded to TF32, norms of the same points: values within ~5e-6 of float64,
+    gradients at small blur within ~7e-2) or ``"bf16"`` (values within ~1e-2; speed only).
+    Other backends compute in the input dtype and ignore it.
 
     Call: ``L(x, y)``, ``L(a, x, b, y)``: x (N,D) or (B,N,D), a (N,), (N,1), (B,N) or (B,N,1).
     Returns a scalar or (B,), or ``(F, G)`` shaped like a and b when ``potentials=True``.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..costs import diff_sum
 from . import _double, cache_budget, cache_plan
 
 NAME = "blocked"
@@ -161,7 +162,7 @@ class BlockedCost:
                 W = W.clamp_(min=floor).exp_().mul_(g[:, i0:i1, None])
                 if s is not None:
                     W.mul_(s[:, None, j0:j1])
-                gx[:, i0:i1] += self.cost.apply_grad(W, self.xd[:, i0:i1], self.y[:, j0:j1], C)
+                gx[:, i0:i1] += self.cost.apply_grad(W, self.xd[:, i0:i1], self.y[:, j0:j1], C, inplace=True)
         return gx
 
 
@@ -265,8 +266,8 @@ class _KernelSum(torch.autograd.Function):
                 gb[:, j0:j1] += torch.bmm(gt[:, None, :], K).squeeze(1)
             if nx or ny:
                 W = dK.mul_(gt[:, :, None]).mul_(bt[:, None, :])  # g_i b_j k'(d²_ij); ∇_x d² = 2(x−y)
-                if nx:
-                    gx[:, i0:i1] += 2 * (xt * W.sum(2, keepdim=True) - torch.bmm(W, yt))
+                if nx:  # Σ_j W_ij (x_i − y_j) without the expanded form's cancellation (costs.diff_sum)
+                    gx[:, i0:i1] += 2 * diff_sum(W, xt, yt, inplace=not ny)
                 if ny:
-                    gy[:, j0:j1] += 2 * (yt * W.sum(1)[:, :, None] - torch.bmm(W.transpose(1, 2), xt))
+                    gy[:, j0:j1] += 2 * diff_sum(W.transpose(1, 2), yt, xt, inplace=True)
         return gx, gy, gb, None

@@ -10,12 +10,11 @@ Availability: a CUDA device, or ``TRITON_INTERPRET=1`` (Triton's interpreter run
 kernels on CPU tensors, slowly: for tests).  ``backend="auto"`` picks it for CUDA tensors.
 
 Precision of float32 points (``SamplesLoss(precision=...)``, :func:`ops.precision_scope`,
-:func:`ops.set_precision` or ``OTKERNELS_TRITON_PRECISION``): ``"tf32x3"`` by default (three
-TF32 tensor-core products, about float32 accuracy: geomloss parity), ``"ieee"`` (float32
-FMA, no tensor cores), ``"tf32"`` (operands rounded to the nearest TF32: the hardware
-truncates, a biased ~2^-11 per product which put a D=128 divergence 7e-4 off; rounded, 5e-7)
-and ``"bf16"`` (operands rounded to bfloat16, ~1e-2).  The squared norms come from the same
-rounded points.  float64 problems stay float64 end to end.  The Sinkhorn gradient is
+:func:`ops.set_precision` or ``OTKERNELS_TRITON_PRECISION``; see ``otkernels/_precision.py``):
+``"tf32x3"`` by default (three TF32 tensor-core products: float32 accuracy), ``"tf32"``
+(operands rounded to the nearest TF32; values ~5e-6, gradients at small blur ~7e-2),
+``"ieee"`` (float32 FMA, no tensor cores) and ``"bf16"`` (~1e-2).  The squared norms come
+from the same rounded points.  float64 problems stay float64 end to end.  The Sinkhorn gradient is
 computed with the plan normalised in the same pass as the value (accurate in float32 even
 when ``C/ε`` reaches 1e6, where rebuilding ``exp(h − C/ε + f/ε)`` from the stored ``f`` is
 off by 1e-2).

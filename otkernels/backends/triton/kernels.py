@@ -26,8 +26,8 @@ dot's K would be padded to 16 anyway, and ``‖x‖² + ‖y‖² − 2⟨x,y⟩
 points, which the square roots of p=1 and of the laplacian/energy kernels amplify.
 
 **Precision** (``PRECISION``, float32 points): ``"ieee"`` (float32 FMA, no tensor cores),
-``"tf32x3"`` (three TF32 products, ≈ float32), ``"tf32"`` (operands rounded to the nearest
-TF32), ``"bf16"`` (operands rounded to bfloat16); float32 accumulation in every case.  The
+``"tf32x3"`` (default: three TF32 products, ≈ float32), ``"tf32"`` (operands rounded to the
+nearest TF32), ``"bf16"`` (operands rounded to bfloat16); float32 accumulation.  The
 caller computes the squared norms from the same rounded points, so ``C(x_i, x_i)`` is zero to
 float32 rounding.  float16/bfloat16 points use their own dtype, float64 stays float64.
 
@@ -68,7 +68,7 @@ GAUSSIAN = 2
 LAPLACIAN = 3
 ENERGY = 4
 
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 # Shared memory per block (opt-in maximum, bytes) by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
@@ -119,13 +119,22 @@ def _elt(dtype_bits: int) -> int:
     return dtype_bits // 8
 
 
-def register_words(kernel, bn, bm, w, d_pad, block_d=None, direct=0, dv=None, diff=False, elt=4):
+# Per-precision factors calibrated with the compiled kernels (resources.py, sm_80 and sm_90,
+# D = 128): tf32x3 keeps hi/lo copies of its operands (shared memory ×2 for staged tiles,
+# ×3 for the whole x tile) and ~2× the registers; float32 "ieee" dots run on FMA units
+# with ~2× the registers of a TF32 dot.
+_SMEM_OPERAND = {"tf32x3": 2}
+_SMEM_X = {"tf32x3": 3, "tf32": 2}
+_REGS = {"tf32x3": 2.0, "ieee": 2.0}
+
+
+def register_words(kernel, bn, bm, w, d_pad, block_d=None, direct=0, dv=None, diff=False, elt=4, precision="tf32"):
     """Rough 32-bit registers per thread that a kernel's tiles need (calibrated with ``ptxas
     -v`` on sm_80 and sm_90): the score tile (bn, bm) and its temporaries; the gradient also
     its (bn, BLOCK_DV) accumulator and, when its x tile is whole, that tile; float64 counts
-    double.  The forward kernels read their x tile from shared memory."""
+    double, float32 tf32x3/ieee dots about double."""
     block_d = d_pad if block_d is None else block_d
-    k = 2 if elt == 8 else 1
+    k = 2 if elt == 8 else (_REGS.get(precision, 1.0) if elt == 4 else 1.0)
     if kernel == "_weighted_grad":
         dv = d_pad if dv is None else dv
         if diff:  # the (bn, bm, dv) difference product lives in registers
@@ -139,35 +148,34 @@ def register_words(kernel, bn, bm, w, d_pad, block_d=None, direct=0, dv=None, di
     return k * (bn * d_pad + bn * bm) / (32 * w)
 
 
-def shared_bytes(kernel, bn, bm, stages, d_pad, block_d=None, direct=0, dv=None, elt=4):
+def shared_bytes(kernel, bn, bm, stages, d_pad, block_d=None, direct=0, dv=None, elt=4, precision="tf32"):
     """Shared memory (bytes) a config is expected to need: the pipelined operand buffers
-    (``stages`` copies of each tile the column loop loads; float32 operands are staged as
-    float32 even when rounded to bfloat16/TF32), the x tile when it is held whole, and the
-    plan tile that the gradient's ``P·Y`` dot reads from shared memory.  Calibrated on the
-    compiled kernels (``resources.py``): it over-estimates Triton's own figure, never
-    under-estimates it (tests/backends/test_triton_compile.py)."""
+    (``stages`` copies of each tile the column loop loads, in the points' dtype), the x tile
+    when it is held whole, the plan tile of the gradient's ``P·Y`` dot, with the per-precision
+    factors above.  Calibrated on the compiled kernels (``resources.py``) to over-estimate
+    Triton's own figure; tests/backends/test_triton_compile.py checks every kept config
+    against the device limit."""
     block_d = d_pad if block_d is None else block_d
+    fo = _SMEM_OPERAND.get(precision, 1) if elt == 4 else 1
+    fx = _SMEM_X.get(precision, 1) if elt == 4 else 1
     if direct:
-        body = 0
-        x = 0
+        body, x = 0, 0
     elif block_d == d_pad:
-        body = bm * d_pad * elt
-        x = bn * d_pad * elt
+        body, x = fo * bm * d_pad * elt, fx * bn * d_pad * elt
     else:
-        body = (bn + bm) * block_d * elt
-        x = 0
+        body, x = fo * (bn + bm) * block_d * elt, 0
+    extra = 0
     if kernel == "_weighted_grad":
         dv = d_pad if dv is None else dv
-        share = block_d == d_pad and dv >= d_pad and not direct
-        if not share:
-            body += bm * dv * elt
-        x = max(x, bn * bm * max(elt, 4))  # the plan tile, converted for the P·Y dot
-        return int(1.15 * (stages * body + x)) + 1024
-    return int(1.15 * (stages * body + x)) + 1024
+        if not (block_d == d_pad and dv >= d_pad and not direct):
+            body += fo * bm * dv * elt
+        extra = bn * bm * max(elt, 4)  # the plan tile, converted for the P·Y dot
+    return stages * body + x + extra + 1024
 
 
 # words/thread above which ptxas spilled (sm_80, sm_90; D = 128, 256, 512; float32, bfloat16)
 BUDGET = {"_weighted_grad": 120, "fwd": 160}
+MAX_KEPT = 4  # configs the autotuner times per problem (the largest tiles that fit)
 
 
 def _cc_of(named_args):
@@ -189,7 +197,7 @@ def shared_limit(cc: int) -> int:
     return SHARED_LIMIT.get(cc, SHARED_LIMIT[DEFAULT_CC] if cc >= 80 else 49152)
 
 
-def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False):
+def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32"):
     """The configs the autotuner may launch for one problem on ``sm_<cc>``: those whose
     registers (:data:`BUDGET`) and shared memory (:func:`shared_bytes` ≤ the device's
     limit) fit, without duplicates; small tiles are dropped when large ones fit.  Never
@@ -218,14 +226,17 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
         if key in seen:
             continue
         seen.add(key)
-        words = register_words(kernel, bn, bm, c.num_warps, D_PAD, BLOCK_D, DIRECT, dv, DIFF, ELT)
-        smem = shared_bytes(kernel, bn, bm, c.num_stages, D_PAD, BLOCK_D, DIRECT, dv, ELT)
+        words = register_words(kernel, bn, bm, c.num_warps, D_PAD, BLOCK_D, DIRECT, dv, DIFF, ELT, PRECISION)
+        smem = shared_bytes(kernel, bn, bm, c.num_stages, D_PAD, BLOCK_D, DIRECT, dv, ELT, PRECISION)
         if smem <= limit:
             out.append((words, smem, c))
-    fits = [c for words, _, c in out if words <= budget]
-    big = [c for c in fits if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] >= 64 * 64]
-    if big or fits:
-        return big or fits
+    fits = [(words, c) for words, _, c in out if words <= budget]
+    big = [t for t in fits if t[1].kwargs["BLOCK_N"] * t[1].kwargs["BLOCK_M"] >= 64 * 64]
+    chosen = big or fits
+    if chosen:  # largest tiles, then the larger output chunk, then fewer registers
+        chosen.sort(key=lambda t: (-t[1].kwargs["BLOCK_N"] * t[1].kwargs["BLOCK_M"],
+                                   -(t[1].kwargs.get("BLOCK_DV") or 0), t[0], t[1].num_stages))
+        return [c for _, c in chosen[:MAX_KEPT]]
     if out:
         return [min(out, key=lambda t: (t[0], t[1]))[2]]
     raise ValueError(f"{kernel}: no configuration fits sm_{cc}'s {limit} bytes of shared memory at D_PAD={D_PAD}")
@@ -238,14 +249,14 @@ def _prune_for(kernel):
         x = a.get("X")
         bits = x.dtype.itemsize * 8 if hasattr(x, "dtype") and hasattr(x.dtype, "itemsize") else 32
         return keep_configs(kernel, configs, _cc_of(a), a["D_PAD"], a.get("BLOCK_D"), a.get("DIRECT", 0),
-                            _elt(bits), a.get("D"), a.get("DIFF", False))
+                            _elt(bits), a.get("D"), a.get("DIFF", False), a.get("PRECISION", "tf32"))
     return prune
 
 
 # Autotuning keys: N_KEY = N.bit_length() retunes per power of two, not per N (a training loop
 # with varying sizes would retune at every step); every constexpr that changes the code is in
 # the key, and triton adds the dtypes of the tensors.
-_KEY = ["N_KEY", "M_KEY", "D_PAD", "BLOCK_D", "DIRECT", "PRECISION"]
+_KEY = ["N_KEY", "M_KEY", "D_PAD", "BLOCK_D", "DIRECT", "PRECISION", "ACC"]
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -442,6 +453,7 @@ def _pv_update(acc, W, y, x_dv, y_dv, PRECISION: tl.constexpr, ACC: tl.constexpr
     elif HALF_SCALE:
         big = tl.max(tl.abs(W), 1)
         e = tl.where(big > 0, tl.ceil(tl.log2(tl.where(big > 0, big, 1.0))), 0.0)
+        e = tl.minimum(tl.maximum(e, -120.0), 120.0)  # 2^±e stays finite in float32
         scale = tl.exp2(e)
         Wn = (W * tl.exp2(-e)[:, None]).to(y.dtype)
         acc += scale[:, None] * tl.dot(Wn, y, out_dtype=ACC)

@@ -138,10 +138,24 @@ def _call_interpreted(self, *args, **kwargs):
     return twin(*args, **kwargs)
 
 
+def _tf32(a, mode):
+    """float32 array → TF32 values: ``"trunc"`` (what the tensor cores read from a float32
+    register) or ``"rna"`` (``cvt.rna.tf32.f32``, round to nearest, ties away)."""
+    import numpy as np
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    if mode == "rna":
+        bits = bits + np.uint32(0x1000)
+    return (bits & np.uint32(0xFFFFE000)).view(np.float32)
+
+
 def _bf16_dot_fix():
-    """Triton's interpreter stores bfloat16 as raw uint16 bits and its ``create_dot`` multiplies
-    those integers (triton 3.9): widen bfloat16 operands to float32 first (exact: a product of
-    two bfloat16 numbers is exact in float32, as on the tensor cores)."""
+    """Two fixes to Triton's interpreter ``create_dot`` (triton 3.9): it stores bfloat16 as
+    raw uint16 bits and multiplies those integers — widen bfloat16 operands to float32 first
+    (exact: a product of two bfloat16 numbers is exact in float32, as on the tensor cores);
+    and it ignores ``input_precision`` — emulate the tensor cores for float32 operands:
+    ``TF32`` truncates both operands to TF32, ``TF32x3`` splits each operand into
+    ``hi = rna(a)``, ``lo = rna(a − hi)`` and sums ``hi·hi + hi·lo + lo·hi`` (as Triton's
+    lowering does), so that tests measure the accuracy the GPU will have."""
     import numpy as np
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
@@ -154,7 +168,18 @@ def _bf16_dot_fix():
         return t
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+        a, b = widen(a), widen(b)
+        prec = str(input_precision).upper()
+        if a.dtype.scalar == tl.float32 and b.dtype.scalar == tl.float32 and "TF32" in prec:
+            if "X3" in prec:
+                ah, bh = _tf32(a.data, "rna"), _tf32(b.data, "rna")
+                al, bl = _tf32(a.data - ah, "rna"), _tf32(b.data - bh, "rna")
+                out = (np.matmul(ah, bl, dtype=np.float32) + np.matmul(al, bh, dtype=np.float32)
+                       + np.matmul(ah, bh, dtype=np.float32))
+            else:
+                out = np.matmul(_tf32(a.data, "trunc"), _tf32(b.data, "trunc"), dtype=np.float32)
+            return TensorHandle(out.astype(d.data.dtype) + d.data, d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     return InterpreterBuilder, original, create_dot
 
