@@ -4,8 +4,10 @@
 //   out_i = g_i Σ_j s_j P_ij ∇_1 C(a_i, b_j),   P_ij = exp((h_j − C_ij/ε) + fscale·f_i)
 //   ∇_1 C = a_i − b_j (p = 2),  (a_i − b_j)/C_ij (p = 1, 0 where geomloss's clamp is active)
 //
-// so out_i = g_i (a_i Σ_j w_ij − Σ_j w_ij b_j) with w_ij = s_j P_ij [/C_ij]: the second sum is
-// attention's P·V, a GEMM of the weight tile with b (D > 8) or vector accumulators (D ≤ 8).
+// so out_i = g_i Σ_j w_ij (a_i − b_j) with w_ij = s_j P_ij [/C_ij], the differences formed
+// inside the tile (acc_diff in tiles.h for D > 8, vector accumulators for D ≤ 8): the expanded
+// a_i Σ_j w_ij − Σ_j w_ij b_j (attention's P·V as one GEMM) cancels catastrophically when the
+// plan sits on b_j ≈ a_i (the self-costs C(x, x) at small ε: a gradient 1e-19 instead of 0).
 // fscale = 1/ε for a potential f; −1 when f is the log-sum-exp of the forward softmin, so that
 // (h_j − C_ij/ε) − lse_i is ≤ 0 with the forward's rounding (P ≤ 1 even if C/ε ≫ 1/ε_mach).
 #include "tiles.h"
@@ -36,19 +38,20 @@ inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Si
   return hsum(acc);
 }
 
-// Vector accumulators Σ_j w_j bT[k, j] for k < D ≤ DIRECT_MAX_D.
+// Vector accumulators Σ_j w_j (a_k − bT[k, j]) for k < D ≤ DIRECT_MAX_D.
 template <typename T> struct DirectAcc {
-  vec<T> acc[DIRECT_MAX_D];
+  vec<T> acc[DIRECT_MAX_D], av[DIRECT_MAX_D];
   const T* bT;
   i64 ld;
   int D;
-  DirectAcc(const T* bT_, i64 ld_, int D_) : bT(bT_), ld(ld_), D(D_) {
-    for (int k = 0; k < D; ++k) acc[k] = vset(T(0));
+  DirectAcc(const T* a, const T* bT_, i64 ld_, int D_) : bT(bT_), ld(ld_), D(D_) {
+    for (int k = 0; k < D; ++k) acc[k] = vset(T(0)), av[k] = vset(a[k]);
   }
-  void operator()(i64 j, vec<T> w, int lanes) {
+  void operator()(i64 j, vec<T> w, int lanes) {  // w is zero beyond `lanes`
     constexpr int n = VT<T>::N;
     for (int k = 0; k < D; ++k)
-      acc[k] = vfma(w, lanes == n ? vload(bT + k * ld + j) : vload_part(bT + k * ld + j, lanes, T(0)), acc[k]);
+      acc[k] = vfma(w, av[k] - (lanes == n ? vload(bT + k * ld + j) : vload_part(bT + k * ld + j, lanes, T(0))),
+                    acc[k]);
   }
 };
 
@@ -77,20 +80,19 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
     const T* bq = b + q * Nb * D;
     const T* hq = h + q * Nb;
     const T* sq = s ? s + q * Nb : nullptr;
-    T wsum[ROWS], ha[ROWS];
-    for (i64 r = 0; r < nr; ++r) wsum[r] = 0;
+    T ha[ROWS];
     std::fill(c.acc.begin(), c.acc.begin() + nr * D, T(0));
     if (need_gemm_cost) sqnorms(aq + i0 * D, nr, D, half, ha);
     if (direct) {
       const T* bT = ct.bT.data() + q * Nb * D;
       for (i64 i = i0; i < i1; ++i) {
-        DirectAcc<T> acc(bT, Nb, int(D));
+        DirectAcc<T> acc(aq + i * D, bT, Nb, int(D));
         const T fe = T(f[q * Na + i] * fscale);
         for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, Nb - j0);
           acc.bT = bT + j0;
           auto ld = make_row(q, i, j0, W, aq, bT + j0, (const T*)nullptr, T(0), (const T*)nullptr);
-          wsum[i - i0] += row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, fe, acc);
+          row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, fe, acc);
         }
         for (int k = 0; k < D; ++k) c.acc[(i - i0) * D + k] = hsum(acc.acc[k]);
       }
@@ -108,19 +110,17 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
           };
           auto ld = make_row(q, i, j0, W, aq, (const T*)nullptr, need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
                              need_gemm_cost ? ha[i - i0] : T(0), hb ? hb + j0 : nullptr);
-          wsum[i - i0] += row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, T(f[q * Na + i] * fscale),
-                                            sink);
+          row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, T(f[q * Na + i] * fscale), sink);
         }
-        // acc (nr×D) += Wb (nr×W) · b[j0:j0+W] (W×D)
-        gemm(false, false, nr, D, W, T(1), c.Wb.data(), W, bq + j0 * D, D, T(1), c.acc.data(), D);
+        // acc_i += Σ_j Wb_ij (a_i − b_j) over the tile's columns
+        acc_diff(c.Wb.data(), W, nr, W, aq + i0 * D, bq + j0 * D, D, c.acc.data());
       }
     }
     for (i64 i = i0; i < i1; ++i) {
-      const T gi = g[q * Na + i], ws = wsum[i - i0];
-      const T* ai = aq + i * D;
+      const T gi = g[q * Na + i];
       const T* ac = c.acc.data() + (i - i0) * D;
       T* o = out + (q * Na + i) * D;
-      for (i64 k = 0; k < D; ++k) o[k] = gi * (ai[k] * ws - ac[k]);
+      for (i64 k = 0; k < D; ++k) o[k] = gi * ac[k];
     }
   });
 }
@@ -162,12 +162,12 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
   width = std::min<i64>(width, ceil_div(Na, n) * n);
   const i64 nrng = ceil_div(Na, width);
   struct Ctx {
-    std::vector<T> wsum, acc, Wt;
+    std::vector<T> aT, acc, Wt, WtT;
   };
   parallel_tasks(B * nrng, nt,
                  [&] {
-                   return Ctx{std::vector<T>(size_t(width)), std::vector<T>(size_t(width * D)),
-                              std::vector<T>(size_t(RB * SW))};
+                   return Ctx{std::vector<T>(direct ? size_t(width * D) : 0), std::vector<T>(size_t(width * D)),
+                              std::vector<T>(size_t(RB * SW)), std::vector<T>(direct ? 0 : size_t(RB * SW))};
                  },
                  [&](i64 task, Ctx& c) {
     const i64 q = task / nrng, c0 = (task % nrng) * width, c1 = std::min(Na, c0 + width), w = c1 - c0;
@@ -177,8 +177,8 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
     const T* hq = h + q * Nb;
     const T* sq = s ? s + q * Nb : nullptr;
     const T* fq = f + q * Na;
-    std::fill(c.wsum.begin(), c.wsum.begin() + w, T(0));
     std::fill(c.acc.begin(), c.acc.begin() + w * D, T(0));  // direct: (D, w); GEMM: (w, D)
+    if (direct) transpose_to(aq + c0 * D, w, D, c.aT.data());  // (D, w): this range's a, by lanes
     for (i64 r0 = 0; r0 < Nb; r0 += RB) {
       const i64 R = std::min(RB, Nb - r0);
       for (i64 s0 = 0; s0 < w; s0 += SW) {
@@ -196,37 +196,37 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
             vec<T> wv = vexp(vfma(cv, ie, hv) + fe) * si;
             if constexpr (P == 1) wv = select(cv > thr, wv / cv, vset(T(0)));
             if (lanes < n) wv = select(lanes_below<T>(lanes), wv, vset(T(0)));
-            T* ws = c.wsum.data() + s0 + j;
-            if (lanes == n) {
-              vstore(ws, vload(ws) + wv);
-              vstore(wr + j, wv);
-            } else {
-              vstore_part(ws, vload_part(ws, lanes, T(0)) + wv, lanes);
-              vstore_part(wr + j, wv, lanes);
-            }
-            if (direct) {
+            if (direct) {  // acc[k, j] += w_ij (a_jk − b_ik)
               const T* bi = bq + i * D;
               for (i64 k = 0; k < D; ++k) {
                 T* ak = c.acc.data() + k * w + s0 + j;
-                if (lanes == n) vstore(ak, vfma(wv, vset(bi[k]), vload(ak)));
-                else vstore_part(ak, vfma(wv, vset(bi[k]), vload_part(ak, lanes, T(0))), lanes);
+                const T* xk = c.aT.data() + k * w + s0 + j;
+                if (lanes == n) {
+                  vstore(ak, vfma(wv, vload(xk) - vset(bi[k]), vload(ak)));
+                } else {
+                  vstore_part(ak, vfma(wv, vload_part(xk, lanes, T(0)) - vset(bi[k]), vload_part(ak, lanes, T(0))),
+                              lanes);
+                }
               }
+            } else if (lanes == n) {
+              vstore(wr + j, wv);
+            } else {
+              vstore_part(wr + j, wv, lanes);
             }
           }
         }
-        if (!direct)  // acc[s0:s0+sw] (sw×D) += Wtᵀ (sw×R) · b[r0:r0+R] (R×D)
-          gemm(true, false, sw, D, R, T(1), c.Wt.data(), sw, bq + r0 * D, D, T(1), c.acc.data() + s0 * D, D);
+        if (!direct) {  // acc[s0 + t] += Σ_r Wt[r, t] (a_{c0+s0+t} − b_{r0+r}), Wt transposed first
+          for (i64 r = 0; r < R; ++r)
+            for (i64 t = 0; t < sw; ++t) c.WtT[t * R + r] = c.Wt[r * sw + t];
+          acc_diff(c.WtT.data(), R, sw, R, aq + (c0 + s0) * D, bq + r0 * D, D, c.acc.data() + s0 * D);
+        }
       }
     }
     for (i64 j = 0; j < w; ++j) {
       const i64 jj = c0 + j;
-      const T gj = g[q * Na + jj], ws = c.wsum[j];
-      const T* aj = aq + jj * D;
+      const T gj = g[q * Na + jj];
       T* o = out + (q * Na + jj) * D;
-      for (i64 k = 0; k < D; ++k) {
-        const T ak = direct ? c.acc[k * w + j] : c.acc[j * D + k];
-        o[k] = gj * (aj[k] * ws - ak);
-      }
+      for (i64 k = 0; k < D; ++k) o[k] = gj * (direct ? c.acc[k * w + j] : c.acc[j * D + k]);
     }
   });
 }

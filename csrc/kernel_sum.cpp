@@ -1,9 +1,12 @@
 // Kernel sums Σ_j k(|x_i − y_j|²) w_j and their gradient w.r.t. x in one pass over tiles:
 //
 //   val_i  = Σ_j k_ij w_j
-//   grad_i = 2 g_i Σ_j w_j k'_ij (x_i − y_j) = 2 g_i (x_i Σ_j w_j k'_ij − Σ_j w_j k'_ij y_j)
+//   grad_i = 2 g_i Σ_j w_j k'_ij (x_i − y_j)
 //
-// with k' = ∂k/∂(d²) (unscaled).  The gradients w.r.t. y and w are the same two sums on the
+// with k' = ∂k/∂(d²) (unscaled), the differences x_i − y_j formed inside the tile (acc_diff in
+// tiles.h, or vector accumulators for D ≤ 8): the expanded x_i Σ_j w_j k'_ij − Σ_j w_j k'_ij y_j
+// cancels when the kernel is nearly diagonal (the self terms k(x, x) at small σ: a gradient
+// 3e-19 where the exact one is 4e-98).  The gradients w.r.t. y and w are the same two sums on the
 // swapped problem (the kernel is symmetric): grad_y = kernel_sum(y, x, g, w), val = ∂/∂w.
 // Kernels (geomloss's formulas, σ = blur): gaussian exp(−d²/2σ²), laplacian
 // exp(−sqrt(max(d²/σ², 1e-8))), energy −sqrt(max(d², 1e-8)).
@@ -57,12 +60,12 @@ static void kernel_sum_k(const T* x, const T* y, const T* w, const T* g, T* val,
     const T* xq = x + q * N * D;
     const T* yq = y + q * M * D;
     const T* wq = w + q * M;
-    T vsum[ROWS], wsum[ROWS], ha[ROWS];
-    for (i64 r = 0; r < nr; ++r) vsum[r] = wsum[r] = 0;
+    T vsum[ROWS], ha[ROWS];
+    for (i64 r = 0; r < nr; ++r) vsum[r] = 0;
     std::fill(c.acc.begin(), c.acc.begin() + nr * D, T(0));
     // one row of a tile: loader ld, W columns from j0; sink(j, wk, lanes) for the gradient weights
     auto row = [&](auto& ld, i64 r, i64 j0, i64 W, auto&& sink) {
-      vec<T> va = vset(T(0)), wa = vset(T(0));
+      vec<T> va = vset(T(0));
       for (i64 j = 0; j < W; j += n) {
         const int lanes = int(std::min<i64>(n, W - j));
         vec<T> d2 = lanes == n ? ld.at(j) : ld.tail(j, lanes);
@@ -71,29 +74,26 @@ static void kernel_sum_k(const T* x, const T* y, const T* w, const T* g, T* val,
         kf(d2, k, dk);
         va = vfma(k, wv, va);
         if (want_grad) {
-          vec<T> wk = dk * wv;
-          wa += wk;
-          sink(j, wk, lanes);
+          sink(j, dk * wv, lanes);  // wv is zero beyond `lanes`
         }
       }
       vsum[r] += hsum(va);
-      wsum[r] += hsum(wa);
     };
     if (direct) {
       const T* yT = ct.bT.data() + q * M * D;
       for (i64 i = i0; i < i1; ++i) {
-        struct Acc {
-          vec<T> a[DIRECT_MAX_D];
+        struct Acc {  // a[k] += Σ_j wk_j (x_ik − y_jk)
+          vec<T> a[DIRECT_MAX_D], xv[DIRECT_MAX_D];
           const T* yT;
           i64 ld;
           int D;
           void operator()(i64 j, vec<T> wk, int lanes) {
             for (int k = 0; k < D; ++k)
-              a[k] = vfma(wk, lanes == VT<T>::N ? vload(yT + k * ld + j) : vload_part(yT + k * ld + j, lanes, T(0)),
+              a[k] = vfma(wk, xv[k] - (lanes == VT<T>::N ? vload(yT + k * ld + j) : vload_part(yT + k * ld + j, lanes, T(0))),
                           a[k]);
           }
-        } acc{{}, yT, M, int(D)};
-        for (int k = 0; k < D; ++k) acc.a[k] = vset(T(0));
+        } acc{{}, {}, yT, M, int(D)};
+        for (int k = 0; k < D; ++k) acc.a[k] = vset(T(0)), acc.xv[k] = vset(xq[i * D + k]);
         for (i64 j0 = 0; j0 < M; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, M - j0);
           DirectRow<T> ld(xq + i * D, yT + j0, M, int(D));
@@ -117,18 +117,16 @@ static void kernel_sum_k(const T* x, const T* y, const T* w, const T* g, T* val,
             else vstore_part(wrow + j, wk, lanes);
           });
         }
-        if (want_grad)
-          gemm(false, false, nr, D, W, T(1), c.Wb.data(), W, yq + j0 * D, D, T(1), c.acc.data(), D);
+        if (want_grad) acc_diff(c.Wb.data(), W, nr, W, xq + i0 * D, yq + j0 * D, D, c.acc.data());
       }
     }
     for (i64 i = i0; i < i1; ++i) {
       if (want_val) val[q * N + i] = vsum[i - i0];
       if (want_grad) {
-        const T gi = T(2) * (g ? g[q * N + i] : T(1)), ws = wsum[i - i0];
-        const T* xi = xq + i * D;
+        const T gi = T(2) * (g ? g[q * N + i] : T(1));
         const T* ac = c.acc.data() + (i - i0) * D;
         T* o = grad + (q * N + i) * D;
-        for (i64 k = 0; k < D; ++k) o[k] = gi * (xi[k] * ws - ac[k]);
+        for (i64 k = 0; k < D; ++k) o[k] = gi * ac[k];
       }
     }
   });

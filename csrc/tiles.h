@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "otk.h"
@@ -129,6 +130,101 @@ template <typename T, int P, typename L, bool HalfIt> struct CostRow {
   vec<T> at(i64 j) const { return f(l.at(j)); }
   vec<T> tail(i64 j, int rem) const { return f(l.tail(j, rem)); }
 };
+
+// acc (nr × D, row stride D) += Σ_{j<W} w[r·ldw + j] (a_r − b_j), a (nr × D), b (W × D)
+// row-major: a weighted sum of per-pair differences, formed inside the tile.  The expanded
+// form a_r Σ_j w_rj − Σ_j w_rj b_j (one GEMM) loses every digit when the weight sits on
+// points b_j ≈ a_r (the diagonal of a self-cost, a nearly diagonal kernel or plan): each
+// product carries an error ≈ ε_mach·|a|·w, while a_r − b_j is exact there (Sterbenz).
+//
+// A register-blocked micro-kernel in the machine's native vector width (AVX2: 32 bytes, 16
+// registers; AVX-512: 64 bytes): three rows × two vectors of coordinates accumulate over a
+// block of b rows that stays in L1, with the rows' coordinates held in registers (one SUB and
+// one FMA per multiply-add; measured 0.45–0.6× MKL's GEMM of the same shape on Zen 3).
+#if defined(__AVX512F__)
+constexpr int ACC_BYTES = 64;
+#else
+constexpr int ACC_BYTES = 32;
+#endif
+template <typename T> struct AV {
+  typedef T v __attribute__((vector_size(ACC_BYTES)));
+  static constexpr int N = ACC_BYTES / int(sizeof(T));
+};
+template <typename T> inline typename AV<T>::v aload(const T* p) {
+  typename AV<T>::v v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T> inline void astore(T* p, typename AV<T>::v v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename T> inline typename AV<T>::v abcast(T x) {  // one broadcast (V{} + x adds 0.0 first)
+  typedef typename AV<T>::v V;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) return (V)_mm512_set1_ps(x);
+  else return (V)_mm512_set1_pd(x);
+#elif defined(__AVX__)
+  if constexpr (std::is_same<T, float>::value) return (V)_mm256_set1_ps(x);
+  else return (V)_mm256_set1_pd(x);
+#else
+  return V{} + x;
+#endif
+}
+
+// R rows × K vectors of coordinates [k, k + K·n) over the b rows [j0, j1).
+template <typename T, int R, int K>
+inline void acc_diff_block(const T* w, i64 ldw, const T* a, const T* b, i64 D, T* acc, i64 k, i64 j0, i64 j1) {
+  typedef typename AV<T>::v V;
+  constexpr int n = AV<T>::N;
+  V s[R][K], x[R][K];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < K; ++q) {
+      s[r][q] = aload(acc + r * D + k + q * n);
+      x[r][q] = aload(a + r * D + k + q * n);
+    }
+  const T* bp = b + j0 * D + k;
+  for (i64 j = j0; j < j1; ++j, bp += D) {
+    V bv[K];
+    for (int q = 0; q < K; ++q) bv[q] = aload(bp + q * n);
+    for (int r = 0; r < R; ++r) {
+      const V c = abcast(w[r * ldw + j]);
+      for (int q = 0; q < K; ++q) s[r][q] += c * (x[r][q] - bv[q]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < K; ++q) astore(acc + r * D + k + q * n, s[r][q]);
+}
+
+template <typename T>
+inline void acc_diff(const T* w, i64 ldw, i64 nr, i64 W, const T* a, const T* b, i64 D, T* acc) {
+  constexpr int n = AV<T>::N;
+  const i64 D2 = D / (2 * n) * (2 * n), D1 = D / n * n;
+  const i64 JB = std::max<i64>(16, i64(16384 / sizeof(T)) / std::max<i64>(D, 1));  // 16 KB of b per block
+  for (i64 j0 = 0; j0 < W; j0 += JB) {
+    const i64 j1 = std::min(W, j0 + JB);
+    i64 r = 0;
+    for (; r + 3 <= nr; r += 3) {
+      const T* wr = w + r * ldw;
+      const T* ar = a + r * D;
+      T* cr = acc + r * D;
+      for (i64 k = 0; k < D2; k += 2 * n) acc_diff_block<T, 3, 2>(wr, ldw, ar, b, D, cr, k, j0, j1);
+      if (D1 > D2) acc_diff_block<T, 3, 1>(wr, ldw, ar, b, D, cr, D2, j0, j1);
+    }
+    for (; r < nr; ++r) {
+      const T* wr = w + r * ldw;
+      for (i64 k = 0; k < D2; k += 2 * n) acc_diff_block<T, 1, 2>(wr, ldw, a + r * D, b, D, acc + r * D, k, j0, j1);
+      if (D1 > D2) acc_diff_block<T, 1, 1>(wr, ldw, a + r * D, b, D, acc + r * D, D2, j0, j1);
+    }
+    if (D1 == D) continue;
+    for (r = 0; r < nr; ++r) {  // the last D − D1 < n coordinates
+      const T* wr = w + r * ldw;
+      for (i64 k = D1; k < D; ++k) {
+        const T x = a[r * D + k];
+        T s = 0;
+        for (i64 j = j0; j < j1; ++j) s += wr[j] * (x - b[j * D + k]);
+        acc[r * D + k] += s;
+      }
+    }
+  }
+}
 
 // Squared norms |x_i|² · scale for n points of dimension D.
 template <typename T> inline void sqnorms(const T* x, i64 n, i64 D, T scale, T* out) {
