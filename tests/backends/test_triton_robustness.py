@@ -175,6 +175,7 @@ def test_launch_on_the_tensors_device_and_bounded_autotuning(monkeypatch):
                                        (129, (160, 32)), (256, (256, 256)), (512, (512, 128)),
                                        (1000, (1024, 128)), (2048, (2048, 128))])
 def test_d_layout_pads_little(D, layout):
+    """Layouts with the default whole-tile limit (256: float16/bfloat16 and TF32 dots)."""
     direct = D if D <= ops.DIRECT_MAX_D else 0
     assert K.d_layout(D, direct) == layout
     d_pad, bd = layout
@@ -251,3 +252,30 @@ def test_precision_argument_is_checked():
         otkernels.SamplesLoss(precision="fp8")
     with pytest.raises(ValueError, match="precision"):
         ops.softmin(cloud(1, 4, 3), cloud(1, 4, 3), torch.zeros(1, 4, dtype=torch.float64), 0.1, precision="tf16")
+
+
+# ----------------------------------------------------------------------------- softmin_two
+@pytest.mark.parametrize("D", [3, 24, 129])
+@pytest.mark.parametrize("p", [2, 1])
+def test_softmin_two_both_directions_and_symmetric(small_tiles, D, p):
+    """Rows and columns from one tile per block pair (several row blocks per program, the
+    column partials merged across programs), and the symmetric pass from the upper triangle;
+    a column tile of −inf weights included."""
+    x, y = cloud(2, 70, D, 0), cloud(2, 53, D, 1, shift=0.3)
+    hr, hc = torch.randn(2, 53, dtype=torch.float64), torch.randn(2, 70, dtype=torch.float64)
+    hr[:, :16] = float("-inf")
+    f, g = ops.softmin_two(x, y, hr, hc, 0.7, p)
+    assert relmax(f, ref_softmin(x, y, hr, 0.7, p)) < 1e-12
+    assert relmax(g, ref_softmin(y, x, hc, 0.7, p)) < 1e-12
+    fs, none = ops.softmin_two(x, x, hc, None, 0.7, p, sym=True)
+    assert none is None and relmax(fs, ref_softmin(x, x, hc, 0.7, p)) < 1e-12
+
+
+def test_softmin_two_falls_back_when_partials_do_not_fit(monkeypatch):
+    monkeypatch.setattr(ops, "TWO_PARTIAL_BYTES", 64)
+    x, y = cloud(1, 20, 5, 0), cloud(1, 30, 5, 1)
+    assert ops.softmin_two(x, y, torch.zeros(1, 30, dtype=torch.float64), torch.zeros(1, 20, dtype=torch.float64),
+                           0.5) is None
+    v = otkernels.SamplesLoss(backend="tensorized")(x[0], y[0])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert relmax(otkernels.SamplesLoss(backend="triton")(x[0], y[0]), v) < 1e-10  # two passes instead

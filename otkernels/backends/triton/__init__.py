@@ -69,15 +69,32 @@ class TritonCost:
 
     def __init__(self, x, y, cost, norms=None, precision=None):
         self.x, self.xd, self.y, self.p = x, x.detach(), y.detach(), cost.p
+        self.sym = x is y  # C(x, x): the symmetric pass computes half of the tiles
         self.precision = ops.resolve_precision(x.dtype, precision)  # fixed for forward and backward
         self.mode = ops._compiled.SOFTMIN_P2 if self.p == 2 else ops._compiled.SOFTMIN_P1
         self.xx, self.yy = norms if norms is not None else (ops.sqnorms(self.xd, self.precision),
                                                             ops.sqnorms(self.y, self.precision))
 
     def softmin(self, eps, h):
-        """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient."""
+        """−ε log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N), no gradient.  For C(x, x) from the
+        tiles on and above the diagonal (half the dot work, :func:`ops.softmin_two`)."""
+        if self.sym:
+            two = ops.softmin_two(self.xd, self.y, h, None, eps, self.p, self.xx, self.yy,
+                                  precision=self.precision, sym=True)
+            if two is not None:
+                return two[0].to(h.dtype)
         out = ops.softmin_rows(self.xd, self.y, h, eps, self.p, self.xx, self.yy, precision=self.precision)
         return out.to(h.dtype)
+
+    def softmin_two(self, eps, h, h_t):
+        """This softmin (h (B,M) -> (B,N)) and its transpose's (h_t (B,N) -> (B,M)) from one
+        set of cost tiles (Sinkhorn's two updates of an iteration), or None (two passes)."""
+        if self.sym:
+            return None
+        two = ops.softmin_two(self.xd, self.y, h, h_t, eps, self.p, self.xx, self.yy, precision=self.precision)
+        if two is None:
+            return None
+        return two[0].to(h.dtype), two[1].to(h_t.dtype)
 
     def softmin_grad(self, eps, h):
         """Same value, differentiable w.r.t. x: one fused pass computes the value and

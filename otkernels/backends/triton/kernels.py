@@ -83,15 +83,16 @@ TARGET_CC: contextvars.ContextVar = contextvars.ContextVar("otkernels_triton_tar
 WHOLE_MAX = 256  # x tile held whole up to this padded D
 
 
-def d_layout(D: int, direct: int = 0):
+def d_layout(D: int, direct: int = 0, whole_max: int = WHOLE_MAX):
     """``(D_PAD, BLOCK_D)`` for the cost dot: one chunk (``BLOCK_D == D_PAD``, a power of two)
-    when D ≤ 64 or D rounded to 16 is a power of two ≤ 256; else chunks of the largest
+    when D ≤ 64 or D rounded to 16 is a power of two ≤ ``whole_max`` (256; 128 for the float32
+    dots that keep hi/lo copies or run on FMA units); else chunks of the largest
     ``BLOCK_D`` ∈ {128, 64, 32, 16} that pads D by at most 1/8 beyond its multiple of 16."""
     if direct:
         return 16, 16
     d16 = -(-D // 16) * 16
     p2 = max(16, 1 << (D - 1).bit_length())
-    if p2 <= 64 or (p2 == d16 and p2 <= WHOLE_MAX):
+    if p2 <= 64 or (p2 == d16 and p2 <= whole_max):
         return p2, p2
     for b in (128, 64, 32, 16):
         padded = -(-D // b) * b
@@ -141,11 +142,12 @@ def register_words(kernel, bn, bm, w, d_pad, block_d=None, direct=0, dv=None, di
             return k * (bn * bm * dv + 2 * bn * dv + 3 * bn * bm) / (32 * w)
         x_whole = bn * d_pad if block_d == d_pad else 2 * bn * block_d
         return k * (x_whole + bn * dv + (4 if direct else 3) * bn * bm) / (32 * w)
+    two = bn * bm if kernel == "_softmin_two" else 0  # the second score tile
     if direct:
-        return k * 3 * bn * bm / (32 * w)
+        return k * (3 * bn * bm + two) / (32 * w)
     if block_d != d_pad:  # D walked by chunks inside the column loop
-        return k * 2 * (2 * bn * block_d + bn * bm) / (32 * w)
-    return k * (bn * d_pad + bn * bm) / (32 * w)
+        return k * 2 * (2 * bn * block_d + bn * bm + two) / (32 * w)
+    return k * (bn * d_pad + bn * bm + two) / (32 * w)
 
 
 def shared_bytes(kernel, bn, bm, stages, d_pad, block_d=None, direct=0, dv=None, elt=4, precision="tf32"):
@@ -239,7 +241,12 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
         return [c for _, c in chosen[:MAX_KEPT]]
     if out:
         return [min(out, key=lambda t: (t[0], t[1]))[2]]
-    raise ValueError(f"{kernel}: no configuration fits sm_{cc}'s {limit} bytes of shared memory at D_PAD={D_PAD}")
+    # nothing fits the (conservative) estimate: the two smallest, so that the autotuner can
+    # skip one that does not compile (it catches OutOfResources only when it has a choice)
+    small = sorted((c for c in configs if (not grad or c.kwargs.get("BLOCK_DV") in dvs)),
+                   key=lambda c: shared_bytes(kernel, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_stages, D_PAD,
+                                              BLOCK_D, DIRECT, c.kwargs.get("BLOCK_DV"), ELT, PRECISION))
+    return small[:2]
 
 
 def _prune_for(kernel):
@@ -439,6 +446,85 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
     if P == 2:
         out += 0.5 * xx
     tl.store(Out + pid_b * N + offs_n, out, mask=mask_n)
+
+
+# ----------------------------------------------------------------------------- both directions
+@triton.autotune(configs=_configs(), key=_KEY + ["P", "SYM"], cache_results=True,
+                 restore_value=["PartM", "PartS"],  # timing runs must not accumulate into the partials
+                 prune_configs_by={"early_config_prune": _prune_for("_softmin_two")})
+@triton.jit
+def _softmin_two(X, Y, XX, YY, Hr, Hc, Par, OutR, PartM, PartS,
+                 N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
+                 N_KEY, M_KEY, R, stride_pr, stride_pb,
+                 P: tl.constexpr, SYM: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Both updates of a Sinkhorn iteration from one cost tile: the rows' log-sum-exp
+    ``log2 Σ_j exp2(s_ij)`` with ``s_ij = (Hr_j − C_ij/ε)·log2 e`` into ``OutR`` (B,N), and per
+    column ``j`` partial log-sum-exps of ``(Hc_i − C_ij/ε)·log2 e`` over this program's rows,
+    merged into row ``pid`` of ``PartM``/``PartS`` (R, B, M): max and sum of exp2 below it.
+    A program walks the row blocks ``pid, pid + R, …`` (R programs per batch element bound
+    the partial buffers to R·M entries); the caller reduces the R partials.
+
+    ``SYM`` (y is x, Hc = Hr): only the column tiles at or after the row block (the upper
+    triangle of the symmetric cost); their column partials stand for the rows of the mirrored
+    tiles, the diagonal tile's only once (through its rows).  The rows' result then holds the
+    upper-triangle part and the partials the rest."""
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    Xb = X + pid_b * stride_xb
+    Yb = Y + pid_b * stride_yb
+    eps = tl.load(Par)
+    k = _LOG2E / eps
+    Pm = PartM + pid * stride_pr + pid_b * stride_pb
+    Ps = PartS + pid * stride_pr + pid_b * stride_pb
+    for n0 in range(pid * BLOCK_N, N, R * BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+        hc = tl.load(Hc + pid_b * N + offs_n, mask=mask_n, other=0.0)
+        bc = hc * _LOG2E - xx * (k * 0.5) if P == 2 else hc * _LOG2E
+        x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT, PRECISION)
+        m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
+        l_i = tl.zeros((BLOCK_N,), ACC)
+        j_start = n0 if SYM else 0
+        for j0 in range(j_start, M, BLOCK_M):
+            offs_m = j0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
+                          stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+            yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
+            hr = tl.load(Hr + pid_b * M + offs_m, mask=mask_m, other=0.0)
+            if P == 2:  # t = ⟨x_i, y_j⟩/ε; rows add Hr_j − ‖y_j‖²/2ε, columns Hc_i − ‖x_i‖²/2ε
+                t = xy * k
+                sr = t + (hr * _LOG2E - yy * (k * 0.5))[None, :]
+                sc = t + bc[:, None]
+            else:
+                dist = tl.sqrt(tl.maximum(xx[:, None] + yy[None, :] - 2.0 * xy, _CLAMP)) * k
+                sr = (hr * _LOG2E)[None, :] - dist
+                sc = bc[:, None] - dist
+            both = mask_n[:, None] & mask_m[None, :]
+            if SYM:  # the tiles after the row block see each pair once: i ≤ j in the diagonal tile
+                sr = tl.where(both & (offs_m[None, :] >= offs_n[:, None]), sr, float("-inf"))
+                sc = tl.where(both & (offs_m[None, :] > offs_n[:, None]), sc, float("-inf"))
+            else:
+                sr = tl.where(both, sr, float("-inf"))
+                sc = tl.where(both, sc, float("-inf"))
+            m_i, _alpha, _p, l_i = _lse_update(m_i, l_i, sr)
+            mc = tl.max(sc, 0)
+            mc_safe = tl.where(mc == float("-inf"), 0.0, mc)
+            lc = tl.sum(tl.exp2(sc - mc_safe[None, :]), 0)
+            m_old = tl.load(Pm + offs_m, mask=mask_m, other=float("-inf"))
+            s_old = tl.load(Ps + offs_m, mask=mask_m, other=0.0)
+            m_new = tl.maximum(m_old, mc)
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_new = s_old * tl.exp2(m_old - shift) + lc * tl.exp2(mc - shift)
+            tl.store(Pm + offs_m, m_new, mask=mask_m)
+            tl.store(Ps + offs_m, s_new, mask=mask_m)
+        row = m_i + tl.log2(l_i)
+        if P == 2:
+            row -= xx * (k * 0.5)
+        tl.store(OutR + pid_b * N + offs_n, row, mask=mask_n)
 
 
 # ----------------------------------------------------------------------------- P·Y gradients
@@ -647,5 +733,5 @@ def _argminmax(X, Y, XX, YY, H, Val, Idx,
     tl.store(Idx + pid_b * N + offs_n, arg.to(tl.int64), mask=mask_n)
 
 
-KERNELS = {"_softmin_fwd": _softmin_fwd, "_weighted_grad": _weighted_grad,
+KERNELS = {"_softmin_fwd": _softmin_fwd, "_softmin_two": _softmin_two, "_weighted_grad": _weighted_grad,
            "_kernel_sum_fwd": _kernel_sum_fwd, "_argminmax": _argminmax}

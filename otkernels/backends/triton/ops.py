@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -241,14 +242,16 @@ def _grid(N, B, D):
     return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, triton.cdiv(D, meta.get("BLOCK_DV", D) or D))  # noqa: E731
 
 
-def _launch(name, B, N, device, args, consts):
+def _launch(name, B, N, device, args, consts, grid=None, before_full=None):
     """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B[, cdiv(D, BLOCK_DV)])``.
 
     Compiled (CUDA): on the tensors' device; the first launch of a tuning key (size buckets,
     constexprs, dtypes) with more than ``TUNE_ROWS`` rows or ``TUNE_COLS`` columns first
     launches on the leading rows and columns only (same key), so that the autotuner times
     its configs on a bounded problem — seconds, not minutes at N = 10⁶ — and the full launch
-    reuses the winner (also cached on disk by triton).  Interpreted: one large fixed tile."""
+    reuses the winner (also cached on disk by triton); ``before_full`` runs between the two
+    (to reset buffers the proxy wrote).  ``grid``: a fixed grid instead of the row blocks.
+    Interpreted: one large fixed tile."""
     log = getattr(_capture, "log", None)
     if log is not None:
         log.append((name, args, consts))
@@ -266,9 +269,11 @@ def _launch(name, B, N, device, args, consts):
                 if N > TUNE_ROWS or M > TUNE_COLS:
                     proxy = list(args)
                     proxy[iN], proxy[iM] = min(N, TUNE_ROWS), min(M, TUNE_COLS)
-                    tuner[_grid(proxy[iN], B, D)](*proxy, **consts)
+                    tuner[grid or _grid(proxy[iN], B, D)](*proxy, **consts)
+                    if before_full is not None:
+                        before_full()
                 _tuned.add(key)
-            tuner[_grid(N, B, D)](*args, **consts)
+            tuner[grid or _grid(N, B, D)](*args, **consts)
         return
     native = _is_interpreted(_compiled)  # TRITON_INTERPRET=1 before triton was imported
     tuner = (_compiled if native else _interpreted()).KERNELS[name]
@@ -277,7 +282,7 @@ def _launch(name, B, N, device, args, consts):
         meta["BLOCK_DV"] = 16 if consts.get("DIFF") else min(256, max(16, triton.next_power_of_2(D)))
     with _lock:
         with (contextlib.nullcontext() if native else _interpreter_scope()), _interpreter_fixes():
-            tuner.fn[_grid(N, B, D)](*args, **consts, **meta)
+            tuner.fn[grid or _grid(N, B, D)](*args, **consts, **meta)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -309,9 +314,10 @@ def _consts(x, precision=None, distances=True):
     (``distances``: the tiles only enter through ‖x − y‖²) and the dot precision."""
     D = x.shape[2]
     direct = D if (distances and D <= DIRECT_MAX_D) else 0
-    d_pad, block_d = _compiled.d_layout(D, direct)
-    return dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=d_pad, BLOCK_D=block_d, DIRECT=direct,
-                PRECISION=resolve_precision(x.dtype, precision))
+    prec = resolve_precision(x.dtype, precision)
+    whole_max = 128 if (x.dtype == torch.float32 and prec in ("tf32x3", "ieee")) else _compiled.WHOLE_MAX
+    d_pad, block_d = _compiled.d_layout(D, direct, whole_max)
+    return dict(ACC=_TL[acc_dtype(x.dtype)], D_PAD=d_pad, BLOCK_D=block_d, DIRECT=direct, PRECISION=prec)
 
 
 def _sizes(x, y):
@@ -375,6 +381,65 @@ def softmin_rows(x, y, h, eps, p=2, xx=None, yy=None, precision=None):
     args = (x, y, xx, yy, _vec(h, x), _par(eps, x), out, *_sizes(x, y))
     _launch("_softmin_fwd", B, N, x.device, args, dict(P=int(p), **_consts(x, precision)))
     return out
+
+
+TWO_PARTIAL_BYTES = 256 << 20  # column partials of softmin_two: beyond this, two passes
+TWO_PROGRAMS = 4  # row programs per SM (per batch element) for softmin_two
+
+
+def _two_programs(device, N, B, M):
+    """Row programs R of :func:`softmin_two`: enough to fill the GPU, at most one per 16 rows,
+    and R·B·M partials (8 bytes each) within :data:`TWO_PARTIAL_BYTES`; 0 if that is not
+    enough for a full GPU (the caller falls back to two passes)."""
+    fit = TWO_PARTIAL_BYTES // (8 * B * M)
+    if interpreting(device):
+        return min(fit, max(1, min(4, triton.cdiv(N, INTERPRET_CONFIG["BLOCK_N"]))))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = min(triton.cdiv(N, 16), max(1, TWO_PROGRAMS * sms // B))
+    if fit * B < sms and fit < triton.cdiv(N, 64):
+        return 0
+    return max(1, min(want, fit))
+
+
+@torch.no_grad()
+def softmin_two(x, y, hr, hc, eps, p=2, xx=None, yy=None, precision=None, sym=False):
+    """Both updates of a Sinkhorn iteration from one cost tile per pair of blocks:
+    ``f_i = −ε log Σ_j exp(hr_j − C_ij/ε)`` (B,N) and ``g_j = −ε log Σ_i exp(hc_i − C_ij/ε)``
+    (B,M), half the ``tl.dot`` work of two passes.  ``sym`` (y is x, hc = hr): f only, from
+    the tiles on and above the diagonal.  Column partials take R·B·M·8 bytes
+    (:func:`_two_programs`); None when they would not fit (use two passes)."""
+    _check_points(x, y)
+    B, N = x.shape[:2]
+    M = y.shape[1]
+    R = _two_programs(x.device, N, B, M)
+    if R == 0:
+        return None
+    acc = acc_dtype(x.dtype)
+    xx = sqnorms(x, precision) if xx is None else xx
+    yy = sqnorms(y, precision) if yy is None else yy
+    hc = hr if sym else hc
+    out = torch.empty(B, N, dtype=acc, device=x.device)
+    part_m = torch.full((R, B, M), float("-inf"), dtype=acc, device=x.device)
+    part_s = torch.zeros((R, B, M), dtype=acc, device=x.device)
+
+    def reset():
+        part_m.fill_(float("-inf"))
+        part_s.zero_()
+
+    args = (x, y, xx, yy, _vec(hr, x), _vec(hc, x), _par(eps, x), out, part_m, part_s, *_sizes(x, y),
+            R, part_m.stride(0), part_m.stride(1))
+    consts = dict(P=int(p), SYM=bool(sym), **_consts(x, precision))
+    _launch("_softmin_two", B, N, x.device, args, consts, grid=(R, B), before_full=reset)
+    top = part_m.max(0).values
+    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    cols = safe + torch.log2((part_s * torch.exp2(part_m - safe)).sum(0))  # log2 Σ_i exp2(·)
+    if p == 2 and not consts["DIRECT"]:  # direct tiles already hold −½‖x − y‖²
+        cols = cols - yy * (math.log2(math.e) / (2 * eps))
+    scale = -eps * math.log(2.0)
+    if sym:  # row j = the upper part of its own row ⊕ the column partials of the tiles above
+        both = torch.stack([out, cols])
+        return scale * torch.logsumexp(both * math.log(2.0), 0) / math.log(2.0), None
+    return scale * out, scale * cols
 
 
 def _grad_consts(x, mode, precision, has_cw, write_rs, normalized):

@@ -50,6 +50,8 @@ def _variants():
     return {
         "softmin p=2": lambda x, y, pr: ops.softmin_rows(x, y, vec(x, y.shape[1]), 0.1, 2, precision=pr),
         "softmin p=1": lambda x, y, pr: ops.softmin_rows(x, y, vec(x, y.shape[1]), 0.1, 1, precision=pr),
+        "two p=2": lambda x, y, pr: ops.softmin_two(x, y, vec(x, y.shape[1]), vec(x, x.shape[1]), 0.1, 2, precision=pr),
+        "two p=2 sym": lambda x, y, pr: ops.softmin_two(x, x, vec(x, x.shape[1]), None, 0.1, 2, precision=pr, sym=True),
         "softmin+grad p=2": lambda x, y, pr: ops.softmin_and_grad(x, y, vec(x, y.shape[1]), 0.1, 2, precision=pr),
         "softmin+grad p=1": lambda x, y, pr: ops.softmin_and_grad(x, y, vec(x, y.shape[1]), 0.1, 1, precision=pr),
         "grad p=2 +cw,rs": lambda x, y, pr: ops.weighted_grad(x, y, P2, 0.1, hc=vec(x, y.shape[1]), rr=vec(x, x.shape[1]),
@@ -68,7 +70,7 @@ def _variants():
 
 
 VARIANTS = tuple(_variants())
-DEFAULT_VARIANTS = ("softmin p=2", "softmin+grad p=2", "grad p=2 +cw,rs", "kernel sum gaussian",
+DEFAULT_VARIANTS = ("softmin p=2", "two p=2", "softmin+grad p=2", "grad p=2 +cw,rs", "kernel sum gaussian",
                     "grad gaussian", "argmin sqdist")  # what SamplesLoss/metrics/assign run most
 
 
@@ -194,7 +196,12 @@ def measure(case):
     v, D, dtype, prec, cc = case
     name, args, consts = launch_of(v, D, dtype, prec)
     rows = []
-    for config in kept_configs(name, args, consts, cc):
+    try:
+        kept = kept_configs(name, args, consts, cc)
+    except Exception as e:  # noqa: BLE001 - recorded: a pruner that fails is a finding
+        return [dict(variant=v, kernel=name, D=D, dtype=dtype, precision=prec, cc=cc, config="-",
+                     limit=K.shared_limit(cc), error=f"pruner: {type(e).__name__}: {str(e)[:300]}")]
+    for config in kept:
         row = dict(variant=v, kernel=name, D=D, dtype=dtype, precision=prec, cc=cc, config=config_label(config),
                    D_PAD=consts["D_PAD"], BLOCK_D=consts["BLOCK_D"], direct=consts["DIRECT"])
         try:
