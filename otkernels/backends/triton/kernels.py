@@ -215,12 +215,18 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
         if DIFF:
             dvs = {16}
         else:
-            dvs = {dv for dv in _DV if min(dv_max, 64) <= dv <= min(dv_max, 256)}
+            dvs = {dv for dv in _DV if min(dv_max, 32 if ELT == 4 and PRECISION in ("tf32x3", "ieee") else 64)
+                   <= dv <= min(dv_max, 256)}
+    # sm_80/86 (mma.sync holds its operands in registers): the float32 split and FMA dots
+    # spilled kilobytes at BLOCK_N = 64 in every shape tried (ptxas -v, D = 128); 32 did not
+    narrow = cc < 90 and ELT == 4 and PRECISION in ("tf32x3", "ieee")
     out, seen = [], set()
     for c in configs:
         bn, bm = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]
         dv = c.kwargs.get("BLOCK_DV")
         if grad and dv not in dvs:
+            continue
+        if narrow and (bn > 32 or (grad and dv > 64)):
             continue
         if DIFF and bn * bm > 32 * 32:
             continue
