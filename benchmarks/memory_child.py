@@ -2,7 +2,9 @@
 
 ``python benchmarks/memory_child.py N D BACKEND [SCALING]`` prints one JSON line: value, seconds,
 this process's RSS just before the solve and its peak RSS (``VmHWM``, KB; also the peak
-before the solve: imports can peak above the steady state).
+before the solve: imports can peak above the steady state).  The optional backends are
+imported before the first measurement, so ``rss_peak_kb − rss_before_kb`` is the solve's
+own memory.  The cache budget is the default one unless ``OTKERNELS_CACHE_BYTES`` is set.
 """
 import json
 import os
@@ -37,6 +39,7 @@ def main(N, D, backend, scaling=0.5):
     from otkernels import backends
 
     set_threads()
+    backends.available()  # import the optional backends (pykeops, triton: ~75 MB) before measuring
     x, y = make_data(N, N, D)
     x.requires_grad_()
     loss = otkernels.SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=scaling, debias=True,

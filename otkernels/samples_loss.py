@@ -185,11 +185,12 @@ class SamplesLoss(Module):
                 x, y = _center(x, y)
             diameter = self.diameter if self.diameter is not None else max_diameter(x.detach(), y.detach())
             eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
-            if self.verbose:
-                print(f"otkernels: {backend.NAME} backend, {len(eps_list)} iterations, blur schedule "
-                      + ", ".join(f"{e ** (1 / self.p):.3g}" for e in eps_list))
             rho = None if self.reach is None else self.reach ** self.p
             handles = backend.cost_handles(x, y, self.cost, debias=self.debias or self.loss == "hausdorff")
+            if self.verbose:  # the schedule, and what the handles store (cache budget)
+                print(f"otkernels: {backend.NAME} backend, {len(eps_list)} iterations, blur schedule "
+                      + ", ".join(f"{e ** (1 / self.p):.3g}" for e in eps_list)
+                      + "\n  " + backends.describe_cache(handles))
             if self.loss == "sinkhorn":
                 values = sinkhorn(a, b, handles, eps_list, rho=rho, debias=self.debias,
                                   potentials=self.potentials)

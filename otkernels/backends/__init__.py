@@ -21,6 +21,11 @@ other devices ``tensorized`` up to ``AUTO_DENSE_MAX``, else ``blocked``.  ``nati
 ``blocked`` cache the cost on CPU when it fits :func:`cache_budget` and recompute tiles
 otherwise.  Every backend supports double backward (see ``_double.py``).  A backend can be
 disabled with ``OTKERNELS_DISABLE=name1,name2``.
+
+Memory: ``backend="online"`` and ``"multiscale"`` (geomloss's names) run ``blocked`` without
+any cost cache (:mod:`.online`): O((N+M)·D + tile), never an N×M matrix.  Every other CPU
+path caches at most :func:`cache_budget` bytes of cost matrices (default: 2 GiB or 1/8 of
+the RAM, whichever is smaller); ``SamplesLoss(verbose=True)`` prints what it cached.
 """
 from __future__ import annotations
 
@@ -29,34 +34,96 @@ import os
 
 _MODULES = {"tensorized": "tensorized", "blocked": "blocked", "native": "native",
             "triton": "triton", "keops": "keops"}
-ALIASES = {"online": "blocked", "multiscale": "blocked"}  # geomloss's names
+ALIASES = {"online": "blocked", "multiscale": "blocked"}  # geomloss's names: blocked ...
+LEAN = ("online", "multiscale")  # ... without a cost cache (the module .online)
 AUTO_DENSE_MAX = 1500 * 1500          # kernel losses without native; non-CPU, non-CUDA devices
 AUTO_DENSE_MAX_SINKHORN = 100 * 100   # Sinkhorn on CPU without native (blocked caches the cost)
 AUTO_BATCHED_BLOCKED_MAX = 300 * 300  # batched Sinkhorn on CPU: blocked up to this N·M
+
+DEFAULT_CACHE_CAP = 2 << 30   # bytes: the default cache budget is at most this ...
+DEFAULT_CACHE_FRACTION = 8    # ... and at most 1/8 of the machine's RAM
 
 _budget = None
 
 
 def set_cache_budget(nbytes):
-    """Largest memory (bytes) a CPU backend may spend on cached cost matrices; None = default."""
+    """Largest memory (bytes) the CPU backends may spend on cached cost matrices; None
+    restores the default (see :func:`cache_budget`); 0 caches nothing."""
     global _budget
     _budget = None if nbytes is None else int(nbytes)
 
 
 def cache_budget() -> int:
-    """Bytes for cached costs: ``set_cache_budget``, else ``OTKERNELS_CACHE_BYTES``, else half
-    of the available RAM."""
+    """Bytes the CPU backends (``native``, ``blocked``) may spend on cached cost matrices.
+
+    The Sinkhorn loop reads each cost matrix ~60 times, so computing C(x, y) once and keeping
+    it is much faster than recomputing its tiles in every pass (``native``, N = M = 20k, D=3:
+    see docs/benchmarks.md), but an N×M float32 matrix is 4·N·M bytes (3.6 GB at 30k).  The
+    budget bounds it: matrices are cached greedily while they fit (:func:`cache_plan`;
+    ``native`` caches the first rows of C(x, y) when all of it does not fit), the others
+    recompute their tiles; ``backend="online"`` / ``"multiscale"`` never cache.
+
+    Default: ``min(2 GiB, RAM / 8)`` (``DEFAULT_CACHE_CAP``, ``DEFAULT_CACHE_FRACTION``), so
+    a loss call inside a training job stays predictable (2 GiB on a 16 GB+ machine, 1 GiB on
+    8 GB).  To raise or lower it: ``otkernels.backends.set_cache_budget(nbytes)`` (this
+    process; None restores the default) or the environment variable
+    ``OTKERNELS_CACHE_BYTES`` (e.g. ``8e9``; ``0`` caches nothing).  ``native`` also keeps
+    released cache memory for reuse, at most this budget (``native.empty_cache()`` frees it).
+    ``SamplesLoss(..., verbose=True)`` prints what a call cached."""
     if _budget is not None:
         return _budget
     env = os.environ.get("OTKERNELS_CACHE_BYTES")
     if env:
         return int(float(env))
+    return min(DEFAULT_CACHE_CAP, _ram_bytes() // DEFAULT_CACHE_FRACTION)
+
+
+def _ram_bytes() -> int:
+    """Total RAM (``MemTotal``), or 8 GiB when /proc/meminfo cannot be read."""
     try:
         with open("/proc/meminfo") as fh:
-            info = dict(line.split(":", 1) for line in fh)
-        return int(info["MemAvailable"].split()[0]) * 1024 // 2
-    except (OSError, KeyError, ValueError):
-        return 2 << 30
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
+def describe_cache(handles) -> str:
+    """One line saying which cost matrices the handles ``(C_xy, C_yx, C_xx, C_yy)`` store
+    (cached or dense), their bytes, and the budget: what ``SamplesLoss(verbose=True)`` prints."""
+    names = ("C(x,y)", "C(y,x)", "C(x,x)", "C(y,y)")
+    seen, parts, total = {}, [], 0
+    for name, h in zip(names, handles):
+        if h is None:
+            continue
+        mat = getattr(h, "cache", None)
+        if mat is None:
+            mat = getattr(h, "C", None)  # tensorized: the dense matrix
+        if not hasattr(mat, "element_size"):
+            parts.append(f"{name} recomputed")
+            continue
+        key = (mat.data_ptr(), mat.numel())
+        if key in seen:
+            parts.append(f"{name} reads {seen[key]}'s")
+            continue
+        seen[key] = name
+        nbytes = mat.numel() * mat.element_size()
+        total += nbytes
+        rows = getattr(h, "rows", None)
+        what = f"first {rows} of {h.x.shape[1] if not getattr(h, 'transpose', False) else h.y.shape[1]} rows"
+        parts.append(f"{name} {'dense' if hasattr(h, 'C') else 'cached'} {_gb(nbytes)}"
+                     + (f" ({what})" if rows is not None else ""))
+    dense = any(hasattr(h, "C") for h in handles if h is not None)
+    stored = (f"{_gb(total)} stored (dense backend: not bound by the cache budget)" if dense
+              else f"{_gb(total)} stored" if total else "no N×M matrix stored")
+    return (f"cost matrices: {'; '.join(parts) or 'none'}; {stored}; cache budget "
+            f"{_gb(cache_budget())} (otkernels.backends.set_cache_budget / OTKERNELS_CACHE_BYTES)")
+
+
+def _gb(n) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def cache_plan(nbytes, cache=None):
@@ -79,15 +146,22 @@ def _disabled():
 
 
 def get(name: str):
-    """The backend module for ``name`` (geomloss aliases accepted); ValueError if unknown/unusable."""
+    """The backend module for ``name`` (geomloss aliases accepted); ValueError if unknown/unusable.
+    ``"online"`` and ``"multiscale"`` give :mod:`.online`: ``blocked`` with no cost cache."""
+    lean = name in LEAN
     name = ALIASES.get(name, name)
     if name not in _MODULES:
         raise ValueError(f"backend={name!r} is unknown: expected 'auto' or one of "
                          f"{sorted(_MODULES) + sorted(ALIASES)}")
-    ok, why = available()[name]
+    if name in _disabled():
+        raise ValueError(f"backend={name!r} is not available here: disabled by OTKERNELS_DISABLE")
+    try:  # probe this backend alone (never JIT-build native for a triton call)
+        ok, why = importlib.import_module(f".{_MODULES[name]}", __name__).available()
+    except ImportError as e:
+        ok, why = False, f"import failed: {e}"
     if not ok:
         raise ValueError(f"backend={name!r} is not available here: {why}")
-    return importlib.import_module(f".{_MODULES[name]}", __name__)
+    return importlib.import_module(".online" if lean else f".{_MODULES[name]}", __name__)
 
 
 def available():

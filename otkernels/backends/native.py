@@ -22,7 +22,9 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
   ``C_xy`` does not fit, the budget caches as many of its rows as it can (:class:`PartialCost`).  C_xy and C_yx share one matrix (column reductions
   read it in place).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
   through a pool (:func:`set_pool_limit`, :func:`empty_cache`): page faults on 1.2 GB of
-  fresh memory cost more than the GEMMs that fill it.
+  fresh memory cost more than the GEMMs that fill it.  The pool keeps at most the cache
+  budget (unless :func:`set_pool_limit` or ``OTKERNELS_NATIVE_POOL_BYTES`` says otherwise),
+  so a process holds at most twice the budget in caches, during or between loss calls.
 * **Cache precision** (measured, then decided: float32).  ``CACHE_DTYPE`` (env
   ``OTKERNELS_NATIVE_CACHE_DTYPE``) may store a float32 problem's cache as ``bfloat16`` or
   ``float16`` (scaled by a power of 2 against overflow), read with float32 arithmetic.  The
@@ -56,7 +58,7 @@ CACHE_DTYPE = os.environ.get("OTKERNELS_NATIVE_CACHE_DTYPE", "float32")
 POOL_BYTES = os.environ.get("OTKERNELS_NATIVE_POOL_BYTES")
 
 _lock = threading.Lock()
-_state = {"ext": None, "why": None, "how": None, "tried": False}
+_state = {"ext": None, "why": None, "how": None, "tried": False, "pool": None}
 
 
 def _sources():
@@ -106,24 +108,27 @@ def _load():
             if ext is not None:
                 try:
                     ext.info()
-                    if POOL_BYTES is not None:
-                        ext.set_pool_limit(int(float(POOL_BYTES)))
-                    else:
-                        ext.set_pool_limit(_default_pool())
+                    ext.set_pool_limit(_pool_limit())
                 except Exception as e:  # a stale or foreign build
                     ext, why = None, f"extension loaded but unusable: {e}"
         _state.update(ext=ext, why=why, how=how, tried=True)
         return ext
 
 
-def _default_pool():
-    """Released cost caches kept for reuse: a quarter of the RAM, at most 4 GiB."""
-    try:
-        with open("/proc/meminfo") as fh:
-            total = int(next(line for line in fh if line.startswith("MemTotal")).split()[1]) * 1024
-        return min(total // 4, 4 << 30)
-    except (OSError, StopIteration, ValueError):
-        return 1 << 30
+def _pool_limit():
+    """Bytes of released cost caches kept for reuse: :func:`set_pool_limit`'s, else
+    ``OTKERNELS_NATIVE_POOL_BYTES``, else the current cache budget."""
+    if _state["pool"] is not None:
+        return _state["pool"]
+    if POOL_BYTES is not None:
+        return int(float(POOL_BYTES))
+    return max(0, cache_budget())
+
+
+def _sync_pool(ext):
+    """Follow the cache budget (it may change between calls): trims the pool above it."""
+    if _state["pool"] is None and POOL_BYTES is None:
+        ext.set_pool_limit(_pool_limit())
 
 
 def available():
@@ -142,18 +147,19 @@ def info():
 
 
 def set_pool_limit(nbytes):
-    """Bytes of released cost caches kept for reuse (0 frees them all); returns the pooled bytes."""
+    """Bytes of released cost caches kept for reuse (0 frees them all; None: back to the
+    default, the cache budget); returns the pooled bytes."""
+    _state["pool"] = None if nbytes is None else int(nbytes)
     ext = _load()
-    return 0 if ext is None else ext.set_pool_limit(int(nbytes))
+    return 0 if ext is None else ext.set_pool_limit(_pool_limit())
 
 
 def empty_cache():
     """Free the pooled cost-cache memory (keeps the current limit for later releases)."""
     ext = _load()
     if ext is not None:
-        limit = int(float(POOL_BYTES)) if POOL_BYTES is not None else _default_pool()
         ext.set_pool_limit(0)
-        ext.set_pool_limit(limit)
+        ext.set_pool_limit(_pool_limit())
 
 
 def _ext():
@@ -468,6 +474,7 @@ def cost_handles(x, y, cost, debias=True, cache=None):
     if not _handled(x, y, cost):
         from . import blocked
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
+    _sync_pool(_ext())
     cdt = _cache_dtype(x.dtype)
     item = torch.empty((), dtype=cdt).element_size()
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
