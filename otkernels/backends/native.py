@@ -5,8 +5,10 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
 
 * **Loading.**  ``setup.py`` builds ``otkernels._C`` when torch and a compiler are present at
   build time.  Otherwise the first :func:`available` call compiles the same sources just in
-  time with ``torch.utils.cpp_extension.load`` (once; cached under ``TORCH_EXTENSIONS_DIR``
-  or ``~/.cache/torch_extensions``).  Any failure leaves the backend unavailable with the
+  time with ``torch.utils.cpp_extension.load`` (once per version of the sources, into
+  :func:`jit_build_dir` under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``;
+  start, progress and end on stderr, and only when it compiles); ``python -m otkernels
+  build`` (:func:`build`) does it ahead of time.  Any failure leaves the backend unavailable with the
   reason, never an exception at import.  ``OTKERNELS_NO_EXT=1`` disables the extension,
   ``OTKERNELS_NO_JIT=1`` only the just-in-time build.
 * **Kernels.**  Softmin ``−ε log Σ_j exp(h_j − C_ij/ε)`` over rows or columns (no transpose
@@ -42,8 +44,9 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import threading
-import warnings
+import time
 
 import torch
 
@@ -71,18 +74,108 @@ def _sources():
     return []
 
 
-def _jit():
+def _headers(sources):
+    return sorted(glob.glob(os.path.join(os.path.dirname(sources[0]), "*.h"))) if sources else []
+
+
+def jit_build_dir(sources=None):
+    """Where the just-in-time build of these sources lives: ``TORCH_EXTENSIONS_DIR`` (or
+    ``~/.cache/torch_extensions``) / ``otkernels_C-<hash>``, the hash of the sources, headers,
+    flags, torch and Python versions: a directory holds one build, so whether a process must
+    compile is whether its ``otkernels_C.so`` exists."""
+    import hashlib
+
+    from torch.utils import cpp_extension
+
+    sources = _sources() if sources is None else sources
+    h = hashlib.sha1()
+    for f in sources + _headers(sources):
+        with open(f, "rb") as fh:
+            h.update(os.path.basename(f).encode() + b"\0" + fh.read())
+    h.update(repr((FLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return os.path.join(root, f"otkernels_C-{h.hexdigest()[:16]}")
+
+
+def _say(msg):
+    print(f"otkernels: {msg}", file=sys.stderr, flush=True)
+
+
+def _import_built(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("otkernels_C", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _jit(force=False):
+    """Load the just-in-time build of csrc/, compiling it first when this version of the
+    sources has not been built on this machine (messages and progress on stderr only then)."""
     if os.environ.get("OTKERNELS_NO_JIT"):
         raise RuntimeError("otkernels._C is not built and OTKERNELS_NO_JIT is set")
     sources = _sources()
     if not sources:
         raise RuntimeError("otkernels._C is not built and the csrc/ sources are not found")
+    build_dir = jit_build_dir(sources)
+    built = os.path.join(build_dir, "otkernels_C.so")
+    if os.path.exists(built) and not force:
+        try:
+            return _import_built(built)
+        except ImportError:  # half-written by a concurrent build: let cpp_extension wait for it
+            pass
     from torch.utils import cpp_extension
 
-    warnings.warn("otkernels: compiling the native CPU kernels just in time (once, about a minute; "
-                  "cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)", stacklevel=4)
-    return cpp_extension.load(name="otkernels_C", sources=sources, extra_cflags=FLAGS,
-                              extra_ldflags=LDFLAGS, verbose=False)
+    os.makedirs(build_dir, exist_ok=True)
+    if force and os.path.exists(built):
+        os.remove(built)
+    _say(f"compiling the native CPU kernels ({len(sources)} C++ files) just in time, once for this "
+         f"version of the sources: a few minutes on 2 cores; later processes load the build from "
+         f"{build_dir}.  (To compile ahead of time: python -m otkernels build)")
+    t0, done = time.perf_counter(), threading.Event()
+
+    def ticker():  # progress: elapsed time and compiled object files
+        tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        while not done.wait(1.0 if tty else 30.0):
+            n = len(glob.glob(os.path.join(build_dir, "*.o")))
+            line = f"otkernels: compiling ... {time.perf_counter() - t0:4.0f} s, {n}/{len(sources)} files"
+            print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+        if tty:
+            print(file=sys.stderr)
+
+    th = threading.Thread(target=ticker, daemon=True)
+    th.start()
+    try:
+        ext = cpp_extension.load(name="otkernels_C", sources=sources, extra_cflags=FLAGS,
+                                 extra_ldflags=LDFLAGS, build_directory=build_dir, verbose=False)
+    except Exception:
+        done.set()
+        th.join()
+        _say(f"native kernel build failed after {time.perf_counter() - t0:.0f} s (the torch backends are used)")
+        raise
+    done.set()
+    th.join()
+    _say(f"native CPU kernels compiled in {time.perf_counter() - t0:.0f} s")
+    return ext
+
+
+def build(force=False):
+    """Compile the native kernels now (``python -m otkernels build``) rather than on first use.
+    Returns a one-line status.  With ``otkernels._C`` already built by ``setup.py`` (a
+    ``pip install --no-build-isolation`` install) there is nothing to compile unless ``force``."""
+    if os.environ.get("OTKERNELS_NO_EXT"):
+        return "native kernels disabled by OTKERNELS_NO_EXT"
+    if not force:
+        ext = _load()
+        if ext is None:
+            return f"native kernels unavailable: {_state['why']}"
+        return f"native kernels ready ({_state['how']}; {ext.info()['simd']})"
+    with _lock:
+        ext = _jit(force=True)
+        ext.set_pool_limit(_pool_limit())
+        _state.update(ext=ext, why=None, how="JIT-built otkernels_C", tried=True)
+    return f"native kernels rebuilt in {jit_build_dir()}"
 
 
 def _load():
@@ -118,7 +211,7 @@ def _load():
 def _pool_limit():
     """Bytes of released cost caches kept for reuse: :func:`set_pool_limit`'s, else
     ``OTKERNELS_NATIVE_POOL_BYTES``, else the current cache budget."""
-    if _state["pool"] is not None:
+    if _state.get("pool") is not None:
         return _state["pool"]
     if POOL_BYTES is not None:
         return int(float(POOL_BYTES))
@@ -127,7 +220,7 @@ def _pool_limit():
 
 def _sync_pool(ext):
     """Follow the cache budget (it may change between calls): trims the pool above it."""
-    if _state["pool"] is None and POOL_BYTES is None:
+    if _state.get("pool") is None and POOL_BYTES is None:
         ext.set_pool_limit(_pool_limit())
 
 
