@@ -5,6 +5,10 @@
 (N, D) share the pytest-benchmark group ``"sinkhorn N=... D=..."`` so their ratios come
 from one run (``benchmarks/summarize.py`` prints them).
 
+otkernels runs with an explicit cost-cache budget, ``CACHE_BUDGET`` = 2 GiB (the default cap;
+recorded as ``cache_budget``): every float32 cost of N ≤ 10k (3 × 400 MB) is cached, on any
+machine, so rows measured before and after the default budget changed (issue 15) compare.
+
 Every benchmark checks its value against geomloss ``tensorized`` (float64 for N ≤ 1000,
 else float32: the value of the geomloss tensorized benchmark of the same group, computed
 on demand if that one did not run) to ``REL_TOL`` relative: a fast wrong answer fails.
@@ -24,6 +28,7 @@ COMPETITORS = (("geomloss", "tensorized"), ("geomloss", "online"),
                ("otkernels", "tensorized"), ("otkernels", "blocked"), ("otkernels", "auto"))
 PARAMS = dict(loss="sinkhorn", p=2, blur=0.05, scaling=0.5, debias=True)
 REL_TOL = 1e-4
+CACHE_BUDGET = 2 << 30  # bytes: all three float32 costs up to N = 10k (see the docstring)
 GRAD_REL_TOL = 1e-3
 
 # Competitor configurations that take many minutes (or GBs) on the 2-core reference CPU:
@@ -93,20 +98,24 @@ def test_sinkhorn(benchmark, large, N, D, lib, backend):
     benchmark.group = f"sinkhorn N={N} D={D}"
     x, y = make_data(N, N, D)
     loss = make_loss(lib, backend)
+    from otkernels import backends
     if lib == "otkernels":
-        from otkernels import backends
         backends.available()  # a just-in-time extension build happens here, not in the timing
     fwd_bwd(loss, *make_data(64, 64, D))  # KeOps compiles here, not in the timed call
 
     small = N <= 1000
     log = []
     load = os.getloadavg()[0]
-    v, g = benchmark.pedantic(cpu_timed(lambda: fwd_bwd(loss, x, y), log),
-                              rounds=3 if small else 1, iterations=1,
-                              warmup_rounds=1 if small else 0)
+    backends.set_cache_budget(CACHE_BUDGET)
+    try:
+        v, g = benchmark.pedantic(cpu_timed(lambda: fwd_bwd(loss, x, y), log),
+                                  rounds=3 if small else 1, iterations=1,
+                                  warmup_rounds=1 if small else 0)
+    finally:
+        backends.set_cache_budget(None)
     value = v.item()
     info = benchmark.extra_info
-    info.update(lib=lib, backend=backend, N=N, M=N, D=D, dtype="float32",
+    info.update(lib=lib, backend=backend, N=N, M=N, D=D, dtype="float32", cache_budget=CACHE_BUDGET,
                 threads=torch.get_num_threads(), value=value,
                 cpu_s=min(c for _, c in log[-(3 if small else 1):]), loadavg_1min=round(load, 2))
     if lib == "otkernels" and backend == "auto":

@@ -88,6 +88,12 @@ def run_reference(x, y, sigma):
     return out, time.perf_counter() - t0, times
 
 
+def _budget():
+    """The cost-cache budget the otkernels run used (bytes)."""
+    from otkernels import backends
+    return backends.cache_budget()
+
+
 def main(mode, N, D, sigma):
     import torch
 
@@ -100,6 +106,7 @@ def main(mode, N, D, sigma):
                           rss_before_kb=rss0, rss_peak_kb=_status_kb("VmHWM"),
                           threads=torch.get_num_threads(),
                           cache_bytes=os.environ.get("OTKERNELS_CACHE_BYTES", "(default)"),
+                          cache_budget=_budget(),
                           omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(unset)"),
                           loadavg=os.getloadavg())))
 
