@@ -10,7 +10,7 @@ MODE:
   ``prdc.compute_prdc`` (k = 3 for precision/recall, k = 5 for density/coverage: two calls),
   FID from ``np.mean``/``np.cov`` and scipy ``sqrtm`` (pytorch-fid's formula), geomloss
   ``SamplesLoss`` for the Sinkhorn divergence and the gaussian MMD (``tensorized``: on this
-  CPU geomloss's KeOps ``online`` backend is several times slower, see README).
+  CPU geomloss's KeOps ``online`` backend is several times slower, see docs/benchmarks.md).
 """
 import contextlib
 import io

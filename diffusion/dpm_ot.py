@@ -30,7 +30,7 @@ fresh-sample stopping test, see :mod:`otkernels.semidiscrete`).
 latents: with ``mix=0, eta=0`` every z in a cell gives the same image, at most N distinct
 samples, i.e. a deterministic re-decoding of the training latents (for ``method="ddim"``, of
 the training images themselves).  Two documented ways out, to be chosen by measurement
-(README, "Diffusion"):
+(docs/diffusion.md, "DPM-OT"):
 
 * ``eta > 0``: stochastic DDIM from t' (DPM-OT's own choice in spirit: Langevin steps).
 * ``mix = λ ∈ (0, 1]``: re-noise the mapped latent around its clean image,

@@ -15,8 +15,8 @@ never a batch×N matrix).  ``cost="inner"`` is the Brenier / AE-OT / DPM-OT form
 Fitting (:meth:`SemiDiscreteOT.fit`): each step draws a batch from the source, counts the
 points of every cell (``bincount`` of the argmax), and takes an optimizer step (Adam by
 default) along the relative mass error (ν_j − μ̂_j)/ν_j; h is re-centred to mean 0.
-What this module does beyond the DPM-OT solver it follows, each choice measured (README,
-"Semi-discrete OT"):
+What this module does beyond the DPM-OT solver it follows, each choice measured
+(docs/semidiscrete.md):
 
 * **Polyak averaging.**  The iterates oscillate around the optimum with the sampling noise;
   the fitted potential is the average of h over the last half to three quarters of the
@@ -391,7 +391,7 @@ class SemiDiscreteOT:
         N, nu = self.N, self.weights
         # Smallest sample whose largest relative cell error can read < tol at the optimum: the
         # relative noise of cell j is ≈ 1/√(n ν_j) and the largest of N such noises ≈ √(2 ln N)
-        # of them; Sobol points at D ≤ 8 are several times less noisy (measured: README).
+        # of them; Sobol points at D ≤ 8 are several times less noisy (measured: docs/semidiscrete.md).
         low_noise = self.source.qmc and self.D <= 8
         n_min = math.ceil((1.0 if low_noise else 2 * math.log(max(N, 2))) / (tol ** 2 * nu.min().item()))
         B = batch_size or 1 << max(12, math.ceil(math.log2(8 * N)))

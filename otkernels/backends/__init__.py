@@ -8,8 +8,8 @@ Interface of a backend module (see ``tensorized.py``, the readable reference):
   first point cloud), used by the one Sinkhorn loop in ``otkernels/sinkhorn.py``;
 * ``kernel_sum(x, y, b, kernel) -> (B,N)``: ``Σ_j k(x_i, y_j) b_j`` with gradients for x, y, b.
 
-``backend="auto"`` (:func:`select`), measured on the 2-core reference CPU (README,
-"Backends and the auto rule"): CUDA tensors go to ``triton`` (fused GPU kernels) when Triton
+``backend="auto"`` (:func:`select`), measured on the 2-core reference CPU
+(docs/backends.md): CUDA tensors go to ``triton`` (fused GPU kernels) when Triton
 is installed, else to ``keops`` when installed, whatever the size.  CPU tensors go to
 ``native`` (the fused C++ kernels of ``csrc/``) when it is available — at every size: it
 beat the dense backend from N = M = 10 (1.3×) to 1000 (4–5×), forward + backward — except
