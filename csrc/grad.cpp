@@ -187,6 +187,9 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
           const i64 i = r0 + r;
           CachedRow<T, S> ld{Cq + i * Na + c0 + s0, cscale};
           const vec<T> hv = vset(hq[i]);
+          vec<T> bv[DIRECT_MAX_D];  // b_i's coordinates, broadcast once per row
+          if (direct)
+            for (int k = 0; k < int(D); ++k) bv[k] = vset(bq[i * D + k]);
           const T si = sq ? sq[i] : T(1);
           T* wr = c.Wt.data() + r * sw;
           for (i64 j = 0; j < sw; j += n) {
@@ -197,15 +200,13 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
             if constexpr (P == 1) wv = select(cv > thr, wv / cv, vset(T(0)));
             if (lanes < n) wv = select(lanes_below<T>(lanes), wv, vset(T(0)));
             if (direct) {  // acc[k, j] += w_ij (a_jk − b_ik)
-              const T* bi = bq + i * D;
-              for (i64 k = 0; k < D; ++k) {
-                T* ak = c.acc.data() + k * w + s0 + j;
-                const T* xk = c.aT.data() + k * w + s0 + j;
+              T* ak = c.acc.data() + s0 + j;
+              const T* xk = c.aT.data() + s0 + j;
+              for (int k = 0; k < int(D); ++k, ak += w, xk += w) {
                 if (lanes == n) {
-                  vstore(ak, vfma(wv, vload(xk) - vset(bi[k]), vload(ak)));
+                  vstore(ak, vfma(wv, vload(xk) - bv[k], vload(ak)));
                 } else {
-                  vstore_part(ak, vfma(wv, vload_part(xk, lanes, T(0)) - vset(bi[k]), vload_part(ak, lanes, T(0))),
-                              lanes);
+                  vstore_part(ak, vfma(wv, vload_part(xk, lanes, T(0)) - bv[k], vload_part(ak, lanes, T(0))), lanes);
                 }
               }
             } else if (lanes == n) {

@@ -57,8 +57,9 @@ def cache_budget() -> int:
     """Bytes the CPU backends (``native``, ``blocked``) may spend on cached cost matrices.
 
     The Sinkhorn loop reads each cost matrix ~60 times, so computing C(x, y) once and keeping
-    it is much faster than recomputing its tiles in every pass (``native``, N = M = 20k, D=3:
-    see docs/benchmarks.md), but an N×M float32 matrix is 4·N·M bytes (3.6 GB at 30k).  The
+    it is faster than recomputing its tiles in every pass (``native``, N = M = 10k, D = 128:
+    1.5× with everything cached; docs/benchmarks.md, "Memory"), but an N×M float32 matrix is
+    4·N·M bytes (3.6 GB at 30k: 10.6 GB peak RSS with all three cached).  The
     budget bounds it: matrices are cached greedily while they fit (:func:`cache_plan`;
     ``native`` caches the first rows of C(x, y) when all of it does not fit), the others
     recompute their tiles; ``backend="online"`` / ``"multiscale"`` never cache.
