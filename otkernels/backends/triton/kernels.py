@@ -199,7 +199,8 @@ def shared_limit(cc: int) -> int:
     return SHARED_LIMIT.get(cc, SHARED_LIMIT[DEFAULT_CC] if cc >= 80 else 49152)
 
 
-def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32"):
+def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32",
+                 variant=()):
     """The configs the autotuner may launch for one problem on ``sm_<cc>``: those whose
     registers (:data:`BUDGET`) and shared memory (:func:`shared_bytes` ≤ the device's
     limit) fit, without duplicates; small tiles are dropped when large ones fit.  Never
@@ -228,6 +229,8 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
             continue
         if narrow and (bn > 32 or (grad and dv > 64)):
             continue
+        if DIRECT and ELT == 2 and (DIRECT > 4 or kernel == "_softmin_two") and bn * bm > 64 * 64:
+            continue  # half-precision direct tiles of 64×128 spilled 0.3–1.7 KB (sm_80, sm_90)
         if DIFF and bn * bm > 32 * 32:
             continue
         key = (bn, bm, dv, c.num_warps, c.num_stages)
@@ -244,7 +247,11 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
     if chosen:  # largest tiles, then the larger output chunk, then fewer registers
         chosen.sort(key=lambda t: (-t[1].kwargs["BLOCK_N"] * t[1].kwargs["BLOCK_M"],
                                    -(t[1].kwargs.get("BLOCK_DV") or 0), t[0], t[1].num_stages))
-        return [c for _, c in chosen[:MAX_KEPT]]
+        top = [c for _, c in chosen[:MAX_KEPT]]
+        # configs that ptxas measured to spill for this very variant and architecture
+        # (_measured.py, from benchmarks/results/triton-resources.json) go when others remain
+        clean = [c for c in top if (cc, kernel, variant, config_key(c)) not in SPILLED]
+        return clean or top
     if out:
         return [min(out, key=lambda t: (t[0], t[1]))[2]]
     # nothing fits the (conservative) estimate: the two smallest, so that the autotuner can
@@ -255,6 +262,27 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
     return small[:2]
 
 
+# the constexprs that select a kernel's code variant (besides the D layout and precision)
+VARIANT_KEYS = ("P", "MODE", "HAS_CW", "WRITE_RS", "NORMALIZED", "DIFF", "SYM", "SQDIST", "MAXIMIZE")
+
+
+def variant_key(a):
+    """Hashable description of a launch's code variant: mode constexprs, D layout, precision."""
+    return tuple((k, bool(a[k]) if isinstance(a[k], bool) else a[k]) for k in VARIANT_KEYS if k in a) + (
+        ("D_PAD", a["D_PAD"]), ("BLOCK_D", a.get("BLOCK_D")), ("DIRECT", a.get("DIRECT", 0)),
+        ("PRECISION", a.get("PRECISION")))
+
+
+def config_key(c):
+    return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_DV"), c.num_warps, c.num_stages)
+
+
+try:
+    from ._measured import SPILLED
+except ImportError:  # pragma: no cover - the table is optional
+    SPILLED = frozenset()
+
+
 def _prune_for(kernel):
     def prune(configs, named_args, **kwargs):
         """Configs that fit the target's registers and shared memory (:func:`keep_configs`)."""
@@ -262,7 +290,8 @@ def _prune_for(kernel):
         x = a.get("X")
         bits = x.dtype.itemsize * 8 if hasattr(x, "dtype") and hasattr(x.dtype, "itemsize") else 32
         return keep_configs(kernel, configs, _cc_of(a), a["D_PAD"], a.get("BLOCK_D"), a.get("DIRECT", 0),
-                            _elt(bits), a.get("D"), a.get("DIFF", False), a.get("PRECISION", "tf32"))
+                            _elt(bits), a.get("D"), a.get("DIFF", False), a.get("PRECISION", "tf32"),
+                            (_elt(bits),) + variant_key(a))
     return prune
 
 
