@@ -10,7 +10,8 @@ shaped like the weights) as geomloss 0.3.  The work is done by the backends in
 ``B·N·M ≤ 1500²`` (or for a custom ``kernel`` callable), else on CPU ``native`` (the fused
 C++ kernels, when built) or ``blocked`` (cost cached on CPU when it fits the memory budget,
 tiles recomputed otherwise); see :func:`otkernels.backends.select` for GPUs.  geomloss's ``"online"`` and
-``"multiscale"`` map to ``blocked``; ``multiscale``'s kernel truncation and cluster labels
+``"multiscale"`` map to ``backends/online.py`` (never an N×M matrix: native's uncached passes on
+CPU, else ``blocked`` without a cache); ``multiscale``'s kernel truncation and cluster labels
 are not implemented: otkernels computes the exact (online) value and says so in a warning.
 """
 from __future__ import annotations
@@ -151,7 +152,7 @@ class SamplesLoss(Module):
         name = self.backend
         if name == "multiscale" or labels:
             warnings.warn("otkernels has no multiscale kernel truncation: computing the exact "
-                          "(online) value with the 'blocked' backend; cluster_scale, truncate and "
+                          "(online) value, with no N×M matrix; cluster_scale, truncate and "
                           "cluster labels are ignored", stacklevel=3)
         need_dense = self.kernel is not None and self.loss in ("energy", "gaussian", "laplacian")
         if name == "auto":
