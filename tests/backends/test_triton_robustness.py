@@ -1,7 +1,7 @@
 """What a real GPU run of the Triton kernels would hit, reproduced on CPU (issue 14).
 
 Triton's interpreter runs the same kernels on CPU tensors (numpy, with the TF32 dots
-emulated: ``ops._bf16_dot_fix``); launch plumbing that only exists on CUDA (devices, the
+emulated: ``ops._dot_fix``); launch plumbing that only exists on CUDA (devices, the
 autotuner) is checked with recording stand-ins.  Each test names the failure it guards:
 
 * autotune keys: every constexpr that changes the generated code is in the key, so a config

@@ -149,7 +149,7 @@ def _tf32(a, mode):
     return (bits & np.uint32(0xFFFFE000)).view(np.float32)
 
 
-def _bf16_dot_fix():
+def _dot_fix():
     """Two fixes to Triton's interpreter ``create_dot`` (triton 3.9): it stores bfloat16 as
     raw uint16 bits and multiplies those integers — widen bfloat16 operands to float32 first
     (exact: a product of two bfloat16 numbers is exact in float32, as on the tensor cores);
@@ -187,8 +187,8 @@ def _bf16_dot_fix():
 
 @contextlib.contextmanager
 def _interpreter_fixes():
-    """Patches to Triton's interpreter for one launch (see :func:`_bf16_dot_fix`)."""
-    cls, original, fixed = _bf16_dot_fix()
+    """Patches to Triton's interpreter for one launch (see :func:`_dot_fix`)."""
+    cls, original, fixed = _dot_fix()
     cls.create_dot = fixed
     try:
         yield
