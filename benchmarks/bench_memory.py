@@ -9,16 +9,33 @@ after a few benchmarks in the same pytest process that figure is pytest's size (
 ``ru_maxrss_wait4_kb`` for reference.  The time includes the child's start (imports,
 ~2 s); ``extra_info["seconds"]`` is the solve alone.
 
-* always on: ``blocked`` at N=M=10k (its recomputed tiles are slow: ~50 passes over N·M
-  costs) and ``native`` at N=M=20k;
-* N=M=100k (the costs would take 3 × 40 GB): only with ``--large``; ``native``
-  takes minutes; ``blocked`` runs with ``scaling=0.1`` (4 ε-steps instead of 10: the peak
-  memory of a Sinkhorn solve does not depend on the number of iterations, and with the
-  default 0.5 it would take about an hour on 2 cores).
+* default: N=M=10k, D=3, ``blocked`` and ``native`` with ``OTKERNELS_CACHE_BYTES=0`` (tiles
+  recomputed, nothing N×M stored: the O(N+M) path this benchmark measures), and a control,
+  ``native`` with a 2 GiB budget (``native-n10000-cached``), which caches all three costs
+  (3 × 381 MiB): the check must see it;
+* ``--large``: ``native`` at N=M=20k; N=M=100k (the costs would take 3 × 40 GB), where
+  ``native`` takes minutes and ``blocked`` runs with ``scaling=0.1`` (4 ε-steps instead of 10:
+  the peak memory of a Sinkhorn solve does not depend on the number of iterations, and with
+  the default 0.5 it would take about an hour on 2 cores).
 
-Every case runs with ``OTKERNELS_CACHE_BYTES=0`` (tiles recomputed, nothing N×M stored: the
-path this benchmark measures; with the default budget ``native`` would cache up to 2 GiB of
-rows of C(x, y)).  ``tests/test_memory.py`` checks the budget itself.
+Checks, for every case:
+
+* *what was cached* is read from the cost handles the call built (the child runs the loss with
+  ``verbose=True`` and records the line it prints, ``cache_report``), not from the caching
+  rule;
+* the solve's own memory, ``growth`` = peak ``VmHWM`` − RSS just before the solve, must stay
+  under ``GROWTH_LIMIT`` (256 MiB) when nothing is cached: less than one 10k × 10k float32
+  cost (381 MiB), so a run that cached even one cost at 10k fails; the control must exceed
+  it (it proves the limit sees a cached run).  (The former limit, 2 GiB of peak RSS, could
+  not: a 10k run with all three costs cached peaks at ~1.5 GB.)  The total peak RSS < 2 GiB
+  is kept as a second bound;
+* the value against geomloss's, in float64 (:func:`common.geomloss_sinkhorn64`: geomloss's
+  own Sinkhorn loop and ``softmin_tensorized`` on row blocks, computed once per problem in
+  this process, ~1–2 min at 10k; itself checked against ``SamplesLoss(backend="tensorized")``
+  at N=300), to 1e-4 relative.  At 100k that reference would take hours: the value is
+  recorded, not checked (``reference: null``).
+
+Timing rule: one run of each case (``Rounds(0, 1)``, the same for all), in a fresh process.
 """
 import json
 import os
@@ -28,10 +45,25 @@ import tempfile
 
 import pytest
 
-from common import THREADS
+from common import THREADS, Rounds, check_geomloss_sinkhorn64, geomloss_sinkhorn64, make_data, measure
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_child.py")
-RSS_TARGET_KB = 2 * 1024 * 1024  # 2 GiB
+RSS_TARGET_KB = 2 * 1024 * 1024  # 2 GiB of total peak RSS (a second bound)
+GROWTH_LIMIT_KB = 256 * 1024     # the solve's own memory when nothing is cached; < 381 MiB, one 10k² float32 cost
+ONE_10K_COST_KB = 10000 * 10000 * 4 / 1024
+REF_MAX_N = 20000                # float64 reference up to here (~4× the 10k time at 20k)
+REL_TOL = 1e-4
+RULE = Rounds(warmup=0, rounds=1)
+_REF: dict = {}
+
+
+def reference(N, D, scaling):
+    """float64 geomloss value of the (N, D) problem (cached)."""
+    if (N, D, scaling) not in _REF:
+        check_geomloss_sinkhorn64()
+        x, y = make_data(N, N, D)
+        _REF[N, D, scaling] = geomloss_sinkhorn64(x, y, blur=0.05, scaling=scaling, rows=64)
+    return _REF[N, D, scaling]
 
 
 def run_child(N, D, backend, env, scaling=0.5):
@@ -55,30 +87,46 @@ def run_child(N, D, backend, env, scaling=0.5):
     return res
 
 
-CASES = [  # backend, N, --large only, ε-scaling
-    ("blocked", 10000, False, 0.5), ("native", 20000, False, 0.5),
-    ("blocked", 100000, True, 0.1), ("native", 100000, True, 0.5),
+NOCACHE, CACHE_2G = {"OTKERNELS_CACHE_BYTES": "0"}, {"OTKERNELS_CACHE_BYTES": str(2 << 30)}
+CASES = [  # id, backend, N, --large only, ε-scaling, environment, expect a cached cost
+    ("blocked-n10000", "blocked", 10000, False, 0.5, NOCACHE, False),
+    ("native-n10000", "native", 10000, False, 0.5, NOCACHE, False),
+    ("native-n10000-cached", "native", 10000, False, 0.5, CACHE_2G, True),
+    ("native-n20000", "native", 20000, True, 0.5, NOCACHE, False),
+    ("blocked-n100000", "blocked", 100000, True, 0.1, NOCACHE, False),
+    ("native-n100000", "native", 100000, True, 0.5, NOCACHE, False),
 ]
 
 
-@pytest.mark.parametrize("backend,N,large_only,scaling", [
-    pytest.param(*c, id=f"{c[0]}-n{c[1]}") for c in CASES])
-def test_peak_rss(benchmark, large, backend, N, large_only, scaling):
+@pytest.mark.parametrize("backend,N,large_only,scaling,env,cached", [
+    pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_peak_rss(benchmark, large, backend, N, large_only, scaling, env, cached):
     from otkernels import backends
     if large_only and not large:
         pytest.skip(f"N=M={N} takes many minutes: run with --large")
     ok, why = backends.available().get(backend, (False, "unknown backend"))
     if not ok:
         pytest.skip(f"backend {backend} unavailable: {why}")
-    env = {"OTKERNELS_CACHE_BYTES": "0"}
     D = 3
     benchmark.group = f"peak RSS D={D}"
-    res = benchmark.pedantic(run_child, args=(N, D, backend, env, scaling),
-                             rounds=1, iterations=1, warmup_rounds=0)
+    res, _ = measure(benchmark, lambda: run_child(N, D, backend, env, scaling), RULE)
     rss = res["rss_peak_kb"]
-    benchmark.extra_info.update(res, env=env, peak_rss_mb=round(rss / 1024, 1),
-                                rss_target_mb=RSS_TARGET_KB // 1024)
+    growth = rss - res["rss_before_kb"]
+    ref = reference(N, D, scaling) if N <= REF_MAX_N else None
+    err = None if ref is None else abs(res["value"] - ref) / abs(ref)
+    benchmark.extra_info.update(res, env=env, peak_rss_mb=round(rss / 1024, 1), growth_mb=round(growth / 1024, 1),
+                                growth_limit_mb=GROWTH_LIMIT_KB // 1024, rss_target_mb=RSS_TARGET_KB // 1024,
+                                reference=ref, reference_kind=None if ref is None else "geomloss float64 (blocked rows)",
+                                rel_diff=err)
     assert res["threads"] == THREADS
     assert res["grad_finite"], "non-finite gradient"
-    assert not res["cost_cached"], "the cost was cached: this does not measure the O(N+M) path"
+    if err is not None:
+        assert err <= REL_TOL, f"value {res['value']} vs geomloss float64 {ref} (rel {err:.2e})"
+    if cached:  # the control: the checks below must see a cached run
+        assert res["cost_cached"], f"the control cached nothing: {res['cache_report']}"
+        assert growth > GROWTH_LIMIT_KB and growth > ONE_10K_COST_KB, (
+            f"a cached 10k run grew by {growth / 1024:.0f} MiB only: the limit would not see it")
+        return
+    assert not res["cost_cached"], f"a cost was cached: this does not measure the O(N+M) path ({res['cache_report']})"
+    assert growth < GROWTH_LIMIT_KB, f"the solve grew by {growth / 1024:.0f} MiB at N=M={N} (limit {GROWTH_LIMIT_KB // 1024} MiB)"
     assert rss < RSS_TARGET_KB, f"peak RSS {rss / 1024:.0f} MB at N=M={N} (target < 2 GiB)"

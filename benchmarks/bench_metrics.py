@@ -5,10 +5,18 @@ median heuristic, fixed for both), FID, precision/recall (k=3), density/coverage
 float32 features ``x ~ randn(N, 128)``, ``y ~ randn(N, 128) + 0.5`` (``common.make_data``),
 2 threads.  Group ``"evaluate-{N}-d128"``: N = 5k by default, 20k with ``--large``.
 
-Each competitor runs once in a fresh process (``metrics_child.py``) that reports the
-evaluation's own seconds (after a warm-up; the pytest time adds the child's start) and its
-peak RSS (``VmHWM``).  Competitors:
+Each competitor runs in a fresh process (``metrics_child.py``) that reports the evaluation's
+own seconds and its peak RSS (``VmHWM``).  Timing rule, the same for every competitor
+(``RULE``): an untimed evaluation of 300 points (imports, the native extension, sklearn),
+then ``Rounds(0, 1)``: one full-size evaluation (a full-size warm-up would double the
+reference's minutes; no competitor gets one).  Competitors (the reference first: every
+otkernels row records ``speedup_vs_reference``):
 
+* ``reference``: float32 as a user would run it: prdc's own functions and formulas for
+  precision/recall (k=3) and density/coverage (k=5) with the distance matrices computed once
+  for both k (what ``prdc.compute_prdc`` computes in one call, and what otkernels computes:
+  two ``compute_prdc`` calls would compute them twice), numpy/scipy FID (pytorch-fid's
+  formula), geomloss ``tensorized`` Sinkhorn and gaussian MMD;
 * ``otkernels``: the default cost-cache budget (``min(2 GiB, RAM/8)``, recorded as
   ``cache_budget``: 2 GiB on a 16 GB+ machine, where 5k caches every Sinkhorn cost and 20k
   the first rows of C(real, fake));
@@ -18,13 +26,13 @@ peak RSS (``VmHWM``).  Competitors:
   tiles (the two updates of an iteration share one GEMM tile, the self costs use the upper
   triangle only); O(N·D) memory, target < 2 GB peak RSS;
 * ``otkernels-1.4GB``: ``OTKERNELS_CACHE_BYTES=1.4e9``: at 20k the native backend caches the
-  first 87.5% of the rows of C(real, fake) and recomputes the rest (< 2 GB peak RSS);
-* ``reference``: prdc (two calls, k=3 and k=5), numpy/scipy FID, geomloss tensorized.
+  first 87.5% of the rows of C(real, fake) and recomputes the rest (< 2 GB peak RSS).
 
-The values of every run are checked against the first one of the group: Sinkhorn and MMD to
-1e-3 relative (float32), FID to 1e-5, the k-NN fractions to 2/N (float32 distance
-rounding can flip a point at a ball's boundary).  The reference's record holds the speed-up
-of each otkernels run (``speedup_<name>``).
+Values: every run (the timed float32 reference included) is checked against the reference
+computation **in float64** (``metrics_child.py reference64``: the same packages on the data
+converted to float64, computed once per N, not timed): Sinkhorn and MMD to 1e-3 relative
+(float32), FID to 1e-5, the k-NN fractions to ``KNN_TOL_POINTS``/N (float32 distance rounding
+can flip a point at a ball's boundary).
 """
 from __future__ import annotations
 
@@ -36,19 +44,22 @@ import tempfile
 
 import pytest
 
-from common import THREADS, make_data
+from common import THREADS, Rounds, make_data
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics_child.py")
 D = 128
 SIZES = ((5000, False), (20000, True))  # (N, --large only)
 BUDGET = "1.4e9"  # a cache budget that keeps the 20k evaluation under 2 GB
-COMPETITORS = (("otkernels", {}), ("otkernels-nocache", {"OTKERNELS_CACHE_BYTES": "0"}),
+COMPETITORS = (("reference", {}), ("otkernels", {}), ("otkernels-nocache", {"OTKERNELS_CACHE_BYTES": "0"}),
                ("otkernels-1.4GB", {"OTKERNELS_CACHE_BYTES": BUDGET}),
-               ("otkernels-6GB", {"OTKERNELS_CACHE_BYTES": "6e9"}), ("reference", {}))
+               ("otkernels-6GB", {"OTKERNELS_CACHE_BYTES": "6e9"}))
+RULE = Rounds(warmup=0, rounds=1)
+KNN_TOL_POINTS = 3
 RSS_TARGET_KB = 2e9 / 1024  # 2 GB
 TOL = {"sinkhorn": 1e-3, "mmd2_biased": 1e-3, "fid": 1e-5, "mmd_bandwidth": 0.0}
 
 _RESULTS: dict = {}  # N -> {competitor: child result}
+_REF64: dict = {}    # N -> float64 reference values
 
 
 def bandwidth(N):
@@ -58,7 +69,7 @@ def bandwidth(N):
     return metrics.median_bandwidth(x, y)
 
 
-def run_child(mode, N, sigma, env):
+def run_child(mode, N, sigma, env, rule=RULE):
     import otkernels
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(otkernels.__file__)))
@@ -66,12 +77,20 @@ def run_child(mode, N, sigma, env):
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(THREADS),
            "OPENBLAS_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), **env}
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.run([sys.executable, CHILD, mode, str(N), str(D), repr(sigma)],
+        p = subprocess.run([sys.executable, CHILD, mode, str(N), str(D), repr(sigma),
+                            str(rule.warmup), str(rule.rounds)],
                            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         if p.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"metrics child {mode} failed ({p.returncode}):\n{err.read()[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def reference64(N, sigma):
+    """float64 values of the reference packages (computed once per N, in a child process)."""
+    if N not in _REF64:
+        _REF64[N] = run_child("reference64", N, sigma, {})["values"]
+    return _REF64[N]
 
 
 def check_agreement(got, ref, N, what):
@@ -80,7 +99,7 @@ def check_agreement(got, ref, N, what):
         if name in TOL:
             tol = TOL[name] * max(abs(v), 1e-12)
         else:  # precision, recall, density, coverage: fractions of N points
-            tol = 2.0 / N
+            tol = KNN_TOL_POINTS / N
         assert abs(got[name] - v) <= tol, f"{what}: {name} = {got[name]} vs {v} (tol {tol:.3g})"
 
 
@@ -92,20 +111,19 @@ def test_evaluate(benchmark, large, N, large_only, name, env):
     benchmark.group = f"evaluate-{N // 1000}k-d{D}"
     sigma = bandwidth(N)
     mode = "reference" if name == "reference" else "otkernels"
-    res = benchmark.pedantic(run_child, args=(mode, N, sigma, env), rounds=1, iterations=1,
-                             warmup_rounds=0)
+    # one round, as run_child's rule says; pedantic's own figure includes the child's start
+    res = benchmark.pedantic(run_child, args=(mode, N, sigma, env), rounds=1, iterations=1, warmup_rounds=0)
     rss = res["rss_peak_kb"]
     info = benchmark.extra_info
-    info.update(res, competitor=name, env=env, peak_rss_mb=round(rss / 1024, 1), threads=THREADS)
+    info.update(res, competitor=name, env=env, peak_rss_mb=round(rss / 1024, 1), threads=THREADS,
+                rule=str(RULE), role="reference" if name == "reference" else "competitor")
+    ref = reference64(N, sigma)
+    info["reference64"] = ref
+    check_agreement(res["values"], ref, N, f"{name} vs the float64 reference")
     done = _RESULTS.setdefault(N, {})
-    for other, r in done.items():
-        check_agreement(res["values"], r["values"], N, f"{name} vs {other}")
     done[name] = res
-    if "reference" in done:
-        ref_s = done["reference"]["seconds"]
-        for other, r in done.items():
-            if other != "reference":
-                info[f"speedup_{other}"] = ref_s / r["seconds"]
+    if "reference" in done and name != "reference":
+        info["speedup_vs_reference"] = done["reference"]["seconds"] / res["seconds"]
     assert res["threads"] == THREADS
     if name in ("otkernels-nocache", "otkernels-1.4GB"):
         assert rss < RSS_TARGET_KB, f"peak RSS {rss / 1024:.0f} MiB (target < 2 GB)"

@@ -2,11 +2,12 @@
 (forward + backward w.r.t. x), native vs blocked torch vs geomloss tensorized vs geomloss
 online (KeOps), plus this machine's peaks measured in the same run.
 
-    pytest benchmarks/bench_native.py --benchmark-only            # ~6 min on 2 cores
-    pytest benchmarks/bench_native.py --benchmark-only --large    # + N=10k divergences, the slowest (~40 min)
+    pytest benchmarks/bench_native.py --benchmark-only            # peaks and softmin passes, a few min
+    pytest benchmarks/bench_native.py --benchmark-only --large    # + the divergences (~1 h or more)
 
-(The default run's N=10k divergence comparison is bench_sinkhorn.py's group: ``auto`` runs
-``native`` there, against the same geomloss references.)
+(The divergences are ``--large`` only: the default run's divergence comparison is
+bench_sinkhorn.py's groups at 5k and 10k, the same problem, data and geomloss competitors,
+with ``auto`` running ``native``.)
 
 * Data: float32 ``x ~ randn(N, D)``, ``y ~ randn(N, D) + 0.5`` (seed 0), N = M ∈ {5k, 10k},
   D ∈ {3, 128}, 2 torch threads.  Sinkhorn: p=2, blur=0.05, scaling=0.5, debias=True.
@@ -19,12 +20,15 @@ online (KeOps), plus this machine's peaks measured in the same run.
   ``native divergence N=.. D=..``), so ratios come from one run; the module prints a summary
   (ratios, achieved exp/s, GB/s, GFLOP/s against the peaks of group ``native peaks``) and
   writes it to ``.benchmarks/native_summary.json``.
-* Correctness: each softmin pass is checked against the float64 dense value, each divergence
-  against the float64 native value (itself checked against geomloss by the tests), 1e-4
-  relative (gradients 2e-2: float32's own conditioning at C/ε ~ 1e5): a fast wrong answer
-  fails.
-* The machine is shared: timings are the minimum over rounds (``pedantic``), and everything
-  that takes more than a minute runs once.
+* Correctness: each softmin pass is checked against geomloss's ``softmin_tensorized`` in
+  float64 (row blocks), each divergence against geomloss ``tensorized`` in float64 (value and
+  gradient w.r.t. x), 1e-4 relative (gradients 2e-2: float32's own conditioning at C/ε ~ 1e5):
+  a fast wrong answer fails.
+* Timing rule (``common.Rounds``, the same for every competitor of a group; the figure is the
+  median of the rounds): peaks and softmin passes warm-up 1, median of 3; divergences at 5k
+  warm-up 1 (full size), 1 round; at 10k no full-size warm-up (geomloss's KeOps run alone
+  takes ~30 min there), 1 round.  Before the timing, every competitor runs once on 64 points
+  (KeOps compiles, the native extension loads).
 * Cache budget: the divergences run with an explicit ``CACHE_BUDGET`` (2 GiB, the default
   cap: every float32 cost of N ≤ 10k cached, on any machine; recorded as ``cache_budget``).
 """
@@ -32,17 +36,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 
 import pytest
 import torch
 
 import otkernels
+from common import THREADS, Rounds, keops_status, make_data, measure, rel
 from otkernels.backends import blocked, native
 from otkernels.costs import Cost
 
-THREADS = 2
 SIZES = (5000, 10000)
 DIMS = (3, 128)
 BLUR = 0.05
@@ -54,28 +57,21 @@ GRAD_REL_TOL = 2e-2  # float32 gradient vs float64: at C/ε ~ 1e5 (D=128, ε=0.0
                      # float32 gradient is 7e-3 away from the float64 one at N=10k, D=128)
 
 CACHE_BUDGET = 2 << 30  # bytes, for the divergences (see the docstring)
+PEAK_RULE = SOFTMIN_RULE = Rounds(warmup=1, rounds=3)
+DIVERGENCE_RULE = {5000: Rounds(warmup=1, rounds=1), 10000: Rounds(warmup=0, rounds=1)}
 SOFTMIN = ("native", "native-online", "blocked", "blocked-recompute", "geomloss-tensorized", "geomloss-online")
 DIVERGENCE = ("geomloss-tensorized", "geomloss-online", "blocked", "native")
 
-# (competitor, N, D) that take many minutes on the 2-core reference machine: only with --large
+# softmin passes (competitor, N, D) that take many seconds per round: only with --large
 LARGE_ONLY = {
-    ("divergence", "geomloss-online", 5000, 128): "geomloss online (KeOps CPU) ~145 s at N=5k D=128",
-    ("divergence", "geomloss-online", 10000, 128): "geomloss online (KeOps CPU) ~10 min at N=10k D=128",
-    ("divergence", "geomloss-online", 10000, 3): "geomloss online (KeOps CPU) several minutes at N=10k",
-    ("divergence", "geomloss-tensorized", 10000, 128): "geomloss tensorized ~90 s at N=10k D=128 "
-        "(the default run has it in bench_sinkhorn's N=10k group, next to auto -> native)",
-    ("divergence", "geomloss-tensorized", 10000, 3): "geomloss tensorized ~65 s at N=10k D=3 "
-        "(the default run has it in bench_sinkhorn's N=10k group, next to auto -> native)",
-    ("divergence", "native", 10000, 128): "the N=10k divergence group (its geomloss reference is --large here)",
-    ("divergence", "native", 10000, 3): "the N=10k divergence group (its geomloss reference is --large here)",
-    ("divergence", "blocked", 10000, 128): "blocked torch ~5 min at N=10k D=128",
-    ("divergence", "blocked", 10000, 3): "blocked torch several minutes at N=10k",
-    ("divergence", "blocked", 5000, 128): "blocked torch ~1.5 min at N=5k D=128",
     ("softmin", "blocked-recompute", 10000, 128): "blocked recompute pass ~6 s, several rounds",
     ("softmin", "geomloss-online", 10000, 128): "KeOps pass ~10 s at N=10k D=128",
 }
+DIVERGENCE_WHY = ("the divergences take many minutes (geomloss tensorized ~25 s per call at 5k, "
+                  "its KeOps backend up to ~30 min at 10k); the default run compares them in "
+                  "bench_sinkhorn.py's groups")
 
-_RESULTS: dict = {}   # (kind, N, D, competitor) -> seconds (min over rounds)
+_RESULTS: dict = {}   # (kind, N, D, competitor) -> seconds (median over rounds)
 _EXTRA: dict = {}     # peaks and derived rates
 _DATA: dict = {}
 
@@ -87,26 +83,9 @@ def set_threads():
 
 def data(N, D):
     if (N, D) not in _DATA:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(N, D, generator=g, dtype=torch.float64)
-        y = torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5
         _DATA.clear()  # keep one configuration's tensors (and caches) alive at a time
-        _DATA[N, D] = (x.float(), y.float())
+        _DATA[N, D] = make_data(N, N, D)
     return _DATA[N, D]
-
-
-def keops_status():
-    """``(usable, reason)``: pykeops imports *and* compiles a small reduction here."""
-    if "keops" not in _EXTRA:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from pykeops.torch import LazyTensor
-            s = (-((LazyTensor(torch.randn(8, 1, 3)) - LazyTensor(torch.randn(1, 9, 3))) ** 2).sum(-1)).exp().sum(1)
-            _EXTRA["keops"] = (bool(torch.isfinite(s).all()), "pykeops compiles")
-        except Exception as e:  # import error or compiler failure
-            _EXTRA["keops"] = (False, f"KeOps unusable here: {type(e).__name__}: {str(e)[:200]}")
-    return _EXTRA["keops"]
 
 
 def skip_if_needed(kind, name, N, D, large):
@@ -116,22 +95,16 @@ def skip_if_needed(kind, name, N, D, large):
         ok, why = keops_status()
         if not ok:
             pytest.skip(why)
-    why = LARGE_ONLY.get((kind, name, N, D))
+    why = DIVERGENCE_WHY if kind == "divergence" else LARGE_ONLY.get((kind, name, N, D))
     if why and not large:
         pytest.skip(f"{why}: run with --large")
 
 
-def run(benchmark, fn, rounds, kind, N, D, name):
-    """Time ``fn`` (min over ``rounds``, one warm-up for fast functions) and record it."""
+def run(benchmark, fn, rule, kind, N, D, name):
+    """Time ``fn`` under ``rule`` (the group's, the same for every competitor) and record the median."""
     set_threads()
-    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
-    _RESULTS[kind, N, D, name] = benchmark.stats.stats.min
+    out, _RESULTS[kind, N, D, name] = measure(benchmark, fn, rule)
     return out
-
-
-def rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 # ----------------------------------------------------------------------------- peaks
@@ -144,22 +117,22 @@ def test_peak(benchmark, what):
     if what == "matmul":
         a, b = torch.randn(10000, 128), torch.randn(128, 10000)
         out = torch.empty(10000, 10000)
-        run(benchmark, lambda: torch.mm(a, b, out=out), 3, "peak", 0, 0, what)
+        run(benchmark, lambda: torch.mm(a, b, out=out), PEAK_RULE, "peak", 0, 0, what)
         _EXTRA["peak GFLOP/s (torch matmul 10k x 128 x 10k)"] = 2 * 1e8 * 128 / _RESULTS["peak", 0, 0, what] / 1e9
     elif what == "exp":
         x = torch.rand(10 ** 8) * -20.0  # no denormals: arguments in [−20, 0]
         out = torch.empty_like(x)
-        run(benchmark, lambda: torch.exp(x, out=out), 3, "peak", 0, 0, what)
+        run(benchmark, lambda: torch.exp(x, out=out), PEAK_RULE, "peak", 0, 0, what)
         _EXTRA["peak exp/s (torch.exp, 1e8 float32)"] = 1e8 / _RESULTS["peak", 0, 0, what]
     elif what == "copy":
         x = torch.rand(10 ** 8)
         out = torch.empty_like(x)
         out.copy_(x)  # fault the pages in first
-        run(benchmark, lambda: out.copy_(x), 3, "peak", 0, 0, what)
+        run(benchmark, lambda: out.copy_(x), PEAK_RULE, "peak", 0, 0, what)
         _EXTRA["peak GB/s (400 MB copy, read + write)"] = 8e8 / _RESULTS["peak", 0, 0, what] / 1e9
     else:
         x = torch.rand(10 ** 8)
-        run(benchmark, lambda: x.sum(), 3, "peak", 0, 0, what)
+        run(benchmark, lambda: x.sum(), PEAK_RULE, "peak", 0, 0, what)
         _EXTRA["peak GB/s (400 MB read, torch.sum)"] = 4e8 / _RESULTS["peak", 0, 0, what] / 1e9
 
 
@@ -188,17 +161,16 @@ def _softmin_case(name, N, D):
 
 
 def _softmin_reference(N, D):
-    """float64 dense softmin for the pass (rows in blocks)."""
+    """geomloss's ``softmin_tensorized`` in float64 for the pass (blocks of 500 rows)."""
     key = ("ref", N, D)
     if key not in _EXTRA:
-        x, y = (t.double() for t in data(N, D))
-        h = -torch.log(torch.tensor(float(N), dtype=torch.float64))
-        out = []
-        for i in range(0, N, 1000):
-            C = ((x[i:i + 1000, None, :] - y[None, :, :]) ** 2).sum(-1) / 2 if D <= 8 else (
-                ((x[i:i + 1000] ** 2).sum(-1)[:, None] + (y ** 2).sum(-1)[None] - 2 * x[i:i + 1000] @ y.T) / 2)
-            out.append(-EPS * (h - C / EPS).logsumexp(1))
-        _EXTRA[key] = torch.cat(out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from geomloss._legacy import sinkhorn_samples as gs
+        x, y = (t.double()[None] for t in data(N, D))
+        h = torch.full((1, N), -float(torch.log(torch.tensor(float(N), dtype=torch.float64))), dtype=torch.float64)
+        _EXTRA[key] = torch.cat([gs.softmin_tensorized(EPS, gs.cost_routines[2](x[:, i:i + 500], y), h)
+                                 for i in range(0, N, 500)], 1).reshape(-1)
     return _EXTRA[key]
 
 
@@ -214,10 +186,10 @@ def test_softmin_pass(benchmark, request, N, D, name):
     skip_if_needed("softmin", name, N, D, request.config.getoption("--large"))
     benchmark.group = f"native softmin N={N} D={D}"
     fn, keep = _softmin_case(name, N, D)
-    slow = name.startswith("geomloss") or name.endswith(("recompute", "online"))
-    out = run(benchmark, fn, 2 if slow else 5, "softmin", N, D, name)
+    out = run(benchmark, fn, SOFTMIN_RULE, "softmin", N, D, name)
     err = rel(out.reshape(-1), _softmin_reference(N, D))
-    benchmark.extra_info["rel_err_vs_float64"] = err
+    benchmark.extra_info.update(rel_err_vs_float64=err, reference="geomloss softmin_tensorized float64",
+                                role="reference" if name == "geomloss-tensorized" else "competitor")
     assert err <= REL_TOL, f"{name}: softmin relative error {err:.2e} vs the float64 reference"
     t = _RESULTS["softmin", N, D, name]
     benchmark.extra_info["exp_per_s"] = N * N / t
@@ -246,15 +218,12 @@ def _fwd_bwd(loss, x, y):
 
 
 def _divergence_reference(N, D):
+    """geomloss tensorized in float64: value and gradient w.r.t. x (cached)."""
     key = ("div-ref", N, D)
     if key not in _EXTRA:
         x, y = data(N, D)
-        if native.available()[0]:
-            v, g = _fwd_bwd(otkernels.SamplesLoss(**PARAMS, backend="native"), x.double(), y.double())
-            _EXTRA[key] = (v.item(), g.float(), "otkernels native float64")
-        else:
-            v, g = _fwd_bwd(otkernels.SamplesLoss(**PARAMS, backend="blocked"), x.double(), y.double())
-            _EXTRA[key] = (v.item(), g.float(), "otkernels blocked float64")
+        v, g = _fwd_bwd(_divergence_loss("geomloss-tensorized"), x.double(), y.double())
+        _EXTRA[key] = (v.item(), g.float(), "geomloss tensorized float64")
     return _EXTRA[key]
 
 
@@ -271,19 +240,19 @@ def test_divergence(benchmark, request, N, D, name):
     benchmark.group = f"native divergence N={N} D={D}"
     x, y = data(N, D)
     loss = _divergence_loss(name)
-    if name == "geomloss-online":
-        _fwd_bwd(loss, x[:50], y[:50])  # compile the KeOps formulas outside the timing
-    rounds = 3 if name == "native" else 1
     from otkernels import backends
+    backends.available()
+    _fwd_bwd(loss, x[:64], y[:64])  # every competitor: KeOps compiles, extensions load, outside the timing
     backends.set_cache_budget(CACHE_BUDGET)
     try:
-        v, g = run(benchmark, lambda: _fwd_bwd(loss, x, y), rounds, "divergence", N, D, name)
+        v, g = run(benchmark, lambda: _fwd_bwd(loss, x, y), DIVERGENCE_RULE[N], "divergence", N, D, name)
     finally:
         backends.set_cache_budget(None)
     benchmark.extra_info["cache_budget"] = CACHE_BUDGET
     rv, rg, what = _divergence_reference(N, D)
     err_v, err_g = abs(v.item() - rv) / abs(rv), rel(g, rg)
-    benchmark.extra_info.update(value=v.item(), reference=what, rel_err_value=err_v, rel_err_grad=err_g)
+    benchmark.extra_info.update(value=v.item(), reference=what, rel_err_value=err_v, rel_err_grad=err_g,
+                                role="reference" if name == "geomloss-tensorized" else "competitor")
     assert err_v <= REL_TOL, f"{name}: value {v.item()} vs {what} {rv}: {err_v:.2e}"
     assert err_g <= GRAD_REL_TOL, f"{name}: gradient relative error {err_g:.2e} vs {what}"
 
@@ -297,7 +266,7 @@ def _summary(request):
     lines, summary = [], {"results_s": {" ".join(map(str, k)): v for k, v in _RESULTS.items()}}
     peaks = {k: v for k, v in _EXTRA.items() if isinstance(k, str) and k.startswith("peak")}
     summary["peaks"] = peaks
-    lines.append("native backend summary (min seconds over rounds, 2 threads)")
+    lines.append(f"native backend summary (median seconds; softmin {SOFTMIN_RULE}; 2 threads)")
     for k, v in peaks.items():
         lines.append(f"  {k}: {v:.3g}")
     for N in SIZES:

@@ -1,44 +1,48 @@
 """One metric evaluation in a fresh process, for time and peak-RSS measurements.
 
-``python benchmarks/metrics_child.py MODE N D SIGMA`` prints one JSON line: the metric values,
-the seconds of the evaluation alone (after a small warm-up that loads every module), the
-seconds per metric, this process's RSS before the evaluation and its peak RSS (``VmHWM``, KB).
+``python benchmarks/metrics_child.py MODE N D SIGMA [WARMUP ROUNDS]`` prints one JSON line: the
+metric values, the seconds of the evaluation (``common.measure_plain``: after a small untimed
+run on 300 points that loads every module, ``WARMUP`` full-size warm-ups, then the median of
+``ROUNDS``; default 0 and 1), the seconds per metric (last round), this process's RSS before the
+evaluation and its peak RSS (``VmHWM``, KB).
 
 MODE:
 * ``otkernels``: ``otkernels.metrics.evaluate`` on sinkhorn, mmd, fid, prdc;
-* ``reference``: the same numbers with the reference packages, as a user would call them:
-  ``prdc.compute_prdc`` (k = 3 for precision/recall, k = 5 for density/coverage: two calls),
-  FID from ``np.mean``/``np.cov`` and scipy ``sqrtm`` (pytorch-fid's formula), geomloss
-  ``SamplesLoss`` for the Sinkhorn divergence and the gaussian MMD (``tensorized``: on this
-  CPU geomloss's KeOps ``online`` backend is several times slower, see docs/benchmarks.md).
+* ``reference``: the same numbers with the reference packages, float32 as a user would call
+  them: precision/recall (k = 3) and density/coverage (k = 5) by prdc's own functions
+  (``compute_pairwise_distance``, ``get_kth_value``) and formulas, with the three distance
+  matrices computed **once** for both k — the work ``compute_prdc`` does in one call, and what
+  otkernels does (two ``compute_prdc`` calls would compute them twice); FID from
+  ``np.mean``/``np.cov`` and scipy ``sqrtm`` (pytorch-fid's formula), geomloss ``SamplesLoss``
+  for the Sinkhorn divergence and the gaussian MMD (``tensorized``: on this CPU geomloss's
+  KeOps ``online`` backend is several times slower, see docs/benchmarks.md);
+* ``reference64``: the ``reference`` computation on the same data converted to float64 (not
+  timed): the values every competitor is checked against.
 """
-import contextlib
-import io
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_data, set_threads  # noqa: E402
+from common import Rounds, make_data, measure_plain, set_threads  # noqa: E402
 from memory_child import _status_kb  # noqa: E402
 
 SINKHORN = dict(p=2, blur=0.05, scaling=0.5)
 K_PR, K_DC = 3, 5
 
 
-def run_otkernels(x, y, sigma):
+def run_otkernels(x, y, sigma, rule):
     from otkernels import metrics
 
     metrics.evaluate(x[:300], y[:300], metrics=("sinkhorn", "mmd", "fid", "prdc"),
-                     mmd_bandwidth=sigma)  # warm-up: imports, native extension
-    t = time.perf_counter()
-    out = metrics.evaluate(x, y, metrics=("sinkhorn", "mmd", "fid", "prdc"), mmd_bandwidth=sigma,
-                           k_pr=K_PR, k_dc=K_DC, timings=True, **SINKHORN)
-    seconds = time.perf_counter() - t
+                     mmd_bandwidth=sigma)  # loads the modules and the native extension
+    out, seconds, rounds = measure_plain(
+        lambda: metrics.evaluate(x, y, metrics=("sinkhorn", "mmd", "fid", "prdc"), mmd_bandwidth=sigma,
+                                 k_pr=K_PR, k_dc=K_DC, timings=True, **SINKHORN), rule)
     times = {k[5:]: out.pop(k) for k in list(out) if k.startswith("time_")}
     out.pop("mmd2", None)  # the reference (geomloss) gives the biased estimate only
-    return out, seconds, times
+    return out, seconds, times, rounds
 
 
 def fid_reference(xn, yn):
@@ -55,18 +59,33 @@ def fid_reference(xn, yn):
     return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
-def run_reference(x, y, sigma):
+def prdc_once(xn, yn):
+    """precision/recall (k = ``K_PR``) and density/coverage (k = ``K_DC``) with prdc's functions
+    and formulas (``prdc.compute_prdc``), each distance matrix computed once for both k."""
+    import numpy as np
+    from prdc.prdc import compute_pairwise_distance, get_kth_value
+
+    d_real = compute_pairwise_distance(xn)
+    d_fake = compute_pairwise_distance(yn)
+    d_real_fake = compute_pairwise_distance(xn, yn)
+    real_r_pr = get_kth_value(d_real, k=K_PR + 1, axis=-1)
+    real_r_dc = get_kth_value(d_real, k=K_DC + 1, axis=-1)
+    fake_r_pr = get_kth_value(d_fake, k=K_PR + 1, axis=-1)
+    inside_pr = d_real_fake < np.expand_dims(real_r_pr, axis=1)
+    inside_dc = d_real_fake < np.expand_dims(real_r_dc, axis=1)
+    return dict(precision=float(inside_pr.any(axis=0).mean()),
+                recall=float((d_real_fake < np.expand_dims(fake_r_pr, axis=0)).any(axis=1).mean()),
+                density=float((1.0 / K_DC) * inside_dc.sum(axis=0).mean()),
+                coverage=float((d_real_fake.min(axis=1) < real_r_dc).mean()))
+
+
+def reference_values(x, y, sigma):
+    """The metric values by the reference packages; ``(values, seconds per metric)``."""
     import geomloss
-    import prdc
     import torch
 
     xn, yn = x.numpy(), y.numpy()
-    small = (x[:300], y[:300])
-    with contextlib.redirect_stdout(io.StringIO()):  # warm-up; prdc prints the sample counts
-        prdc.compute_prdc(small[0].numpy(), small[1].numpy(), K_DC)
-    geomloss.SamplesLoss("gaussian", blur=sigma, backend="tensorized")(*small)
     out, times = {}, {}
-    t0 = time.perf_counter()
     with torch.no_grad():
         t = time.perf_counter()
         out["sinkhorn"] = float(geomloss.SamplesLoss("sinkhorn", backend="tensorized", **SINKHORN)(x, y))
@@ -79,13 +98,22 @@ def run_reference(x, y, sigma):
     out["fid"] = fid_reference(xn, yn)
     times["fid"] = time.perf_counter() - t
     t = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        r3 = prdc.compute_prdc(xn, yn, K_PR)
-        r5 = prdc.compute_prdc(xn, yn, K_DC)
-    out.update(precision=float(r3["precision"]), recall=float(r3["recall"]),
-               density=float(r5["density"]), coverage=float(r5["coverage"]))
+    out.update(prdc_once(xn, yn))
     times["prdc"] = time.perf_counter() - t
-    return out, time.perf_counter() - t0, times
+    return out, times
+
+
+def run_reference(x, y, sigma, rule):
+    reference_values(x[:300], y[:300], sigma)  # loads the modules (sklearn, scipy, geomloss)
+    (out, times), seconds, rounds = measure_plain(lambda: reference_values(x, y, sigma), rule)
+    return out, seconds, times, rounds
+
+
+def run_reference64(x, y, sigma, rule):
+    t = time.perf_counter()
+    out, times = reference_values(x.double(), y.double(), sigma)
+    seconds = time.perf_counter() - t
+    return out, seconds, times, [seconds]
 
 
 def _budget():
@@ -94,15 +122,16 @@ def _budget():
     return backends.cache_budget()
 
 
-def main(mode, N, D, sigma):
+def main(mode, N, D, sigma, warmup=0, rounds=1):
     import torch
 
     set_threads()
     x, y = make_data(N, N, D)
     rss0 = _status_kb("VmRSS")
-    fn = {"otkernels": run_otkernels, "reference": run_reference}[mode]
-    out, seconds, times = fn(x, y, sigma)
+    fn = {"otkernels": run_otkernels, "reference": run_reference, "reference64": run_reference64}[mode]
+    out, seconds, times, all_rounds = fn(x, y, sigma, Rounds(warmup, rounds))
     print(json.dumps(dict(mode=mode, N=N, D=D, values=out, seconds=seconds, metric_seconds=times,
+                          warmup_rounds=warmup, rounds=rounds, round_seconds=all_rounds,
                           rss_before_kb=rss0, rss_peak_kb=_status_kb("VmHWM"),
                           threads=torch.get_num_threads(),
                           cache_bytes=os.environ.get("OTKERNELS_CACHE_BYTES", "(default)"),
@@ -112,4 +141,5 @@ def main(mode, N, D, sigma):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]),
+         *(int(a) for a in sys.argv[5:7]))
