@@ -30,8 +30,8 @@ otkernels row records ``speedup_vs_reference``):
 
 Values: every run (the timed float32 reference included) is checked against the reference
 computation **in float64** (``metrics_child.py reference64``: the same packages on the data
-converted to float64, computed once per N, not timed): Sinkhorn and MMD to 1e-3 relative
-(float32), FID to 1e-5, the k-NN fractions to ``KNN_TOL_POINTS``/N (float32 distance rounding
+converted to float64, computed once per N, not timed): Sinkhorn and MMD to 1e-4 relative
+(float32, as bench_sinkhorn), FID to 1e-5, the k-NN fractions to ``KNN_TOL_POINTS``/N (float32 distance rounding
 can flip a point at a ball's boundary).
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ COMPETITORS = (("reference", {}), ("otkernels", {}), ("otkernels-nocache", {"OTK
 RULE = Rounds(warmup=0, rounds=1)
 KNN_TOL_POINTS = 3
 RSS_TARGET_KB = 2e9 / 1024  # 2 GB
-TOL = {"sinkhorn": 1e-3, "mmd2_biased": 1e-3, "fid": 1e-5, "mmd_bandwidth": 0.0}
+TOL = {"sinkhorn": 1e-4, "mmd2_biased": 1e-4, "fid": 1e-5, "mmd_bandwidth": 0.0}  # float32 vs float64 (measured at 5k: 4e-8, 2e-7)
 
 _RESULTS: dict = {}  # N -> {competitor: child result}
 _REF64: dict = {}    # N -> float64 reference values

@@ -154,7 +154,7 @@ def test_solve_n1000_d64(benchmark, large):
         box["secs"] = _fit_record(ot, tol=0.02, time_limit=3600)
         return ot
 
-    ot = benchmark.pedantic(solve, rounds=1, iterations=1, warmup_rounds=0)
+    ot, _ = measure(benchmark, solve, Rounds(warmup=0, rounds=1))
     n = 1 << 26
     err = remeasure(ot, n, 12345)
     h = ot.history
@@ -186,7 +186,7 @@ def test_solve_n64_qmc(benchmark, D, qmc):
             runs.append(dict(converged=ot.converged, steps=ot.n_steps, samples=ot.samples_used, secs=secs,
                              err=((m - ot.weights).abs() / ot.weights).max().item()))
 
-    benchmark.pedantic(solve, rounds=1, iterations=1, warmup_rounds=0)
+    measure(benchmark, solve, Rounds(warmup=0, rounds=1))  # the same for sobol and random: 4 seeds each
     med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
     benchmark.extra_info.update(source="sobol" if qmc else "random", N=64, D=D, tol=0.02,
                                 converged=sum(r["converged"] for r in runs), runs=len(runs),
