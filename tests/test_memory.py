@@ -13,6 +13,7 @@ import torch
 import otkernels
 from otkernels import backends
 from otkernels.costs import Cost
+from otk_testing import require_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,9 +27,7 @@ def budget(monkeypatch):
 
 
 def _available(name):
-    ok, why = backends.available()[name]
-    if not ok:
-        pytest.skip(f"backend {name} unavailable: {why}")
+    require_backend(name)
 
 
 def test_default_budget_is_bounded(budget, monkeypatch):

@@ -159,3 +159,27 @@ def test_float32_accuracy(backend, p, debias, D):
         assert_rel(v32, v64, 1e-4, f"seed {seed}: float32 value")
         for k in inputs:
             assert_rel(g32[k], g64[k], 1e-4, f"seed {seed}: float32 grad {k}")
+
+
+@pytest.mark.parametrize("loss,p", [("sinkhorn", 2), ("sinkhorn", 1), ("gaussian", 2), ("energy", 2)])
+def test_far_from_origin(backend, loss, p):
+    """SamplesLoss translates both clouds by their common mean before any cost is formed
+    (``samples_loss._center``).  Clouds moved ~2e3 from the origin: in float64 values and
+    gradients are shift invariant to 1e-12; in float32 the moved clouds give the float64 result
+    on the same (float32-rounded) points to 1e-4 — without the centring, |x|² + |y|² − 2⟨x, y⟩
+    at |x| ≈ 2e3 loses everything to cancellation in float32."""
+    x, y, a, b = clouds(N=23, M=31, D=3, seed=4)
+    shift = torch.tensor([1e3, -2e3, 5e2], dtype=torch.float64)
+    kw = dict(loss=loss, p=p, blur=0.3)
+    L = otk_loss(**kw, backend=backend)
+    v0, g0 = value_and_grads(L, dict(a=a, x=x, b=b, y=y))
+    v1, g1 = value_and_grads(L, dict(a=a, x=x + shift, b=b, y=y + shift))
+    assert_rel(v1, v0, 1e-12, f"{loss} p={p}: float64 value, shifted by {shift.tolist()}")
+    for k in g0:
+        assert_rel(g1[k], g0[k], 1e-12, f"{loss} p={p}: float64 grad {k}, shifted")
+    moved32 = {k: t.float() for k, t in dict(a=a, x=x + shift, b=b, y=y + shift).items()}
+    v32, g32 = value_and_grads(L, moved32)
+    v64, g64 = value_and_grads(L, {k: t.double() for k, t in moved32.items()})
+    assert_rel(v32, v64, 1e-4, f"{loss} p={p}: float32 value far from the origin")
+    for k in g64:
+        assert_rel(g32[k], g64[k], 1e-4, f"{loss} p={p}: float32 grad {k} far from the origin")

@@ -13,7 +13,7 @@ import otkernels
 from otkernels import backends
 from otkernels.backends import blocked, tensorized
 from otkernels.costs import Cost, Kernel
-from otk_testing import assert_double_backward_like_dense
+from otk_testing import assert_double_backward_like_dense, require_backend
 
 ZERO = -100000.0  # log-weight of a zero weight (geomloss's convention)
 
@@ -213,9 +213,7 @@ def test_kernel_sum(small_tiles, dtype, B, kernel):
 def test_cache_decision_same_result(monkeypatch, small_tiles, name, loss, kw):
     """No cache, only C_xy (what a budget between N·M and N·M + N² buys), every cost: the same
     values and gradients; the plan caches C_xy first, then C_xx, then C_yy."""
-    ok, why = backends.available()[name]
-    if not ok:
-        pytest.skip(f"backend {name} unavailable: {why}")
+    require_backend(name)
     module = backends.get(name)
     x, y = make(1, 60, 45, 3, torch.float64, seed=12)
     x, y = x[0], y[0]

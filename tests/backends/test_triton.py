@@ -360,12 +360,16 @@ def interpret_env(monkeypatch):
 
 def test_available_and_auto(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("OTKERNELS_TRITON_CPU", "0")
     ok, why = tb.available()
     if not torch.cuda.is_available():
-        assert not ok and "TRITON_INTERPRET" in why
+        assert not ok and "OTKERNELS_TRITON_CPU=1" in why and "TRITON_INTERPRET" in why
+    for var in ("TRITON_INTERPRET", "OTKERNELS_TRITON_CPU"):  # either opt-in
+        monkeypatch.setenv(var, "1")
+        ok, why = backends.available()["triton"]
+        assert ok and "interpreter" in why
+        monkeypatch.setenv(var, "0")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ok, why = backends.available()["triton"]
-    assert ok and "interpreter" in why
     assert backends.select(1, 2000, 2000, 3, torch.device("cpu")) != "triton"  # never for CPU tensors
     assert backends.select(1, 10, 10, 3, torch.device("cuda")) == "triton"
     assert backends.select(1, 2000, 2000, 3, torch.device("cuda", 0)) == "triton"

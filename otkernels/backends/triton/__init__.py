@@ -60,8 +60,18 @@ def available():
         return True, f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): CPU emulation, slow"
     if torch.cuda.is_available():
         return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-    return False, ("no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU in "
-                   "Triton's interpreter)")
+    if _cpu_opt_in():
+        return True, (f"triton {triton.__version__}: CPU tensors in Triton's interpreter "
+                      "(OTKERNELS_TRITON_CPU=1: CPU emulation, slow)")
+    return False, ("no CUDA device (set OTKERNELS_TRITON_CPU=1, or TRITON_INTERPRET=1 before the "
+                   "import, to run the Triton kernels on CPU in Triton's interpreter)")
+
+
+def _cpu_opt_in() -> bool:
+    """``OTKERNELS_TRITON_CPU=1``: CPU tensors run the kernels in the interpreter (``ops``
+    loads a second, interpreted copy of ``kernels.py``), while compiling for a GPU still works
+    in the same process (the test suite uses both)."""
+    return os.environ.get("OTKERNELS_TRITON_CPU", "0").lower() in ("1", "true", "on", "yes")
 
 
 class TritonCost:

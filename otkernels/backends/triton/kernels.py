@@ -585,28 +585,27 @@ def _pv_update(acc, W, y, x_dv, y_dv, PRECISION: tl.constexpr, ACC: tl.constexpr
 
 @triton.autotune(configs=_configs(grad=True), key=_KEY + ["MODE", "HAS_CW", "WRITE_RS", "NORMALIZED", "DIFF"],
                  cache_results=True, prune_configs_by={"early_config_prune": _prune_for("_weighted_grad")})
-@triton.jit
+@triton.jit(do_not_specialize=["SKIP_DIAG"])
 def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
                    N, M, D, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
-                   N_KEY, M_KEY,
+                   N_KEY, M_KEY, SKIP_DIAG,
                    MODE: tl.constexpr, HAS_CW: tl.constexpr, WRITE_RS: tl.constexpr, NORMALIZED: tl.constexpr,
                    ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT: tl.constexpr,
                    PRECISION: tl.constexpr, DIFF: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """``Out_i = Σ_j W_ij (x_i − y_j)`` on the coordinates ``[pid_dv·BLOCK_DV, +BLOCK_DV)`` with
-
-    * softmin (MODE 0, 1): ``W_ij = E_ij · w_ij``, ``E_ij = exp(Hc_j − C_ij/ε + Rr_i/ε) Cw_j``
-      (the plan), ``w = 1`` for p=2 (∇_x C = x − y) and ``1/‖x_i − y_j‖`` for p=1 (0 inside
-      the clamp); ``WRITE_RS`` also stores the plan's row sums ``RowSum_i = Σ_j E_ij``;
-    * softmin, ``NORMALIZED``: ``E_ij = softmax_j(Hc_j − C_ij/ε)`` normalised in this pass (the
-      online max and sum of :func:`_softmin_fwd`, attention's forward with V = y), so the rows
-      sum to 1 to rounding even where ``C/ε`` exceeds float32's precision; ``Fout`` receives
-      the softmin ``−ε log Σ_j exp(Hc_j − C_ij/ε)`` of the same pass (``Rr`` is not read);
+    """``Out_i = Σ_j W_ij (x_i − y_j)`` on the coordinates ``[pid_dv·BLOCK_DV, +BLOCK_DV)`` with:
+    * softmin (MODE 0, 1): ``W_ij = E_ij · w_ij``, ``E_ij = exp(Hc_j − C_ij/ε + Rr_i/ε) Cw_j`` (the plan),
+      ``w = 1`` for p=2 (∇_x C = x − y) and ``1/‖x_i − y_j‖`` for p=1 (0 inside the clamp);
+      ``WRITE_RS`` also stores the plan's row sums ``RowSum_i = Σ_j E_ij``;
+    * softmin, ``NORMALIZED``: ``E_ij = softmax_j(Hc_j − C_ij/ε)`` normalised in this pass (the online
+      max and sum of :func:`_softmin_fwd`, attention's forward with V = y), so the rows sum to 1 to
+      rounding even where ``C/ε`` exceeds float32's precision; ``Fout`` receives the softmin
+      ``−ε log Σ_j exp(Hc_j − C_ij/ε)`` of the same pass (``Rr`` is not read);
     * kernels (MODE 2, 3, 4): ``W_ij = 2 ∂k/∂d²(x_i, y_j) · Cw_j`` (``Par`` = 1/σ²).
-
     Computed as ``x_i Σ_j W_ij − W·Y`` (tensor cores), or from the differences with ``DIFF``.
-    When one chunk covers D the (BLOCK_M, D_PAD) y tile serves both the cost and the ``W·Y`` dot.
-    """
+    ``SKIP_DIAG`` ≠ 0 (Y is X; a runtime flag, not specialised): the pairs i = j are left out of the
+    sum, exact since x_i − x_i = 0 (the expanded form would leave ``W_ii·x_i``'s rounding); not of RowSum.
+    When one chunk covers D the (BLOCK_M, D_PAD) y tile serves both the cost and the ``W·Y`` dot."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_dv = tl.program_id(2)
@@ -667,6 +666,7 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
         if MODE == 1:  # ∇_x ‖x − y‖ = (x − y)/‖x − y‖, zero where the clamp is active
             d2 = xx[:, None] + yy[None, :] - 2.0 * xy
             W = tl.where(d2 > _CLAMP, W / tl.sqrt(tl.maximum(d2, _CLAMP)), 0.0)
+        W = tl.where((offs_n[:, None] == offs_m[None, :]) & (SKIP_DIAG != 0), 0.0, W)
         if not DIFF:
             sw += tl.sum(W, 1)
         acc = _pv_update(acc, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, HALF_SCALE)

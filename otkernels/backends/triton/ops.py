@@ -185,15 +185,54 @@ def _dot_fix():
     return InterpreterBuilder, original, create_dot
 
 
+def _patch_lang_once(original):
+    """Triton's interpreter re-patches ``triton.language`` (``inspect.getmembers`` over its
+    modules) on every device-function call, a third of an interpreted Sinkhorn's time.  Within
+    one launch the modules stay patched until the launch's own scope is restored, so patch each
+    module once per launch: later calls that would patch only already-patched modules get a
+    no-op scope.  The launch's scope, when restored, starts the count again."""
+    import inspect
+    patched = set()
+
+    class _Noop:
+        def restore(self):
+            pass
+
+    def patch(fn):
+        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if patched and langs <= patched:
+            return _Noop()
+        outer = not patched
+        patched.update(langs)
+        scope = original(fn)
+        if outer:
+            restore = scope.restore
+
+            def restore_and_reset():
+                patched.clear()
+                restore()
+            scope.restore = restore_and_reset
+        return scope
+
+    return patch
+
+
 @contextlib.contextmanager
 def _interpreter_fixes():
-    """Patches to Triton's interpreter for one launch (see :func:`_dot_fix`)."""
+    """Patches to Triton's interpreter for one launch (see :func:`_dot_fix`,
+    :func:`_patch_lang_once`)."""
+    from triton.runtime import interpreter
     cls, original, fixed = _dot_fix()
     cls.create_dot = fixed
+    original_patch = getattr(interpreter, "_patch_lang", None)
+    if original_patch is not None:
+        interpreter._patch_lang = _patch_lang_once(original_patch)
     try:
         yield
     finally:
         cls.create_dot = original
+        if original_patch is not None:
+            interpreter._patch_lang = original_patch
 
 
 @contextlib.contextmanager
@@ -455,6 +494,12 @@ def softmin_two(x, y, hr, hc, eps, p=2, xx=None, yy=None, precision=None, sym=Fa
     return scale * out, scale * cols
 
 
+def _same_points(x, y) -> bool:
+    """Whether x and y are the same points (same storage, shape and strides): C(x, x)."""
+    return (x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+            and x.dtype == y.dtype)
+
+
 def _grad_consts(x, mode, precision, has_cw, write_rs, normalized):
     return dict(MODE=int(mode), HAS_CW=bool(has_cw), WRITE_RS=bool(write_rs), NORMALIZED=bool(normalized),
                 DIFF=x.dtype == torch.float64, **_consts(x, precision))
@@ -473,7 +518,7 @@ def softmin_and_grad(x, y, h, eps, p=2, xx=None, yy=None, precision=None):
     xx = sqnorms(x, precision) if xx is None else xx
     yy = sqnorms(y, precision) if yy is None else yy
     mode = _compiled.SOFTMIN_P2 if p == 2 else _compiled.SOFTMIN_P1
-    args = (x, y, xx, yy, _vec(h, x), xx, xx, _par(eps, x), out, f, f, *_sizes(x, y))
+    args = (x, y, xx, yy, _vec(h, x), xx, xx, _par(eps, x), out, f, f, *_sizes(x, y), int(_same_points(x, y)))
     _launch("_weighted_grad", B, N, x.device, args, _grad_consts(x, mode, precision, False, False, True))
     return f, out
 
@@ -496,7 +541,8 @@ def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, 
     yy = sqnorms(y, precision) if yy is None else yy
     dummy = xx
     args = (x, y, xx, yy, dummy if hc is None else _vec(hc, x), dummy if rr is None else _vec(rr, x),
-            dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, dummy, *_sizes(x, y))
+            dummy if cw is None else _vec(cw, x), _par(par, x), out, rs, dummy, *_sizes(x, y),
+            int(_same_points(x, y)))
     _launch("_weighted_grad", B, N, x.device, args, _grad_consts(x, mode, precision, cw is not None, rowsum, False))
     return (out, rs) if rowsum else out
 

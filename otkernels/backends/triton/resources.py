@@ -276,17 +276,19 @@ def main(argv=None):
     variants = DEFAULT_VARIANTS if a.default_only else tuple(a.variants)
     todo = list(cases(variants, a.dims, a.dtypes, a.precisions, a.arch))
     reused = []
-    if a.merge:  # keep the saved rows of cases whose kept configs were all measured already
+    if a.merge:  # keep the saved rows of cases whose kernel code is unchanged and kept configs measured
         with open(a.merge) as fh:
-            saved = {}
-            for r in json.load(fh)["rows"]:
-                saved.setdefault((r["variant"], r["D"], r["dtype"], r["precision"], r["cc"]), {})[r["config"]] = r
+            saved_run = json.load(fh)
+        saved_hashes, now_hashes = saved_run.get("kernel_hashes", {}), kernel_hashes()
+        saved = {}
+        for r in saved_run["rows"]:
+            saved.setdefault((r["variant"], r["D"], r["dtype"], r["precision"], r["cc"]), {})[r["config"]] = r
         again = []
         for c in todo:
             v, D, dtype, prec, cc = c
             name, args, consts = launch_of(v, D, dtype, prec)
             kept = [config_label(k) for k in kept_configs(name, args, consts, cc)]
-            old = saved.get(c, {})
+            old = saved.get(c, {}) if saved_hashes.get(name) == now_hashes[name] else {}
             if kept and all(k in old for k in kept):
                 reused.extend(old[k] for k in kept)
             else:
@@ -313,8 +315,16 @@ def main(argv=None):
           f"limit or failed; triton {triton.__version__}")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(triton=triton.__version__, kernels_source_hash=source_hash(), rows=rows), fh, indent=1)
+            json.dump(dict(triton=triton.__version__, kernels_source_hash=source_hash(),
+                           kernel_hashes=kernel_hashes(), rows=rows), fh, indent=1)
     return 1 if bad else 0
+
+
+def kernel_hashes():
+    """``{kernel: hash of its Triton cache_key}``: the key covers the kernel's source, the jit
+    helpers it calls and its line numbers, so a row is current only while its kernel's hash is."""
+    import hashlib
+    return {name: hashlib.sha256(K.KERNELS[name].fn.cache_key.encode()).hexdigest()[:16] for name in sorted(K.KERNELS)}
 
 
 def source_hash():
