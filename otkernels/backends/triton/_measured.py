@@ -257,4 +257,13 @@ SPILLED = frozenset({
     (90, '_weighted_grad', (4, ('MODE', 2), ('HAS_CW', True), ('WRITE_RS', False), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 128), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (32, 64, 32, 8, 2)),
     (90, '_weighted_grad', (4, ('MODE', 2), ('HAS_CW', True), ('WRITE_RS', False), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 2048), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (16, 32, 128, 4, 2)),
     (90, '_weighted_grad', (4, ('MODE', 2), ('HAS_CW', True), ('WRITE_RS', False), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 512), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (16, 32, 128, 4, 2)),
+    (80, '_weighted_grad', (2, ('MODE', 0), ('HAS_CW', False), ('WRITE_RS', False), ('NORMALIZED', True), ('DIFF', False), ('D_PAD', 256), ('BLOCK_D', 256), ('DIRECT', 0), ('PRECISION', 'ieee')), (32, 64, 256, 8, 3)),
+    (80, '_weighted_grad', (4, ('MODE', 0), ('HAS_CW', False), ('WRITE_RS', False), ('NORMALIZED', True), ('DIFF', False), ('D_PAD', 128), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (16, 32, 32, 4, 2)),
+    (86, '_weighted_grad', (2, ('MODE', 0), ('HAS_CW', True), ('WRITE_RS', True), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 1024), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'ieee')), (32, 64, 64, 8, 2)),
+    (86, '_weighted_grad', (4, ('MODE', 0), ('HAS_CW', False), ('WRITE_RS', False), ('NORMALIZED', True), ('DIFF', False), ('D_PAD', 128), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (16, 32, 32, 4, 2)),
+    (86, '_weighted_grad', (4, ('MODE', 2), ('HAS_CW', True), ('WRITE_RS', False), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 64), ('BLOCK_D', 64), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (32, 32, 32, 4, 2)),
+    (90, '_weighted_grad', (2, ('MODE', 2), ('HAS_CW', True), ('WRITE_RS', False), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 2048), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'ieee')), (32, 64, 128, 8, 2)),
+    (90, '_weighted_grad', (2, ('MODE', 2), ('HAS_CW', True), ('WRITE_RS', False), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 512), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'ieee')), (32, 64, 128, 8, 2)),
+    (90, '_weighted_grad', (4, ('MODE', 0), ('HAS_CW', False), ('WRITE_RS', False), ('NORMALIZED', True), ('DIFF', False), ('D_PAD', 64), ('BLOCK_D', 64), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (64, 32, 64, 8, 2)),
+    (90, '_weighted_grad', (4, ('MODE', 0), ('HAS_CW', True), ('WRITE_RS', True), ('NORMALIZED', False), ('DIFF', False), ('D_PAD', 128), ('BLOCK_D', 128), ('DIRECT', 0), ('PRECISION', 'tf32x3')), (32, 64, 128, 8, 2)),
 })
