@@ -30,6 +30,36 @@ torch.set_num_threads(int(os.environ.get("OTKERNELS_TEST_THREADS", "1")))
 BACKEND_NAMES = ["tensorized", "blocked", "blocked-recompute", "native", "native-recompute", "triton", "keops"]
 
 
+# On a machine without a GPU, triton (interpreter) and keops (a C++ compile per formula) are
+# 10-100x slower per call than the CPU backends: each test function runs on them for at most
+# SLOW_BACKEND_CASES of its parametrizations, evenly spaced over its grid (every test function
+# still runs on both backends).  OTKERNELS_TEST_FULL=1 runs the whole grid.
+SLOW_BACKEND_CASES = 6
+
+
+def _slow_backend(item):
+    spec = getattr(item, "callspec", None)
+    name = spec.params.get("backend") if spec is not None else None
+    return name in ("triton", "keops") and not torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("OTKERNELS_TEST_FULL", "0").lower() in ("1", "true", "on", "yes"):
+        return
+    groups = {}
+    for item in items:
+        if _slow_backend(item):
+            groups.setdefault((item.module.__name__, item.originalname, item.callspec.params["backend"]), []).append(item)
+    drop = set()
+    for group in groups.values():
+        if len(group) > SLOW_BACKEND_CASES:
+            keep = {round(i * (len(group) - 1) / (SLOW_BACKEND_CASES - 1)) for i in range(SLOW_BACKEND_CASES)}
+            drop.update(id(it) for i, it in enumerate(group) if i not in keep)
+    if drop:
+        config.hook.pytest_deselected(items=[it for it in items if id(it) in drop])
+        items[:] = [it for it in items if id(it) not in drop]
+
+
 @pytest.fixture(params=BACKEND_NAMES)
 def backend(request, monkeypatch):
     """Backend name to pass to SamplesLoss; '<name>-recompute' is that backend without the cost
