@@ -1,7 +1,7 @@
 """Training: the Trainer (Adam, EMA, gradient clipping, bf16/fp16 autocast, per-epoch logs, sample
 grids, atomic checkpoints, exact resume) and the OT-enhanced loss
 
-    L = L_eps + λ(epoch) · Sinkhorn_p,blur( squash(x̂0), reference batch )
+    L = L_eps + λ(epoch) · Sinkhorn_p,blur( squash(x̂0), squash(reference batch) )
 
 where x̂0 = predict_start_from_noise(x_t, t, ε̂) and the reference batch is drawn from a pool
 of training images disjoint from the current batch, compared in pixel space or in the feature
@@ -89,8 +89,11 @@ class EMA:
 
 
 class OTLoss:
-    """Sinkhorn loss between x̂0 (B,C,H,W) squashed to [-1, 1] and reference images (M,C,H,W),
-    flattened (``space="pixel"``) or embedded by a frozen feature net (``"feature"``)."""
+    """Sinkhorn loss between x̂0 (B,C,H,W) and reference images (M,C,H,W), both passed through
+    the same squash to [-1, 1] (``"clamp"``: identity on images already in [-1, 1]; ``"tanh"``:
+    tanh of both, so a reference compared with itself costs 0 and the gradient does not push
+    saturated pixels past the references' ±tanh(1)), then flattened (``space="pixel"``) or
+    embedded by a frozen feature net (``"feature"``)."""
 
     def __init__(self, p: int = 2, blur: float = 0.35, space: str = "pixel", feature_net=None,
                  squash: str = "clamp"):
@@ -99,10 +102,12 @@ class OTLoss:
         self.loss = SamplesLoss("sinkhorn", p=p, blur=blur)
         self.space, self.net, self.squash = space, feature_net, squash
 
+    def _squash(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-1, 1) if self.squash == "clamp" else torch.tanh(x)
+
     def __call__(self, x0_hat: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x0_hat.device.type, enabled=False):  # Sinkhorn in float32, even under AMP
-            x = x0_hat.float().clamp(-1, 1) if self.squash == "clamp" else torch.tanh(x0_hat.float())
-            ref = ref.float()
+            x, ref = self._squash(x0_hat.float()), self._squash(ref.float())
             if self.space == "feature":
                 x, ref = self.net.embed(x), self.net.embed(ref).detach()
             return self.loss(x.flatten(1), ref.flatten(1))

@@ -37,6 +37,21 @@ def test_ot_loss_feature_space_gradient(tiny_cfg):
     assert all(p.grad is None for p in tr.features.parameters())  # the feature net stays frozen
 
 
+@pytest.mark.parametrize("squash", ["clamp", "tanh"])
+def test_ot_loss_squashes_references_too(squash):
+    """Issue 17: the squash applies to x̂0 and to the references alike, so a reference batch
+    compared with itself costs 0 and has no gradient (tanh on x̂0 alone gave 1.19 and pushed
+    the background pixels at −1 toward −∞)."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1
+    ref[ref < -0.5] = -1  # a quarter of the pixels are background
+    x = ref.clone().requires_grad_(True)
+    loss = OTLoss(2, 0.35, squash=squash)(x, ref)
+    assert abs(loss.item()) < 1e-6
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.abs().max() < 1e-4
+
+
 def test_reference_pool_disjoint_from_batch(tiny_cfg):
     tr = Trainer(tiny_cfg)
     idx = tr.pool.idx[:40]
