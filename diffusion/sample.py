@@ -52,16 +52,22 @@ def _as_int(v, name):
 
 
 def ddim_timesteps(T: int, steps: int, t_start: int | None = None) -> list[int]:
-    """``steps`` evenly spaced timesteps from ``t_start`` (default T-1) down to 0 (the
-    'trailing'-free linspace): one network evaluation each.  ``t_start`` is an index of the
-    schedule tables (x_t has ᾱ[t_start]), so at most t_start + 1 distinct steps fit."""
+    """``steps`` strictly decreasing timesteps, one network evaluation each, with the
+    "trailing" spacing of common DDIM samplers (diffusers' ``timestep_spacing="trailing"``):
+    with n = t_start + 1 (default T), t_i = round(n − i·n/steps) − 1 for i = 0..steps−1, so the
+    first is ``t_start`` and the last is one stride above 0 (round(n/steps) − 1; 0 only when
+    steps > 2n/3) and the last step goes from it to the clean image.  (A linspace down to 0 spent
+    its last evaluation at t = 0, where it removes almost nothing: issue 17.)  ``t_start`` is an
+    index of the schedule tables (x_t has ᾱ[t_start]), so at most t_start + 1 distinct steps
+    fit.  Rounding is half up, in integers."""
     t_start = T - 1 if t_start is None else _as_int(t_start, "t_start")
     if not 0 <= t_start < T:
         raise ValueError(f"t_start must be in [0, T-1={T - 1}], got {t_start}")
     steps = _as_int(steps, "steps")
     if not 1 <= steps <= t_start + 1:
         raise ValueError(f"steps must be in [1, t_start+1={t_start + 1}] (T={T}), got {steps}")
-    return torch.linspace(t_start, 0, steps).round().long().tolist()
+    n = t_start + 1
+    return [(2 * n * (steps - i) + steps) // (2 * steps) - 1 for i in range(steps)]
 
 
 def _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator):
@@ -105,8 +111,8 @@ def ddim_invert(model, diffusion: GaussianDiffusion, x0: torch.Tensor, t_start: 
     the way (off by default: the inverse should not saturate)."""
     dev = _device(model)
     x = x0.to(dev).clone()
-    ts = ddim_timesteps(diffusion.T, steps, t_start)[::-1]  # 0, ..., t_start
-    src = [ts[0]] + ts[:-1]  # timestep at which ε̂ of the point being left is evaluated
+    ts = ddim_timesteps(diffusion.T, steps, t_start)[::-1]  # t_{k-1}, ..., t_start
+    src = [0] + ts[:-1]  # timestep at which ε̂ of the point being left is evaluated (clean image: 0)
     for s_from, s_to in zip(src, ts):
         t = torch.full((x.shape[0],), s_from, device=dev, dtype=torch.long)
         eps, x0_hat = diffusion.model_predictions(model, x, t, y, clip=clip)
