@@ -85,10 +85,11 @@ def cmd_sample(args) -> int:
         x = _sample_dpm_ot(args, model, diffusion, cfg, g)
     else:
         from .data import load_data
+        from .train import feature_net_for
         data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed)
-        x = ddim_sample_with_ot(model, diffusion, data.x_train, shape, args.steps, ot_scale=args.ot_scale,
-                                ot_ref_n=args.ot_ref_n, ot_inner_iters=args.ot_inner_iters, eta=args.eta,
-                                ot_blur=args.ot_blur, y=y, guidance_scale=args.guidance, generator=g)
+        feature_fn = feature_net_for(cfg, data).embed if args.ot_space == "feature" else None
+        x = ddim_sample_with_ot(model, diffusion, data.x_train, shape, args.steps, **_ot_guidance_kwargs(args),
+                                eta=args.eta, feature_fn=feature_fn, y=y, guidance_scale=args.guidance, generator=g)
     save_grid(x, args.out)
     if args.save_tensor:
         torch.save(x, args.save_tensor)
@@ -154,12 +155,17 @@ def _image_hw(cfg):
     return {"digits": (8, 8), "cifar10": (32, 32)}.get(cfg.dataset, (32, 32) if cfg.pad_to_32 else (28, 28))
 
 
+def _ot_guidance_kwargs(args) -> dict:
+    """The OT-guidance flags shared by ``sample --sampler ddim-ot`` and ``evaluate --ot-guidance``."""
+    return dict(ot_scale=args.ot_scale, ot_ref_n=args.ot_ref_n, ot_inner_iters=args.ot_inner_iters,
+                ot_blur=args.ot_blur, ot_p=args.ot_p, ot_optimizer=args.ot_optimizer, ot_lr=args.ot_lr,
+                ot_first_k=args.ot_first_k)
+
+
 def cmd_evaluate(args) -> int:
     from .experiments import evaluate_checkpoint
 
-    kw = dict(ot_scale=args.ot_scale, ot_ref_n=args.ot_ref_n, ot_inner_iters=args.ot_inner_iters,
-              ot_blur=args.ot_blur, ot_optimizer=args.ot_optimizer, ot_lr=args.ot_lr, ot_first_k=args.ot_first_k,
-              space=args.ot_space)
+    kw = dict(_ot_guidance_kwargs(args), space=args.ot_space)
     dpm_ot = None
     if args.dpm_ot:
         dpm_ot = dict(steps=_ints(args.dpm_ot_steps or args.steps), t_start=_ints(args.dpm_ot_t_start),
@@ -193,6 +199,12 @@ def _sampling_args(p, with_ot=True):
         p.add_argument("--ot-ref-n", type=int, default=128, help="reference minibatch per step")
         p.add_argument("--ot-inner-iters", type=int, default=1)
         p.add_argument("--ot-blur", type=float, default=0.35)
+        p.add_argument("--ot-p", type=int, choices=(1, 2), default=2, help="exponent of the guidance cost |x - y|^p")
+        p.add_argument("--ot-optimizer", choices=("sgd", "adam"), default="sgd")
+        p.add_argument("--ot-lr", type=float, default=0.05,
+                       help="Adam lr (--ot-optimizer adam); each Adam step is ot_scale * ot_lr")
+        p.add_argument("--ot-first-k", type=int, default=None, help="guide only the first k DDIM steps")
+        p.add_argument("--ot-space", choices=("pixel", "feature"), default="pixel")
 
 
 def _dpm_ot_args(p, evaluate):
@@ -246,10 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(e)
     e.add_argument("--n", type=int, default=1000, help="generated samples")
     e.add_argument("--ot-guidance", action="store_true")
-    e.add_argument("--ot-optimizer", choices=("sgd", "adam"), default="sgd")
-    e.add_argument("--ot-lr", type=float, default=0.05, help="Adam lr (--ot-optimizer adam)")
-    e.add_argument("--ot-first-k", type=int, default=None, help="guide only the first k DDIM steps")
-    e.add_argument("--ot-space", choices=("pixel", "feature"), default="pixel")
     e.add_argument("--grid", default=None, help="save sample grids here (PNG; _ot.png for the guided ones)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     _dpm_ot_args(e, evaluate=True)

@@ -122,28 +122,43 @@ def ddim_invert(model, diffusion: GaussianDiffusion, x0: torch.Tensor, t_start: 
 
 
 def ot_move(x0: torch.Tensor, ref: torch.Tensor, loss: SamplesLoss, scale: float = 0.1, iters: int = 1,
-            optimizer: str = "sgd", lr: float = 0.05, feature_fn=None) -> torch.Tensor:
+            optimizer: str = "sgd", lr: float = 0.05, feature_fn=None, clip: bool = False) -> torch.Tensor:
     """Move x̂0 (B,C,H,W) toward the reference images ref (M,C,H,W) by reducing ``loss``
     between them (flattened, or through ``feature_fn``).
 
     ``optimizer="sgd"``: ``iters`` steps x ← x − scale·B·∇L.  With p=2 and uniform weights
     B·∇_{x_i}L ≈ x_i − T(x_i) (T the entropic transport map), so ``scale`` is the fraction of
-    the way to the matched reference.  ``optimizer="adam"``: ``iters`` Adam steps with ``lr``."""
+    the way to the matched reference.  ``optimizer="adam"``: ``iters`` Adam steps of learning
+    rate ``scale·lr`` (Adam's step does not depend on the gradient's scale, so ``scale``
+    multiplies the step instead; ``scale=0`` leaves x̂0 unchanged for both optimizers; the
+    Adam of before issue 17, which ignored ``scale``, is ``scale=1``).  ``clip``: clamp x to
+    [-1, 1] after every step (the next gradient is taken at the clamped point)."""
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     B = x0.shape[0]
     y = ref if feature_fn is None else feature_fn(ref)
     y = y.reshape(len(y), -1).detach()
-    x = x0.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr) if optimizer == "adam" else None
+    x = x0.detach().clone()
+    if clip:
+        x = x.clamp(-1, 1)
+    x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=scale * lr) if optimizer == "adam" else None
     for _ in range(iters):
         with torch.enable_grad():
             fx = x if feature_fn is None else feature_fn(x)
             L = loss(fx.reshape(B, -1).float(), y.float())
             (g,) = torch.autograd.grad(L, x)
         if opt is None:
-            x = (x - scale * B * g).detach().requires_grad_(True)
+            x = (x - scale * B * g).detach()
+            if clip:
+                x = x.clamp(-1, 1)
+            x.requires_grad_(True)
         else:
             x.grad = g
             opt.step()
+            if clip:
+                with torch.no_grad():
+                    x.clamp_(-1, 1)
     return x.detach()
 
 
@@ -155,7 +170,8 @@ def ddim_sample_with_ot(model, diffusion: GaussianDiffusion, ref: torch.Tensor, 
                         guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """DDIM in which each step's x̂0 is moved toward a fresh minibatch of ``ot_ref_n`` real
     images from ``ref`` (M,C,H,W) by reducing the Sinkhorn loss (see :func:`ot_move`), clipped
-    to [-1, 1]; ε is recomputed from the moved x̂0 before the DDIM update.  ``ot_first_k``:
+    to [-1, 1] after every inner step; ε is recomputed from the moved x̂0 before the DDIM
+    update.  ``ot_p``: the exponent of the Sinkhorn cost |x − y|^p (1 or 2).  ``ot_first_k``:
     guide only the first k steps (None: all).  ``feature_fn``: measure the loss in that space
     (e.g. a feature net's ``embed``) instead of pixels."""
     dev = _device(model)
@@ -169,7 +185,7 @@ def ddim_sample_with_ot(model, diffusion: GaussianDiffusion, ref: torch.Tensor, 
         eps, x0 = diffusion.model_predictions(model, x, t, y, guidance_scale, clip=True)
         if ot_first_k is None or i < ot_first_k:
             pick = torch.randperm(len(ref), generator=generator)[:ot_ref_n].to(dev)
-            x0 = ot_move(x0, ref[pick], loss, ot_scale, ot_inner_iters, ot_optimizer, ot_lr, feature_fn).clamp(-1, 1)
+            x0 = ot_move(x0, ref[pick], loss, ot_scale, ot_inner_iters, ot_optimizer, ot_lr, feature_fn, clip=True)
             eps = diffusion.predict_noise_from_start(x, t, x0)
         x = _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator)
     return x.clamp(-1, 1)

@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -93,9 +94,73 @@ def test_ot_move_reduces_sinkhorn():
     ref = torch.randn(50, 1, 4, 4, generator=g) + 1.5
     loss = SamplesLoss("sinkhorn", p=2, blur=0.35)
     before = loss(x.flatten(1), ref.flatten(1)).item()
-    for kw in (dict(scale=0.3), dict(optimizer="adam", lr=0.1, iters=5)):
+    for kw in (dict(scale=0.3), dict(optimizer="adam", scale=1.0, lr=0.1, iters=5)):  # Adam step: scale·lr
         after = loss(ot_move(x, ref, loss, **kw).flatten(1), ref.flatten(1)).item()
         assert after < 0.8 * before
+
+
+def _saturating_case():
+    """x̂0 in [-1, 1] and references beyond it: an unclamped step leaves [-1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 4, 4, generator=g) * 2 - 1
+    ref = torch.randn(24, 1, 4, 4, generator=g) + 2.0
+    return x, ref, SamplesLoss("sinkhorn", p=2, blur=0.35)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_ot_move_clamps_after_every_inner_step(optimizer):
+    """Issue 17: with ``clip`` x̂0 is in [-1, 1] after every inner step (the prefixes of a
+    deterministic run are its steps), and that changes the trajectory, not only the end point:
+    clamping once at the end is a different result."""
+    x, ref, loss = _saturating_case()
+    kw = dict(scale=1.0, optimizer=optimizer, lr=0.5) if optimizer == "adam" else dict(scale=2.0)
+    assert ot_move(x, ref, loss, iters=1, **kw).max() > 1  # the references pull past the box
+    for k in range(1, 6):
+        xk = ot_move(x, ref, loss, iters=k, clip=True, **kw)
+        assert xk.min() >= -1 and xk.max() <= 1 and not torch.equal(xk, x)
+    once = ot_move(x, ref, loss, iters=5, **kw).clamp(-1, 1)
+    assert (ot_move(x, ref, loss, iters=5, clip=True, **kw) - once).abs().max() > 1e-3
+
+
+def test_ot_move_adam_uses_scale():
+    """Issue 17: ot_scale multiplies the Adam step (lr·scale); Adam used to ignore it.  Scale 0
+    leaves x̂0 as it was, as for SGD, and the scale-0.5 step is five times the scale-0.1 one
+    (a first Adam step moves every coordinate by ≈ lr·scale)."""
+    x, ref, loss = _saturating_case()
+    step = {sc: ot_move(x, ref, loss, scale=sc, optimizer="adam", lr=0.2) - x for sc in (0.0, 0.1, 0.5)}
+    assert torch.equal(step[0.0], torch.zeros_like(x))
+    torch.testing.assert_close(step[0.5], 5 * step[0.1], rtol=1e-4, atol=1e-6)
+    assert step[0.1].abs().max() == pytest.approx(0.02, rel=1e-3)
+
+
+def test_ddim_sample_with_ot_p_and_adam(tiny):
+    """ot_p reaches the guidance loss (p=1 and p=2 guide differently), and Adam guidance keeps
+    samples in [-1, 1]."""
+    model, d = tiny
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    out = {p: ddim_sample_with_ot(model, d, ref, steps=4, ot_scale=0.5, ot_p=p, noise=noise,
+                                  generator=torch.Generator().manual_seed(3)) for p in (1, 2)}
+    assert (out[1] - out[2]).abs().max() > 1e-4
+    xa = ddim_sample_with_ot(model, d, ref, steps=4, ot_optimizer="adam", ot_lr=0.5, ot_scale=1.0,
+                             ot_inner_iters=3, noise=noise, generator=torch.Generator().manual_seed(3))
+    assert xa.abs().max() <= 1 and not torch.equal(xa, out[2])
+
+
+def test_cli_sample_accepts_the_guidance_flags():
+    """Issue 17: ``sample`` takes the OT-guidance flags that ``evaluate`` has."""
+    from diffusion.cli import _ot_guidance_kwargs, build_parser
+
+    flags = ["--ot-optimizer", "adam", "--ot-lr", "0.2", "--ot-first-k", "3", "--ot-space", "feature", "--ot-p", "1",
+             "--ot-scale", "0.3"]
+    for cmd in (["sample", "--ckpt", "c.pt", "--sampler", "ddim-ot"], ["evaluate", "--ckpt", "c.pt", "--ot-guidance"]):
+        a = build_parser().parse_args(cmd + flags)
+        assert (a.ot_optimizer, a.ot_lr, a.ot_first_k, a.ot_space, a.ot_p) == ("adam", 0.2, 3, "feature", 1)
+        kw = _ot_guidance_kwargs(a)
+        assert kw["ot_p"] == 1 and kw["ot_optimizer"] == "adam" and kw["ot_scale"] == 0.3
+        assert set(kw) <= set(inspect.signature(ddim_sample_with_ot).parameters)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "--ckpt", "c.pt", "--ot-p", "3"])
 
 
 # ---------------------------------------------------------------------- samplers against Gaussian data
