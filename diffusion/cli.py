@@ -86,7 +86,7 @@ def cmd_sample(args) -> int:
     else:
         from .data import load_data
         from .train import feature_net_for
-        data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed)
+        data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
         feature_fn = feature_net_for(cfg, data).embed if args.ot_space == "feature" else None
         x = ddim_sample_with_ot(model, diffusion, data.x_train, shape, args.steps, **_ot_guidance_kwargs(args),
                                 eta=args.eta, feature_fn=feature_fn, y=y, guidance_scale=args.guidance, generator=g)
@@ -110,7 +110,7 @@ def _sample_dpm_ot(args, model, diffusion, cfg, g):
     if path and os.path.exists(path):
         s = DPMOTSampler.load(path, model, diffusion)
     else:
-        data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed)
+        data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
         s = DPMOTSampler(model, diffusion, data.x_train, args.t_start, args.dpm_ot_method,
                          latent_steps=args.dpm_ot_latent_steps, seed=args.dpm_ot_seed)
         s.fit(tol=args.dpm_ot_tol, max_steps=args.dpm_ot_max_steps)

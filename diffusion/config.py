@@ -29,6 +29,7 @@ class DiffusionConfig:
     pad_to_32: bool = False            # mnist: pad 28×28 to 32×32
     n_train: typing.Optional[int] = None     # balanced subset sizes (None: all)
     n_test: typing.Optional[int] = None
+    n_val: typing.Optional[int] = None       # validation split held out of the training images (None: min(5000, 10%))
     # diffusion process
     timesteps: int = 1000
     beta_schedule: str = "linear"      # linear | cosine
@@ -76,7 +77,7 @@ class DiffusionConfig:
     eval_every: int = 1                # feature-space metrics every k epochs (0: only after the last)
     eval_final: bool = True            # metrics after the last epoch
     eval_n: int = 500                  # generated samples for metrics
-    val_n: int = 1000                  # test images for the validation loss
+    val_n: int = 1000                  # validation-split images for the validation loss
     metric_blur: float = 0.5           # Sinkhorn blur for feature-space OT metrics
     grid_n: int = 64
     feature_epochs: int = 20
@@ -136,7 +137,7 @@ class DiffusionConfig:
             raise ValueError(f"sample_steps must be <= timesteps ({self.timesteps}), got {self.sample_steps}")
         if self.ot_max_t is not None and not 0 < self.ot_max_t <= self.timesteps:
             raise ValueError(f"ot_max_t must be in (0, timesteps={self.timesteps}], got {self.ot_max_t}")
-        for name in ("n_train", "n_test"):
+        for name in ("n_train", "n_test", "n_val"):
             if getattr(self, name) is not None:
                 check(name, pos, "> 0 or None")
         if self.dataset in ("mnist", "cifar10") and not self.data_path:

@@ -6,8 +6,11 @@
 - ``cifar10``: 32×32×3 through torchvision, when it is installed.
 
 Every loader returns a :class:`ImageData` with ``x_*`` (N, C, H, W) float32 and ``y_*`` (N,)
-long.  The batch order comes from :func:`batches` with an explicit ``torch.Generator``, so a
-checkpoint can store it and a resumed run sees the same batches.
+long.  :func:`load_data` also holds a validation split out of the training images
+(:func:`validation_split`: min(5000, 10%) of them, stratified, seeded), so the validation loss
+never sees the test set, which is kept for final figures.  The batch order comes from
+:func:`batches` with an explicit ``torch.Generator``, so a checkpoint can store it and a
+resumed run sees the same batches.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ class ImageData:
     y_test: torch.Tensor
     name: str
     num_classes: int = 10
+    x_val: torch.Tensor | None = None  # held out of the training images by load_data
+    y_val: torch.Tensor | None = None
+    train_idx: torch.Tensor | None = None  # indices of x_train / x_val in the loader's training images
+    val_idx: torch.Tensor | None = None
 
     @property
     def shape(self):
@@ -38,8 +45,14 @@ class ImageData:
 
 def balanced_subset(x, y, n: int, seed: int = 0):
     """n images with (as near as possible) n/num_classes per class, in a seeded random order."""
+    idx = balanced_indices(y, n, seed)
+    return x[idx], y[idx]
+
+
+def balanced_indices(y, n: int | None, seed: int = 0) -> torch.Tensor:
+    """The indices :func:`balanced_subset` takes (all of them, in order, when n is None or ≥ len(y))."""
     if n is None or n >= len(y):
-        return x, y
+        return torch.arange(len(y))
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(y)
     per, extra = divmod(n, len(classes))
@@ -48,8 +61,38 @@ def balanced_subset(x, y, n: int, seed: int = 0):
         where = torch.nonzero(y == c).flatten()
         idx.append(where[torch.randperm(len(where), generator=g)[: per + (1 if i < extra else 0)]])
     idx = torch.cat(idx)
-    idx = idx[torch.randperm(len(idx), generator=g)]
-    return x[idx], y[idx]
+    return idx[torch.randperm(len(idx), generator=g)]
+
+
+VAL_MAX, VAL_FRACTION = 5000, 0.1
+
+
+def validation_size(n_train: int) -> int:
+    """The default validation split: min(5000, 10%) of the training images (MNIST 60000 → 5000,
+    CIFAR-10 50000 → 5000, digits 1500 → 150)."""
+    return min(VAL_MAX, round(VAL_FRACTION * n_train))
+
+
+def validation_split(y: torch.Tensor, n_val: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx): a seeded, stratified split of ``len(y)`` training images into
+    len(y) − n_val and n_val, both sorted.  Each class gives ⌊n_val·n_c/N⌋ images, and the
+    remaining ones go to the classes with the largest fractional parts, so the total is exact."""
+    N = len(y)
+    if not 0 <= n_val < N:
+        raise ValueError(f"n_val must be in [0, {N}) (the training images), got {n_val}")
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    counts = torch.stack([(y == c).sum() for c in classes])
+    quota = counts * n_val // N
+    frac = counts * n_val - quota * N  # numerator of the fractional part
+    order = sorted(range(len(classes)), key=lambda i: (-int(frac[i]), i))
+    for i in order[: n_val - int(quota.sum())]:
+        quota[i] += 1
+    val = [torch.nonzero(y == c).flatten()[torch.randperm(int(n), generator=g)[: int(q)]]
+           for c, n, q in zip(classes, counts, quota)]
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[torch.cat(val)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
 
 
 def _to_unit(x: np.ndarray, vmax: float) -> torch.Tensor:
@@ -108,8 +151,12 @@ def load_cifar10(root: str) -> ImageData:
 
 
 def load_data(dataset: str, data_path: str | None = None, pad_to_32: bool = False,
-              n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> ImageData:
-    """One entry point for the config: the dataset, then balanced subsets of n_train / n_test."""
+              n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+              n_val: int | None = None) -> ImageData:
+    """One entry point for the config: the dataset; a validation split of ``n_val`` training
+    images (None: :func:`validation_size`) held out with :func:`validation_split` (seed + 2)
+    before anything else, so it does not depend on n_train; then balanced subsets of n_train
+    (of the remaining training images) and n_test."""
     if dataset == "digits":
         d = load_digits(seed=seed)
     elif dataset == "mnist":
@@ -122,7 +169,11 @@ def load_data(dataset: str, data_path: str | None = None, pad_to_32: bool = Fals
         d = load_cifar10(data_path)
     else:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    d.x_train, d.y_train = balanced_subset(d.x_train, d.y_train, n_train, seed)
+    tr, va = validation_split(d.y_train, validation_size(len(d.y_train)) if n_val is None else n_val, seed + 2)
+    d.x_val, d.y_val, d.val_idx = d.x_train[va], d.y_train[va], va
+    sub = balanced_indices(d.y_train[tr], n_train, seed)
+    d.train_idx = tr[sub]
+    d.x_train, d.y_train = d.x_train[d.train_idx], d.y_train[d.train_idx]
     d.x_test, d.y_test = balanced_subset(d.x_test, d.y_test, n_test, seed + 1)
     return d
 

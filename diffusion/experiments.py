@@ -37,7 +37,7 @@ def evaluate_checkpoint(ckpt: str, n: int = 1000, steps: int = 50, eta: float = 
     ``dpm_ot``: keyword arguments of :func:`dpm_ot_comparison` (DDIM-k vs DPM-OT-k from the
     same noise, DDIM-``steps`` as the reference), its results under ``"dpm_ot"``."""
     model, diffusion, cfg = load_model(ckpt)
-    data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed)
+    data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
     net = feature_net_for(cfg, data)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *data.shape), generator=g)

@@ -153,7 +153,7 @@ class Trainer:
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         self.data = data if data is not None else load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train,
-                                                            cfg.n_test, cfg.seed)
+                                                            cfg.n_test, cfg.seed, cfg.n_val)
         self.diffusion = build_process(cfg)  # GaussianDiffusion or FlowMatching
         self.model = build_model(cfg, self.data.shape[0]).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -269,16 +269,20 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """The ε-loss of the EMA model on (up to val_n) test images, fixed noise and timesteps."""
+        """The ε-loss of the EMA model on (up to val_n) images of the validation split (held out of
+        the training data by :func:`~diffusion.data.load_data`; never the test set), fixed noise
+        and timesteps."""
         cfg, d = self.cfg, self.data
-        x = d.x_test[: cfg.val_n]
+        if d.x_val is None or len(d.x_val) == 0:
+            raise ValueError("the validation loss needs a validation split (data.x_val): load the data with load_data")
+        x = d.x_val[: cfg.val_n]
         g = torch.Generator().manual_seed(cfg.seed + 12345)
         t = torch.randint(0, cfg.timesteps, (len(x),), generator=g)
         noise = torch.randn(x.shape, generator=g)
         total = 0.0
         for i in range(0, len(x), 500):
             sl = slice(i, i + 500)
-            y = d.y_test[: cfg.val_n][sl].to(self.device) if cfg.class_cond else None
+            y = d.y_val[: cfg.val_n][sl].to(self.device) if cfg.class_cond else None
             with self._autocast():
                 loss, _ = self.diffusion.training_loss(self.ema.model, x[sl].to(self.device), t[sl].to(self.device),
                                                        noise[sl].to(self.device), y)

@@ -5,7 +5,7 @@ import torch
 
 from diffusion.cli import main
 from diffusion.config import PRESETS, DiffusionConfig, apply_overrides, preset
-from diffusion.data import balanced_subset, batches, load_data, load_mnist
+from diffusion.data import balanced_subset, batches, load_data, load_mnist, validation_size, validation_split
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -55,8 +55,8 @@ def test_cli_reports_config_errors(capsys):
 
 
 def test_digits_split_and_subsets():
-    d = load_data("digits")
-    assert d.x_train.shape == (1500, 1, 8, 8) and d.x_test.shape == (297, 1, 8, 8)
+    d = load_data("digits")  # 1500 training images: 150 held out for validation
+    assert d.x_train.shape == (1350, 1, 8, 8) and d.x_val.shape == (150, 1, 8, 8) and d.x_test.shape == (297, 1, 8, 8)
     assert d.x_train.min() == -1 and d.x_train.max() == 1
     assert len(torch.unique(d.y_test)) == 10
     x, y = balanced_subset(d.x_train, d.y_train, 100)
@@ -64,6 +64,68 @@ def test_digits_split_and_subsets():
     g = torch.Generator().manual_seed(0)
     idx = torch.cat(list(batches(100, 32, g)))
     assert len(idx) == 96 and len(set(idx.tolist())) == 96
+
+
+def _unique_mnist_npz(path, n_train=60000, n_test=300):
+    """An mnist.npz whose images are all different (the index in two pixels, the split in a
+    third), so the splits' disjointness can be checked on the images themselves."""
+    import numpy as np
+
+    def images(n, split):
+        x = np.zeros((n, 28, 28), dtype=np.uint8)
+        i = np.arange(n)
+        x[:, 0, 0], x[:, 0, 1], x[:, 0, 2] = i // 256, i % 256, split
+        return x
+
+    np.savez(path, x_train=images(n_train, 1), y_train=np.arange(n_train) % 10,
+             x_test=images(n_test, 2), y_test=np.arange(n_test) % 10)
+
+
+def _keys(x):
+    return {tuple(v) for v in ((x[:, 0, 0, :3] + 1) * 127.5).round().long().tolist()}
+
+
+def test_validation_split_is_held_out_of_training(tmp_path):
+    """Issue 17: load_data holds a validation split out of the training images (MNIST: 5000;
+    digits: 10%, 150 of 1500), stratified, deterministic, independent of n_train; train,
+    validation and test are disjoint (checked on indices and on the images); the validation
+    loss uses it, never the test set."""
+    path = str(tmp_path / "mnist.npz")
+    _unique_mnist_npz(path)
+    d = load_data("mnist", path)
+    assert (len(d.x_train), len(d.x_val), len(d.x_test)) == (55000, 5000, 300)
+    assert torch.bincount(d.y_val).tolist() == [500] * 10
+    tr, va, te = _keys(d.x_train), _keys(d.x_val), _keys(d.x_test)
+    assert (len(tr), len(va), len(te)) == (55000, 5000, 300)
+    assert not tr & va and not tr & te and not va & te
+    assert not set(d.train_idx.tolist()) & set(d.val_idx.tolist())
+    sub = load_data("mnist", path, n_train=600, n_test=100)
+    assert torch.equal(sub.val_idx, d.val_idx) and set(sub.train_idx.tolist()) <= set(d.train_idx.tolist())
+    assert len(sub.x_train) == 600 and not _keys(sub.x_train) & va
+    assert torch.equal(load_data("mnist", path, n_train=600, n_test=100).train_idx, sub.train_idx)  # deterministic
+    assert not torch.equal(load_data("mnist", path, seed=1).val_idx, d.val_idx)
+    assert len(load_data("mnist", path, n_val=1000).x_val) == 1000
+    with pytest.raises(ValueError, match="n_val"):
+        load_data("mnist", path, n_val=60000)
+
+    dig = load_data("digits")
+    assert (len(dig.x_train), len(dig.x_val), len(dig.x_test)) == (1350, 150, 297)
+    assert len(set(dig.train_idx.tolist()) | set(dig.val_idx.tolist())) == 1500
+    assert torch.equal(load_data("digits").val_idx, dig.val_idx)
+    assert validation_size(60000) == 5000 and validation_size(50000) == 5000 and validation_size(1500) == 150
+    tr_i, va_i = validation_split(torch.arange(23) % 3, 7, seed=0)
+    assert len(va_i) == 7 and sorted(tr_i.tolist() + va_i.tolist()) == list(range(23))
+
+
+def test_validation_loss_uses_the_validation_split(tiny_cfg):
+    from diffusion.train import Trainer
+
+    tr = Trainer(tiny_cfg)
+    before = tr.validation_loss()
+    tr.data.x_test = tr.data.x_test * 0 + 5  # the test set plays no part
+    assert tr.validation_loss() == before
+    tr.data.x_val = tr.data.x_val.flip(0)
+    assert tr.validation_loss() != before
 
 
 MNIST_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "mnist.npz")
@@ -135,8 +197,8 @@ def test_cifar10_through_torchvision_layout(monkeypatch):
 
 def test_mnist_torchvision_root(monkeypatch):
     calls = _fake_torchvision(monkeypatch)
-    d = load_data("mnist", "/data/mnist-root", pad_to_32=True)
-    assert d.x_train.shape == (20, 1, 32, 32) and d.x_test.shape == (10, 1, 32, 32)
+    d = load_data("mnist", "/data/mnist-root", pad_to_32=True)  # 20 training images: 2 held out for validation
+    assert d.x_train.shape == (18, 1, 32, 32) and d.x_val.shape == (2, 1, 32, 32) and d.x_test.shape == (10, 1, 32, 32)
     assert d.x_train[..., :2, :].eq(-1).all()
     assert all(not c[3] for c in calls)  # download=False
 

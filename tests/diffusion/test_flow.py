@@ -30,7 +30,8 @@ class Field(torch.nn.Module):
 
 def _batch(n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x1 = load_data("digits").x_train[torch.randperm(1500, generator=g)[:n]]
+    x = load_data("digits").x_train
+    x1 = x[torch.randperm(len(x), generator=g)[:n]]
     return x1, torch.randn(x1.shape, generator=g)
 
 
