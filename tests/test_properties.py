@@ -171,7 +171,11 @@ def test_small_blur_limit_is_wasserstein(backend, case, p, ratio):
     a, x, b, y = case
     scale = cost_scale(x, y, p)
     eps = ratio * scale
-    s = sinkhorn(backend, p, eps ** (1 / p), scaling=0.95)(a, x, b, y).item()
+    # The bound holds for the converged S_ε.  geomloss's annealing does one iteration per ε:
+    # at scaling 0.95, Hypothesis found x = y = {(0,0), (0,1)}, a = (½, ½), b = (4/7, 3/7), p = 1,
+    # ε = 0.03 where S = 0.040 against W = 0.071 (1.4× outside the bound; geomloss gives the same
+    # 0.040); at 0.995 it is 0.0648, 0.30 of the bound.
+    s = sinkhorn(backend, p, eps ** (1 / p), scaling=0.995)(a, x, b, y).item()
     def W(u, wu, v, wv):
         return ot.emd2(wu.numpy(), wv.numpy(), cost(u, v, p).numpy())
 

@@ -20,7 +20,7 @@ it (``KEOPS_CACHE_FOLDER``); the first call of each takes ~10 s on CPU.
 Availability: pykeops imports and a CUDA device is present; on a CPU machine (pykeops compiles
 C++ for CPU) only with ``OTKERNELS_KEOPS_CPU=1``: KeOps on CPU is for testing (each new D
 costs compilations, and the ``native`` backend is faster there).  float16/bfloat16 points are
-computed in float32.
+computed in float32.  A cloud of a single point runs on ``blocked``'s tiles (:func:`_single_point`).
 """
 from __future__ import annotations
 
@@ -204,10 +204,17 @@ class _SoftminGrad(torch.autograd.Function):
         return G * g[:, :, None].to(G.dtype), None, None, None
 
 
+def _single_point(x, y):
+    """A cloud of one point: KeOps reads an axis of size 1 as a parameter, not an ``i``/``j``
+    variable (its reductions then return the wrong shape), so such calls run on ``blocked``'s
+    torch tiles (one point: no N×M work to speak of)."""
+    return x.shape[-2] == 1 or y.shape[-2] == 1
+
+
 def cost_handles(x, y, cost, debias=True, cache=None):
     """``(C_xy, C_yx, C_xx, C_yy)``; a user callable cost goes to the ``blocked`` handles;
     ``cache`` is ignored for the built-in costs (KeOps recomputes every pair)."""
-    if not cost.builtin:
+    if not cost.builtin or _single_point(x, y):
         from . import blocked
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
     C_xx, C_yy = (KeOpsCost(x, x, cost), KeOpsCost(y, y, cost)) if debias else (None, None)
@@ -267,7 +274,7 @@ class _KernelSum(torch.autograd.Function):
 def kernel_sum(x, y, b, kernel):
     """``Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D), b (B,M) -> (B,N), gradients for x, y, b."""
     from ..costs import Kernel
-    if not isinstance(kernel, Kernel):  # a user callable: torch tiles
+    if not isinstance(kernel, Kernel) or _single_point(x, y):  # a user callable: torch tiles
         from . import blocked
         return blocked.kernel_sum(x, y, b, kernel)
     dt = x.dtype
