@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import otkernels  # noqa: E402
+from otkernels._env import flag  # noqa: E402
 from otkernels import backends  # noqa: E402
 from otk_testing import require_backend  # noqa: E402
 
@@ -61,7 +62,7 @@ def _slow_backend(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("OTKERNELS_TEST_FULL", "0").lower() in ("1", "true", "on", "yes"):
+    if flag("OTKERNELS_TEST_FULL"):
         return
     groups = {}
     for item in items:

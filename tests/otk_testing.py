@@ -10,6 +10,7 @@ import os
 import shutil
 import warnings
 
+import pytest
 import torch
 
 with warnings.catch_warnings():  # pykeops prints/warns about CUDA on import
@@ -19,16 +20,13 @@ with warnings.catch_warnings():  # pykeops prints/warns about CUDA on import
 import otkernels
 
 from otkernels import backends  # noqa: E402
+from otkernels._env import flag  # noqa: E402
 
 TOL64 = 1e-9  # relative parity in float64
 TOL32 = 1e-4  # relative parity in float32 (floor of the fp32 rule)
 
 
 # ----------------------------------------------------------------------------- backends
-def _opted_out(var):
-    return os.environ.get(var, "1").lower() in ("0", "false", "off", "no")
-
-
 def expected_backend(name):
     """``(expected, why)``: whether ``name`` must be available on this machine."""
     cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
@@ -44,13 +42,13 @@ def expected_backend(name):
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
-        if _opted_out("OTKERNELS_TRITON_CPU") and os.environ.get("TRITON_INTERPRET", "0") in ("0", ""):
+        if not (flag("OTKERNELS_TRITON_CPU") or flag("TRITON_INTERPRET")):  # conftest sets the former
             return False, "OTKERNELS_TRITON_CPU=0"
         return True, "triton is installed (interpreter on CPU)"
     if name == "keops":
         if importlib.util.find_spec("pykeops") is None:
             return False, "pykeops is not installed"
-        if _opted_out("OTKERNELS_KEOPS_CPU"):
+        if not flag("OTKERNELS_KEOPS_CPU"):
             return False, "OTKERNELS_KEOPS_CPU=0"
         return (cxx is not None), ("pykeops and a C++ compiler are installed" if cxx else "no C++ compiler")
     return False, "unknown"
@@ -64,9 +62,7 @@ def require_backend(name):
         return
     expected, because = expected_backend(name)
     if expected:
-        import pytest
         pytest.fail(f"backend {name} should be available here ({because}) but is not: {why}")
-    import pytest
     pytest.skip(f"backend {name} unavailable: {why} ({because})")
 
 

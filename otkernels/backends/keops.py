@@ -32,6 +32,7 @@ import warnings
 
 import torch
 
+from .._env import flag
 from ..costs import Cost, Kernel
 from . import _double
 
@@ -52,7 +53,7 @@ def _import_status():
 
 
 def _cpu_opt_in() -> bool:
-    return os.environ.get("OTKERNELS_KEOPS_CPU", "0").lower() in ("1", "true", "on", "yes")
+    return flag("OTKERNELS_KEOPS_CPU")
 
 
 def available():

@@ -29,11 +29,10 @@ Targets on a GPU (not measured here: no GPU was lent while this was written;
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _double
+from ..._env import flag
 from ...costs import Cost
 
 NAME = "triton"
@@ -50,7 +49,7 @@ else:
 
 
 def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return flag("TRITON_INTERPRET")
 
 
 def available():
@@ -71,7 +70,7 @@ def _cpu_opt_in() -> bool:
     """``OTKERNELS_TRITON_CPU=1``: CPU tensors run the kernels in the interpreter (``ops``
     loads a second, interpreted copy of ``kernels.py``), while compiling for a GPU still works
     in the same process (the test suite uses both)."""
-    return os.environ.get("OTKERNELS_TRITON_CPU", "0").lower() in ("1", "true", "on", "yes")
+    return flag("OTKERNELS_TRITON_CPU")
 
 
 class TritonCost:

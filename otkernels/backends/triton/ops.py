@@ -45,6 +45,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from ... import _precision
+from ..._env import flag
 from ...costs import Cost, Kernel
 from .. import _double
 from . import kernels as _compiled
@@ -97,7 +98,7 @@ def _interpret_requested() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return flag("TRITON_INTERPRET")
 
 
 @contextlib.contextmanager
