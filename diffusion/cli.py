@@ -87,7 +87,7 @@ def cmd_sample(args) -> int:
         from .data import load_data
         from .train import feature_net_for
         data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
-        feature_fn = feature_net_for(cfg, data).embed if args.ot_space == "feature" else None
+        feature_fn = feature_net_for(cfg, data, role="guide").embed if args.ot_space == "feature" else None
         x = ddim_sample_with_ot(model, diffusion, data.x_train, shape, args.steps, **_ot_guidance_kwargs(args),
                                 eta=args.eta, feature_fn=feature_fn, y=y, guidance_scale=args.guidance, generator=g)
     save_grid(x, args.out)
@@ -159,7 +159,7 @@ def _ot_guidance_kwargs(args) -> dict:
     """The OT-guidance flags shared by ``sample --sampler ddim-ot`` and ``evaluate --ot-guidance``."""
     return dict(ot_scale=args.ot_scale, ot_ref_n=args.ot_ref_n, ot_inner_iters=args.ot_inner_iters,
                 ot_blur=args.ot_blur, ot_p=args.ot_p, ot_optimizer=args.ot_optimizer, ot_lr=args.ot_lr,
-                ot_first_k=args.ot_first_k)
+                ot_first_k=args.ot_first_k, ot_unit=args.ot_unit)
 
 
 def cmd_evaluate(args) -> int:
@@ -204,7 +204,11 @@ def _sampling_args(p, with_ot=True):
         p.add_argument("--ot-lr", type=float, default=0.05,
                        help="Adam lr (--ot-optimizer adam); each Adam step is ot_scale * ot_lr")
         p.add_argument("--ot-first-k", type=int, default=None, help="guide only the first k DDIM steps")
-        p.add_argument("--ot-space", choices=("pixel", "feature"), default="pixel")
+        p.add_argument("--ot-space", choices=("pixel", "feature"), default="pixel",
+                       help="guide in pixels or in the guide feature net's space (metrics use the eval net)")
+        p.add_argument("--ot-unit", choices=("minibatch", "all"), default="minibatch",
+                       help="unit of guidance: groups of --ot-ref-n samples, each against as many fresh "
+                            "references (minibatch), or all samples against one reference set of their size (all)")
 
 
 def _dpm_ot_args(p, evaluate):

@@ -65,7 +65,9 @@ class DiffusionConfig:
     ot_p: int = 2
     ot_space: str = "pixel"            # pixel | feature
     ot_squash: str = "clamp"           # how x̂0 is brought to [-1, 1]: clamp | tanh
-    ot_pool_size: int = 2000           # reference pool (training images), disjoint from each batch
+    ot_pool_size: int = 2000           # reference pool (training images), disjoint from each batch;
+                                       # 0: the whole training set (with ot_ref_batch=2000: 2000 fresh
+                                       # references per step from all training images outside the batch)
     ot_ref_batch: int = 0              # reference batch size (0: batch_size)
     ot_start_epoch: int = 0            # "MSE first, then OT": λ = 0 before this epoch
     ot_warmup_epochs: int = 0          # then λ ramps linearly to ot_lambda over this many epochs
@@ -81,7 +83,8 @@ class DiffusionConfig:
     metric_blur: float = 0.5           # Sinkhorn blur for feature-space OT metrics
     grid_n: int = 64
     feature_epochs: int = 20
-    feature_path: typing.Optional[str] = None  # feature net cache (None: <out_dir>/../features/<dataset>.pt)
+    feature_path: typing.Optional[str] = None  # guide feature net cache (None: <out_dir>/../features/
+                                       # <dataset>-<size>-guide.pt); the eval net's: the same with -eval
     out_dir: str = "runs/digits"
     ckpt_every: int = 1
     progress: bool = True
@@ -118,12 +121,12 @@ class DiffusionConfig:
         pos = lambda v: v > 0  # noqa: E731
         nonneg = lambda v: v >= 0  # noqa: E731
         for name in ("timesteps", "dim", "resnet_blocks", "epochs", "batch_size", "sample_steps", "eval_n",
-                     "val_n", "grid_n", "ckpt_every", "ot_pool_size"):
+                     "val_n", "grid_n", "ckpt_every"):
             check(name, pos, "> 0")
         for name in ("lr", "ot_blur", "metric_blur", "flow_blur"):
             check(name, pos, "> 0")
         for name in ("flow_sigma", "grad_clip", "ot_lambda", "ot_start_epoch", "ot_warmup_epochs", "ot_ref_batch",
-                     "eval_every", "feature_epochs", "threads"):
+                     "ot_pool_size", "eval_every", "feature_epochs", "threads"):
             check(name, nonneg, ">= 0")
         for name in ("dropout", "cond_drop_prob", "ema_decay"):
             check(name, lambda v: 0 <= v < 1, "in [0, 1)")

@@ -21,8 +21,8 @@ from .data import load_data
 from .dpm_ot import DPMOTSampler
 from .evaluation import sample_report, save_grid
 from .features import embed
-from .sample import ddim_sample, ddim_sample_with_ot
-from .train import feature_net_for, load_model
+from .sample import OT_UNITS, ddim_sample, ddim_sample_with_ot
+from .train import feature_net_for, feature_net_info, load_model
 
 
 @torch.no_grad()
@@ -30,19 +30,28 @@ def evaluate_checkpoint(ckpt: str, n: int = 1000, steps: int = 50, eta: float = 
                         ot_guidance: bool = False, ot_kwargs: dict | None = None, grid: str | None = None,
                         batch_size: int = 1000, log=print, dpm_ot: dict | None = None) -> dict:
     """Generate ``n`` DDIM-``steps`` samples from the checkpoint's EMA model and measure them
-    with the dataset's feature net: class shares, max share, mean top-1 confidence, and OT /
-    MMD / FID in feature space vs the train and test images.  With ``ot_guidance``, also
-    sample with :func:`ddim_sample_with_ot` (references: the training images) from the same
-    noise, and report both and the relative change of OT(gen, train) and OT(gen, test).
-    ``dpm_ot``: keyword arguments of :func:`dpm_ot_comparison` (DDIM-k vs DPM-OT-k from the
-    same noise, DDIM-``steps`` as the reference), its results under ``"dpm_ot"``."""
+    with the dataset's eval feature net (``feature_net_for(role="eval")``): class shares, max
+    share, mean top-1 confidence, and OT / MMD / FID in feature space vs the train and test
+    images, and their memorisation (:func:`memorisation`: distance to the nearest training
+    image, in pixels).  With ``ot_guidance``, also sample with :func:`ddim_sample_with_ot`
+    (references: the training images; ``space="feature"``: guided in the guide feature net's
+    space, never the eval net's) from the same noise, and report both and the relative change
+    of OT(gen, train) and OT(gen, test).  ``ot_kwargs["ot_unit"]``: ``"minibatch"`` (default:
+    chunks of a multiple of ``ot_ref_n`` samples, group offsets passed on, so the result does
+    not depend on ``batch_size``) or ``"all"`` (all ``n`` samples in one call, one reference
+    set of ``n`` per step).  ``dpm_ot``: keyword arguments of :func:`dpm_ot_comparison`
+    (DDIM-k vs DPM-OT-k from the same noise, DDIM-``steps`` as the reference, measured by the
+    eval net), its results under ``"dpm_ot"``.  ``result["feature_nets"]``: how the nets used
+    were trained (``"guide"``: None unless feature-space guidance ran)."""
     model, diffusion, cfg = load_model(ckpt)
     data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
-    net = feature_net_for(cfg, data)
+    net = feature_net_for(cfg, data, role="eval")
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *data.shape), generator=g)
     real_train, real_test = embed(net, data.x_train[: max(n, 2000)]), embed(net, data.x_test)
-    result = {"ckpt": ckpt, "n": n, "steps": steps, "eta": eta, "seed": seed, "metric_blur": cfg.metric_blur}
+    train_nn = knn(data.x_train.flatten(1).float(), None, k=1)[0][:, 0]
+    result = {"ckpt": ckpt, "n": n, "steps": steps, "eta": eta, "seed": seed, "metric_blur": cfg.metric_blur,
+              "feature_nets": {"eval": feature_net_info(net), "guide": None}}
 
     t0 = time.perf_counter()
     x = torch.cat([ddim_sample(model, diffusion, steps=steps, eta=eta, noise=noise[i:i + batch_size],
@@ -50,6 +59,7 @@ def evaluate_checkpoint(ckpt: str, n: int = 1000, steps: int = 50, eta: float = 
                    for i in range(0, n, batch_size)])
     result["ddim"] = sample_report(net, x, real_train, real_test, cfg.metric_blur)
     result["ddim"]["time"] = time.perf_counter() - t0
+    result["ddim"]["memorisation"] = memorisation(x, data.x_train, train_nn)
     if grid:
         save_grid(x[:cfg.grid_n], grid)
     log(f"DDIM-{steps}: " + _line(result["ddim"]))
@@ -57,22 +67,36 @@ def evaluate_checkpoint(ckpt: str, n: int = 1000, steps: int = 50, eta: float = 
     if dpm_ot is not None:
         result["dpm_ot"] = dpm_ot_comparison(model, diffusion, data, net, noise, real_train, real_test,
                                              cfg.metric_blur, reference=(steps, x), seed=seed,
-                                             batch_size=batch_size, log=log, **dpm_ot)
+                                             batch_size=batch_size, log=log, train_nn=train_nn, **dpm_ot)
 
     if ot_guidance:
-        kw = dict(ot_scale=0.1, ot_ref_n=128, ot_inner_iters=1, ot_blur=0.35, ot_p=2)
+        kw = dict(ot_scale=0.1, ot_ref_n=128, ot_inner_iters=1, ot_blur=0.35, ot_p=2, ot_unit="minibatch")
         kw.update(ot_kwargs or {})
         space = kw.pop("space", "pixel")
+        if kw["ot_unit"] not in OT_UNITS:
+            raise ValueError(f"ot_unit must be one of {OT_UNITS}, got {kw['ot_unit']!r}")
+        if kw["ot_unit"] == "minibatch" and kw["ot_ref_n"] < 1:
+            raise ValueError(f"ot_ref_n must be >= 1, got {kw['ot_ref_n']}")
         if space == "feature":
-            kw["feature_fn"] = net.embed
+            guide = feature_net_for(cfg, data, role="guide")
+            kw["feature_fn"] = guide.embed
+            result["feature_nets"]["guide"] = feature_net_info(guide)
         t0 = time.perf_counter()
+        if kw["ot_unit"] == "all":  # the unit is all n samples: one call
+            chunk = n
+        else:  # whole groups of ot_ref_n per call, offsets passed on: independent of batch_size
+            chunk = max(1, batch_size // kw["ot_ref_n"]) * kw["ot_ref_n"]
         xo = torch.cat([ddim_sample_with_ot(model, diffusion, data.x_train, steps=steps, eta=eta,
-                                            noise=noise[i:i + batch_size],
-                                            generator=torch.Generator().manual_seed(seed + 1), **kw)
-                        for i in range(0, n, batch_size)])
+                                            noise=noise[i:i + chunk],
+                                            generator=torch.Generator().manual_seed(seed + 1),
+                                            ot_group_offset=0 if kw["ot_unit"] == "all" else i // kw["ot_ref_n"],
+                                            **kw)
+                        for i in range(0, n, chunk)])
         result["ddim_ot"] = sample_report(net, xo, real_train, real_test, cfg.metric_blur)
         result["ddim_ot"]["time"] = time.perf_counter() - t0
-        result["ot_guidance"] = {**{k: v for k, v in kw.items() if k != "feature_fn"}, "space": space}
+        result["ddim_ot"]["memorisation"] = memorisation(xo, data.x_train, train_nn)
+        result["ot_guidance"] = {**{k: v for k, v in kw.items() if k != "feature_fn"}, "space": space,
+                                 "samples_per_call": chunk}
         for split in ("train", "test"):
             a, b = result["ddim"][f"ot_{split}"], result["ddim_ot"][f"ot_{split}"]
             result[f"ot_{split}_reduction"] = (a - b) / a
@@ -140,7 +164,7 @@ def dpm_ot_comparison(model, diffusion, data, net, noise, real_train, real_test,
                       check_samples: int = 1 << 24, cache_dir: str | None = None, reference=None, seed: int = 0,
                       ot_seed: int = 0, grid: str | None = None, grid_steps: int | None = None,
                       grid_variants=("mix0_eta0", "mix1_eta0_z", "mix1_eta0_fresh"), batch_size: int = 1000,
-                      progress: bool = False, log=print) -> dict:
+                      progress: bool = False, log=print, train_nn: torch.Tensor | None = None) -> dict:
     """DDIM-k vs DPM-OT-k (``k`` in ``steps``: network evaluations of the sampling; the OT map is
     not one), from the same ``noise`` (n, C, H, W), every set measured by :func:`~diffusion.evaluation.sample_report` and
     :func:`memorisation`.
@@ -157,6 +181,7 @@ def dpm_ot_comparison(model, diffusion, data, net, noise, real_train, real_test,
     the sample = its target's label) and, in ``memorisation``, ``nn_is_target`` /
     ``target_dist_mean``.  DDIM-k is η = 0 from T-1.  ``cache_dir``: save fitted samplers there and reuse them (``fit_time`` is then
     the stored one).  ``reference``: (steps, samples) of an already generated DDIM reference.
+    ``train_nn``: the train-to-train nearest-neighbour distances, when the caller has them.
     ``seed``: the η > 0 / fresh-noise / control streams (the noise z is the caller's).
     ``grid``: PNG of the first 16 samples per row (DDIM reference, DDIM-k, and per t' the
     DPM-OT-k ``grid_variants`` and the training image of each sample's OT target) at
@@ -164,7 +189,8 @@ def dpm_ot_comparison(model, diffusion, data, net, noise, real_train, real_test,
     """
     n, dev = len(noise), next(model.parameters()).device
     x_train = data.x_train
-    train_nn = knn(x_train.flatten(1).float(), None, k=1)[0][:, 0]
+    if train_nn is None:
+        train_nn = knn(x_train.flatten(1).float(), None, k=1)[0][:, 0]
     test_mem = memorisation(data.x_test, x_train, train_nn)
     out = {"n": n, "method": method, "tol": tol, "ot_seed": ot_seed, "max_steps": max_steps,
            "latent_steps": latent_steps,

@@ -105,20 +105,26 @@ def classify(net, x, batch_size: int = 1000) -> dict:
 
 
 def load_or_train_feature_net(path: str | None, x_train, y_train, x_test=None, y_test=None, epochs: int = 15,
-                              seed: int = 0, device="cpu", dataset: str = "") -> SimpleMNISTFeatureNet:
+                              seed: int = 0, device="cpu", dataset: str = "",
+                              key_extra: dict | None = None) -> SimpleMNISTFeatureNet:
     """The cached net at ``path`` when it exists and was trained the same way (dataset name,
-    image shape, number of training images, epochs, seed); else train one on x_train and save
-    it there.  ``path=None``: train, cache nothing."""
+    image shape, number of training images, epochs, seed, and ``key_extra``: e.g. the net's
+    role and which training images it saw); else train one on x_train and save it there.
+    ``path=None``: train, cache nothing.  The returned net carries ``net.train_info``: the
+    key, ``test_accuracy`` (on x_test, None without it) and ``path``."""
     key = {"dataset": dataset, "shape": list(x_train.shape[1:]), "n_train": len(x_train), "epochs": epochs,
-           "seed": seed}
+           "seed": seed, **(key_extra or {})}
     if path and os.path.exists(path):
         ck = load_checkpoint(path)
         if ck.get("key") == key:
             net = SimpleMNISTFeatureNet(**ck["config"])
             net.load_state_dict(ck["model"])
-            return net.to(device).eval().requires_grad_(False)
+            net = net.to(device).eval().requires_grad_(False)
+            net.train_info = {**key, "test_accuracy": ck.get("test_accuracy"), "path": path}
+            return net
     net = train_feature_net(x_train, y_train, epochs=epochs, seed=seed, device=device)
+    acc = accuracy(net, x_test, y_test) if x_test is not None else None
     if path:
-        acc = accuracy(net, x_test, y_test) if x_test is not None else None
         save_checkpoint({"model": net.state_dict(), "config": net.config, "key": key, "test_accuracy": acc}, path)
+    net.train_info = {**key, "test_accuracy": acc, "path": path}
     return net

@@ -127,7 +127,7 @@ def compare_couplings(ckpts: dict, nfes=(2, 5, 10, 20), n: int = 1000, seed: int
             raise ValueError(f"checkpoint {ckpts[name]!r} ({name}) is not a flow-matching model (method='flow')")
     cfg = next(iter(loaded.values()))[2]
     data = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
-    net = feature_net_for(cfg, data)
+    net = feature_net_for(cfg, data, role="eval")  # measures: the eval net
     noise = torch.randn((n, *data.shape), generator=torch.Generator().manual_seed(seed))
     real_train, real_test = embed(net, data.x_train[: max(n, 2000)]), embed(net, data.x_test)
     evals = EVALS_PER_STEP[solver]

@@ -8,6 +8,7 @@ Class-conditional models take ``y`` (B,) and a classifier-free ``guidance_scale`
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 
 import torch
@@ -162,30 +163,68 @@ def ot_move(x0: torch.Tensor, ref: torch.Tensor, loss: SamplesLoss, scale: float
     return x.detach()
 
 
+OT_UNITS = ("minibatch", "all")
+
+
+def _ref_generator(base: int, step: int, group: int) -> torch.Generator:
+    """The generator of the references of (``step``, ``group``) under the call's ``base`` seed."""
+    h = hashlib.blake2b(f"{base}/{step}/{group}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+
+
 @torch.no_grad()
 def ddim_sample_with_ot(model, diffusion: GaussianDiffusion, ref: torch.Tensor, shape=None, steps: int = 50,
                         ot_scale: float = 0.1, ot_ref_n: int = 128, ot_inner_iters: int = 1, eta: float = 0.0,
                         ot_blur: float = 0.35, ot_p: int = 2, ot_optimizer: str = "sgd", ot_lr: float = 0.05,
                         ot_first_k: int | None = None, feature_fn=None, noise=None, y=None,
-                        guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM in which each step's x̂0 is moved toward a fresh minibatch of ``ot_ref_n`` real
-    images from ``ref`` (M,C,H,W) by reducing the Sinkhorn loss (see :func:`ot_move`), clipped
-    to [-1, 1] after every inner step; ε is recomputed from the moved x̂0 before the DDIM
-    update.  ``ot_p``: the exponent of the Sinkhorn cost |x − y|^p (1 or 2).  ``ot_first_k``:
-    guide only the first k steps (None: all).  ``feature_fn``: measure the loss in that space
-    (e.g. a feature net's ``embed``) instead of pixels."""
+                        guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                        ot_unit: str = "minibatch", ot_group_offset: int = 0) -> torch.Tensor:
+    """DDIM in which each step's x̂0 is moved toward fresh real images from ``ref`` (M,C,H,W) by
+    reducing the Sinkhorn loss (see :func:`ot_move`), clipped to [-1, 1] after every inner
+    step; ε is recomputed from the moved x̂0 before the DDIM update.  ``ot_p``: the exponent
+    of the Sinkhorn cost |x − y|^p (1 or 2).  ``ot_first_k``: guide only the first k steps
+    (None: all).  ``feature_fn``: measure the loss in that space (e.g. the guide feature net's
+    ``embed``) instead of pixels.
+
+    ``ot_unit``, the unit of guidance (what is balanced against what at each step):
+
+    * ``"minibatch"`` (default): the samples are split into consecutive groups of ``ot_ref_n``
+      (the last may be smaller), and each group is balanced against its own fresh draw of as
+      many references as it has samples.  The draw of group j at step i comes from a generator
+      seeded by (a base seed drawn once per call from ``generator``, i, j + ``ot_group_offset``),
+      so with η = 0 the result does not depend on how a caller splits one set of samples
+      across calls, as long as every call but the last has a multiple of ``ot_ref_n`` samples
+      and passes ``ot_group_offset`` = the number of groups before it (and the same
+      ``generator`` seed).  (Before issue 17 all samples of the call were balanced against
+      ``ot_ref_n`` references: the result depended on the sampling batch size.)
+    * ``"all"``: all samples of the call against one fresh reference set of the same size
+      (``len(x)``, at most M) per step; ``ot_ref_n`` is ignored.  The unit is the call: pass all
+      samples in one call."""
+    if ot_unit not in OT_UNITS:
+        raise ValueError(f"ot_unit must be one of {OT_UNITS}, got {ot_unit!r}")
+    ot_ref_n = _as_int(ot_ref_n, "ot_ref_n")
+    if ot_unit == "minibatch" and ot_ref_n < 1:
+        raise ValueError(f"ot_ref_n must be >= 1, got {ot_ref_n}")
     dev = _device(model)
     x = _start(shape, noise, generator, dev)
     ref = ref.to(dev)
     loss = SamplesLoss("sinkhorn", p=ot_p, blur=ot_blur)
+    base = int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
+    B = x.shape[0]
+    group = B if ot_unit == "all" else ot_ref_n
     ts = ddim_timesteps(diffusion.T, steps)
     for i, s in enumerate(ts):
-        t = torch.full((x.shape[0],), s, device=dev, dtype=torch.long)
+        t = torch.full((B,), s, device=dev, dtype=torch.long)
         t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
         eps, x0 = diffusion.model_predictions(model, x, t, y, guidance_scale, clip=True)
         if ot_first_k is None or i < ot_first_k:
-            pick = torch.randperm(len(ref), generator=generator)[:ot_ref_n].to(dev)
-            x0 = ot_move(x0, ref[pick], loss, ot_scale, ot_inner_iters, ot_optimizer, ot_lr, feature_fn, clip=True)
+            moved = []
+            for j, g0 in enumerate(range(0, B, group)):
+                xg = x0[g0:g0 + group]
+                pick = torch.randperm(len(ref), generator=_ref_generator(base, i, ot_group_offset + j))[:len(xg)]
+                moved.append(ot_move(xg, ref[pick.to(dev)], loss, ot_scale, ot_inner_iters, ot_optimizer, ot_lr,
+                                     feature_fn, clip=True))
+            x0 = torch.cat(moved)
             eps = diffusion.predict_noise_from_start(x, t, x0)
         x = _ddim_step(diffusion, x, t, t_prev, x0, eps, eta, generator)
     return x.clamp(-1, 1)

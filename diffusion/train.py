@@ -4,14 +4,16 @@ grids, atomic checkpoints, exact resume) and the OT-enhanced loss
     L = L_eps + λ(epoch) · Sinkhorn_p,blur( squash(x̂0), squash(reference batch) )
 
 where x̂0 = predict_start_from_noise(x_t, t, ε̂) and the reference batch is drawn from a pool
-of training images disjoint from the current batch, compared in pixel space or in the feature
-net's embedding.
+of training images disjoint from the current batch (``ot_pool_size=0``: all of them, fresh
+draws every step), compared in pixel space or in the guide feature net's embedding; the
+metrics use the other, eval feature net (:func:`feature_net_for`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import os
 import random
@@ -51,16 +53,63 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def feature_net_for(cfg: DiffusionConfig, data: ImageData, device="cpu"):
-    """The dataset's feature net, cached at ``cfg.feature_path`` (default
-    ``<out_dir>/../features/<dataset>-<size>.pt``), trained on first use with its own seed
-    inside ``fork_rng``: the caller's RNG streams are untouched."""
-    path = cfg.feature_path or os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "features",
-                                            f"{cfg.dataset}-{data.shape[-1]}.pt")
+FEATURE_ROLES = ("guide", "eval")
+EVAL_FEATURE_SEED_OFFSET = 1000003   # the eval net's seed: cfg.seed + this (the guide net's: cfg.seed)
+FEATURE_SPLIT_SEED_OFFSET = 7919     # the guide/eval split of the training images: seed cfg.seed + this
+
+
+def feature_split(n_train: int, seed: int) -> dict:
+    """Disjoint halves of ``range(n_train)`` for the two feature nets: a permutation seeded by
+    ``seed + FEATURE_SPLIT_SEED_OFFSET``; ``"guide"`` its first ``n_train // 2`` indices,
+    ``"eval"`` the rest (each sorted)."""
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + FEATURE_SPLIT_SEED_OFFSET))
+    h = n_train // 2
+    return {"guide": perm[:h].sort().values, "eval": perm[h:].sort().values}
+
+
+def feature_net_path(cfg: DiffusionConfig, size: int, role: str = "guide") -> str:
+    """Cache path of the ``role`` feature net: ``cfg.feature_path`` for the guide net and the same
+    path with ``-eval`` before the extension for the eval net; by default
+    ``<out_dir>/../features/<dataset>-<size>-<role>.pt``."""
+    if role not in FEATURE_ROLES:
+        raise ValueError(f"role must be one of {FEATURE_ROLES}, got {role!r}")
+    if cfg.feature_path:
+        if role == "guide":
+            return cfg.feature_path
+        root, ext = os.path.splitext(cfg.feature_path)
+        return f"{root}-eval{ext or '.pt'}"
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "features", f"{cfg.dataset}-{size}-{role}.pt")
+
+
+def feature_net_for(cfg: DiffusionConfig, data: ImageData, device="cpu", role: str = "guide"):
+    """One of the dataset's two feature nets (issue 17: what guides must not be what measures).
+
+    ``role="guide"``: the net that guidance sees (the OT loss in feature space during training,
+    ``--ot-space feature`` OT guidance when sampling); ``role="eval"``: the net that measures
+    (feature-space metrics, class shares, confidence).  They are trained on disjoint halves of
+    the training images (:func:`feature_split`) with different seeds (guide ``cfg.seed``, eval
+    ``cfg.seed + EVAL_FEATURE_SEED_OFFSET``), cached at :func:`feature_net_path`, trained on
+    first use inside ``fork_rng``: the caller's RNG streams are untouched.  The net's
+    ``train_info`` says how it was made (role, images, seed, test accuracy, path)."""
+    if role not in FEATURE_ROLES:
+        raise ValueError(f"role must be one of {FEATURE_ROLES}, got {role!r}")
+    path = feature_net_path(cfg, data.shape[-1], role)
+    n = len(data.x_train)
+    idx = feature_split(n, cfg.seed)[role]
+    seed = cfg.seed if role == "guide" else cfg.seed + EVAL_FEATURE_SEED_OFFSET
+    extra = {"role": role, "of_n_train": n, "split_seed": cfg.seed + FEATURE_SPLIT_SEED_OFFSET,
+             "indices_sha1": hashlib.sha1(idx.numpy().tobytes()).hexdigest()[:16]}
     with torch.random.fork_rng(devices=[]):
-        return load_or_train_feature_net(path, data.x_train, data.y_train, data.x_test, data.y_test,
-                                         epochs=cfg.feature_epochs, seed=cfg.seed, device=device,
-                                         dataset=cfg.dataset)
+        return load_or_train_feature_net(path, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test,
+                                         epochs=cfg.feature_epochs, seed=seed, device=device,
+                                         dataset=cfg.dataset, key_extra=extra)
+
+
+def feature_net_info(net) -> dict:
+    """What a feature net returned by :func:`feature_net_for` was trained on, for result files:
+    role, n_train (images it saw), of_n_train, seed, epochs, test_accuracy, path."""
+    info = getattr(net, "train_info", {}) or {}
+    return {k: info.get(k) for k in ("role", "n_train", "of_n_train", "seed", "epochs", "test_accuracy", "path")}
 
 
 class EMA:
@@ -114,11 +163,16 @@ class OTLoss:
 
 
 class ReferencePool:
-    """A fixed random subset of the training images (``size``); :meth:`draw` returns a batch of
-    them that excludes the current training batch's indices."""
+    """A fixed random subset of the training images (``size``; 0, or ``size >= n_train``: all of
+    them); :meth:`draw` returns a batch of them that excludes the current training batch's
+    indices.  With ``size=0`` and ``ot_ref_batch=2000`` every step's references are 2000 fresh
+    draws from all the training images outside the batch."""
 
     def __init__(self, n_train: int, size: int, seed: int):
+        if size < 0:
+            raise ValueError(f"size must be >= 0 (0: all training images), got {size}")
         g = torch.Generator().manual_seed(seed)
+        size = n_train if size == 0 else min(size, n_train)
         self.idx = torch.randperm(n_train, generator=g)[:size]
 
     def draw(self, n: int, exclude: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -166,7 +220,7 @@ class Trainer:
         self.ref_gen = torch.Generator().manual_seed(cfg.seed + 1)    # OT reference batches
         self.pool = ReferencePool(len(self.data.x_train), cfg.ot_pool_size, cfg.seed + 2)
         self.epoch, self.step, self.history = 0, 0, []
-        self._features, self._ot_loss = None, None
+        self._features, self._eval_features, self._ot_loss = None, None, None
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         if resume and os.path.exists(self.ckpt_path):
             self.load(self.ckpt_path)
@@ -180,11 +234,20 @@ class Trainer:
     # ------------------------------------------------------------------ parts built on demand
     @property
     def features(self):
-        """The dataset's feature net (cached at cfg.feature_path), trained on first use with its
-        own seed: the training RNG streams are untouched."""
+        """The guide feature net (``feature_net_for(role="guide")``): the OT loss's space with
+        ``ot_space="feature"``.  Trained on first use with its own seed: the training RNG
+        streams are untouched."""
         if self._features is None:
-            self._features = feature_net_for(self.cfg, self.data, self.device)
+            self._features = feature_net_for(self.cfg, self.data, self.device, role="guide")
         return self._features
+
+    @property
+    def eval_features(self):
+        """The eval feature net (``feature_net_for(role="eval")``, trained on the other half of
+        the training images): :meth:`evaluate`'s metrics and class shares."""
+        if self._eval_features is None:
+            self._eval_features = feature_net_for(self.cfg, self.data, self.device, role="eval")
+        return self._eval_features
 
     @property
     def ot_loss(self) -> OTLoss:
@@ -313,11 +376,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, n: int, grid_path: str | None = None) -> dict:
         """Feature-space OT / MMD / FID of n generated samples vs train and vs test, and the
-        feature net's class histogram of the samples; a sample grid at ``grid_path``."""
+        eval feature net's class histogram of the samples (the eval net, never the one the OT
+        loss trains against); a sample grid at ``grid_path``."""
         cfg, d = self.cfg, self.data
         t0 = time.perf_counter()
         x = self.generate(n, seed=cfg.seed + 1000 * self.epoch)
-        net = self.features
+        net = self.eval_features
         with torch.random.fork_rng(devices=[]):
             f_gen = embed(net, x)
             probs = torch.cat([net(x[i:i + 1000].to(self.device)).float().softmax(1).cpu() for i in range(0, n, 1000)])

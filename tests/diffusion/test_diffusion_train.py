@@ -101,7 +101,8 @@ def test_trainer_logs_metrics_grids_and_checkpoint(tiny_cfg):
     for name in ("checkpoint.pt", "log.json", "log.csv", "curves.png", "samples_0001.png"):
         assert os.path.exists(os.path.join(out, name)), name
     assert json.load(open(os.path.join(out, "log.json")))["history"][0]["epoch"] == 1
-    assert os.path.exists(cfg.feature_path)  # the feature net is cached
+    from diffusion.train import feature_net_path
+    assert os.path.exists(feature_net_path(cfg, 8, "eval"))  # the eval feature net (the metrics') is cached
     model, diffusion, c2 = load_model(os.path.join(out, "checkpoint.pt"))
     assert c2 == cfg and diffusion.T == cfg.timesteps
     x = tr.generate(4, seed=0)
