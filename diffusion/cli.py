@@ -8,6 +8,7 @@
     python -m diffusion sample --ckpt runs/digits/checkpoint.pt --sampler dpm-ot --steps 5 --t-start 400
     python -m diffusion evaluate --ckpt runs/digits/checkpoint.pt --dpm-ot --dpm-ot-steps 2,5,10 \
         --dpm-ot-t-start 200,400 --dpm-ot-mix 0,1 --json dpm_ot.json
+    python -m diffusion sweep --preset digits --quick --jobs 2       # OT training × guidance grid
 
 Every config field has a flag (``--dim-mults 1,2,4``, ``--ot-lambda 0.1``) and can also be set
 with ``--set field=value``; see ``diffusion/config.py`` for the fields and presets.
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grid", default=None, help="save sample grids here (PNG; _ot.png for the guided ones)")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     _dpm_ot_args(e, evaluate=True)
+    from .sweep import add_parser as add_sweep_parser
+    add_sweep_parser(sub)
     return ap
 
 
@@ -272,7 +275,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in evaluate's JSON
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.cmd](args)
+        from .sweep import cmd_sweep
+        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "sweep": cmd_sweep}[args.cmd](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("DIFFUSION_DEBUG"):
             raise
