@@ -56,7 +56,8 @@ class DiffusionConfig:
     ema_decay: float = 0.995
     grad_clip: float = 1.0             # max gradient norm (0: off)
     amp: str = "none"                  # none | bf16 | fp16 autocast (fp16 with a GradScaler)
-    seed: int = 0
+    seed: int = 0                      # data splits, feature nets, and (unless train_seed) training
+    train_seed: typing.Optional[int] = None  # model init, batch order, noise, OT references (None: seed)
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     threads: int = 0                   # torch CPU threads (0: torch's default)
     # OT term  L = L_eps + λ(epoch)·Sinkhorn(x̂0, reference batch)

@@ -203,9 +203,10 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
+        ts = cfg.seed if cfg.train_seed is None else cfg.train_seed  # init, batch order, noise, references
+        torch.manual_seed(ts)
+        np.random.seed(ts)
+        random.seed(ts)
         self.data = data if data is not None else load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train,
                                                             cfg.n_test, cfg.seed, cfg.n_val)
         self.diffusion = build_process(cfg)  # GaussianDiffusion or FlowMatching
@@ -216,9 +217,9 @@ class Trainer:
         # both, so the path is testable without a GPU); fp16 scales the loss, bf16 needs no scaler
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.order_gen = torch.Generator().manual_seed(cfg.seed)      # batch order
-        self.ref_gen = torch.Generator().manual_seed(cfg.seed + 1)    # OT reference batches
-        self.pool = ReferencePool(len(self.data.x_train), cfg.ot_pool_size, cfg.seed + 2)
+        self.order_gen = torch.Generator().manual_seed(ts)      # batch order
+        self.ref_gen = torch.Generator().manual_seed(ts + 1)    # OT reference batches
+        self.pool = ReferencePool(len(self.data.x_train), cfg.ot_pool_size, ts + 2)
         self.epoch, self.step, self.history = 0, 0, []
         self._features, self._eval_features, self._ot_loss = None, None, None
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")

@@ -14,7 +14,7 @@ def test_grid_full_and_quick(tmp_path):
     full = sweep.grid(base, str(tmp_path), quick=False, ft_epochs=7)
     names = [r["name"] for r in full]
     # baseline + its control, 2 λ × 2 blur × 2 p × 2 spaces × (scratch, fine-tune), recipe + blur-10
-    assert len(full) == len(set(names)) == 2 + 32 + 2
+    assert len(full) == len(set(names)) == 3 + 32 + 2
     for i, r in enumerate(full):  # a fine-tune comes after its parent and starts from its checkpoint
         cfg = r["config"]
         assert cfg.out_dir == os.path.join(str(tmp_path), r["name"])
@@ -27,6 +27,8 @@ def test_grid_full_and_quick(tmp_path):
             assert cfg.init_from is None and cfg.epochs == base.epochs
     by = {r["name"]: r["config"] for r in full}
     assert by["baseline"].ot_lambda == 0 and by["baseline-ft"].ot_lambda == 0
+    seed1 = by["baseline-seed1"]
+    assert (seed1.seed, seed1.train_seed, seed1.ot_lambda) == (base.seed, base.seed + 1, 0)
     ot = by["ot-ft-feature-l0.25-b0.75-p1"]
     assert (ot.ot_lambda, ot.ot_blur, ot.ot_p, ot.ot_space) == (0.25, 0.75, 1, "feature")
     rec = by["recipe"]
@@ -34,9 +36,24 @@ def test_grid_full_and_quick(tmp_path):
         (0.001, 0.2, "tanh", "feature", 0, 2000)
     assert by["recipe-blur10"].ot_blur == 10 and by["recipe-blur10"].ot_squash == "tanh"
     quick = [r["name"] for r in sweep.grid(base, str(tmp_path), quick=True)]
-    assert quick == ["baseline", "baseline-ft", "ot-scratch-pixel-l0.1-b0.35-p2", "ot-scratch-pixel-l0.1-b0.75-p2",
+    assert quick == ["baseline", "baseline-seed1", "baseline-ft", "ot-scratch-pixel-l0.1-b0.35-p2", "ot-scratch-pixel-l0.1-b0.75-p2",
                      "ot-scratch-pixel-l0.25-b0.35-p2", "ot-scratch-pixel-l0.25-b0.75-p2",
                      "ot-ft-pixel-l0.1-b0.35-p2", "recipe"]
+
+
+def test_train_seed_changes_the_model_not_the_data(tiny_cfg):
+    """``train_seed``: another initialisation and batch order on the same splits and feature nets."""
+    import torch
+
+    from diffusion.train import Trainer, feature_net_path
+
+    a, b = Trainer(tiny_cfg), Trainer(tiny_cfg.replace(train_seed=tiny_cfg.seed + 1))
+    assert torch.equal(a.data.x_train, b.data.x_train) and torch.equal(a.data.x_val, b.data.x_val)
+    assert feature_net_path(a.cfg, 8, "eval") == feature_net_path(b.cfg, 8, "eval")
+    pa, pb = (torch.cat([p.flatten() for p in t.model.parameters()]) for t in (a, b))
+    assert not torch.equal(pa, pb)
+    c = Trainer(tiny_cfg.replace(train_seed=tiny_cfg.seed))
+    assert torch.equal(torch.cat([p.flatten() for p in c.model.parameters()]), pa)
 
 
 def _result(ot, fid, val, nn=3.0, p5=0.05, **guided):
@@ -67,6 +84,18 @@ def test_claims_verdicts():
     res["ot-scratch-pixel-l0.1-b0.35-p2"]["samplers"]["sgd"]["ot_train"] = 16.0  # 30 → 16: −46.7%
     first = next(x for x in sweep.claims(res) if x["claim"].startswith("OT(gen, train) reduced"))
     assert first["verdict"] == "not reproduced"
+    # an effect smaller than what a second training seed changes does not count
+    res["recipe"] = _result(28.0, 9.5, 0.101)  # OT −2.0, FID −0.5
+    verdict = lambda: next(x for x in sweep.claims(res) if "λ = 0.001" in x["claim"])["verdict"]  # noqa: E731
+    assert verdict() == "reproduced"
+    res["baseline-seed1"] = _result(32.5, 10.2, 0.1)  # seed noise: OT 2.5, FID 0.2
+    assert sweep.seed_noise(res, "ot_train") == pytest.approx(2.5)
+    assert verdict() == "not reproduced"
+    aggressive = next(x for x in sweep.claims(res) if "aggressive" in x["claim"])
+    assert aggressive["verdict"] == "reproduced"  # 35 vs 28 and 12 vs 9: beyond the noise
+    res["baseline-seed1"] = _result(38.0, 10.2, 0.1)  # OT noise 8 > 35 − 28
+    aggressive = next(x for x in sweep.claims(res) if "aggressive" in x["claim"])
+    assert aggressive["verdict"] == "not reproduced"
 
 
 def test_cli_dry_run_and_bad_only(capsys):
