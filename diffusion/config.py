@@ -88,6 +88,7 @@ class DiffusionConfig:
                                        # <dataset>-<size>-guide.pt); the eval net's: the same with -eval
     out_dir: str = "runs/digits"
     ckpt_every: int = 1
+    save_every: int = 0                # also keep checkpoint_<epoch>.pt every k epochs, a series (0: off)
     progress: bool = True
 
     def __post_init__(self):
@@ -127,7 +128,7 @@ class DiffusionConfig:
         for name in ("lr", "ot_blur", "metric_blur", "flow_blur"):
             check(name, pos, "> 0")
         for name in ("flow_sigma", "grad_clip", "ot_lambda", "ot_start_epoch", "ot_warmup_epochs", "ot_ref_batch",
-                     "ot_pool_size", "eval_every", "feature_epochs", "threads"):
+                     "ot_pool_size", "eval_every", "feature_epochs", "threads", "save_every"):
             check(name, nonneg, ">= 0")
         for name in ("dropout", "cond_drop_prob", "ema_decay"):
             check(name, lambda v: 0 <= v < 1, "in [0, 1)")

@@ -93,10 +93,20 @@ def grid(base: DiffusionConfig, runs_dir: str, quick: bool = False, ft_epochs: i
 
 
 # ------------------------------------------------------------------------------ one run
+def _same(saved: dict, cfg: DiffusionConfig) -> bool:
+    """Is the config ``saved`` (a dict from JSON or a checkpoint) ``cfg``?  Fields added to
+    DiffusionConfig since it was saved take their defaults, so a new field with a default does
+    not invalidate finished runs."""
+    try:
+        return DiffusionConfig(**saved).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError):  # a field since removed, or a value no longer valid
+        return False
+
+
 def _same_config(path: str, cfg: DiffusionConfig) -> bool:
     try:
         with open(path) as f:
-            return json.load(f)["config"] == json.loads(json.dumps(cfg.to_dict()))
+            return _same(json.load(f)["config"], cfg)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -119,7 +129,7 @@ def run_one(name: str, cfg_dict: dict, n: int, seed: int, threads: int = 1) -> d
         with open(out) as f:
             return json.load(f)
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
-    if os.path.exists(ckpt) and load_checkpoint(ckpt)["config"] != cfg.to_dict():
+    if os.path.exists(ckpt) and not _same(load_checkpoint(ckpt)["config"], cfg):
         os.remove(ckpt)  # another configuration's run: start over
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=True, log=lambda *a: None)

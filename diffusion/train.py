@@ -194,7 +194,8 @@ def ot_weight(cfg: DiffusionConfig, epoch: float) -> float:
 
 class Trainer:
     """Trains a Unet on ``cfg``'s dataset; writes to ``cfg.out_dir``:
-    ``checkpoint.pt`` (every ``ckpt_every`` epochs, atomic), ``log.json``, ``log.csv``,
+    ``checkpoint.pt`` (every ``ckpt_every`` epochs, atomic; with ``save_every``, also a series
+    ``checkpoint_<epoch>.pt``), ``log.json``, ``log.csv``,
     ``curves.png``, ``samples_<epoch>.png``.  ``resume=True`` continues from the checkpoint
     exactly (model, EMA, optimizer, step/epoch, torch/numpy/python/data-order RNG states)."""
 
@@ -324,6 +325,8 @@ class Trainer:
             self.write_logs(plot=last or "ot_train" in rec)
             if last or self.epoch % cfg.ckpt_every == 0:
                 self.save(self.ckpt_path)
+            if cfg.save_every and self.epoch % cfg.save_every == 0:  # the series (passive `epochs`)
+                self.save(os.path.join(cfg.out_dir, f"checkpoint_{self.epoch:04d}.pt"))
             if rec.get("ot_train") is not None:
                 bar.write(f"epoch {self.epoch}: loss {rec['loss']:.4f} val {rec['val_loss']:.4f} "
                           f"OT(gen,train) {rec['ot_train']:.3f} OT(gen,test) {rec['ot_test']:.3f}")

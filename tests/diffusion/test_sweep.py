@@ -56,6 +56,25 @@ def test_train_seed_changes_the_model_not_the_data(tiny_cfg):
     assert torch.equal(torch.cat([p.flatten() for p in c.model.parameters()]), pa)
 
 
+def test_finished_runs_survive_new_config_fields(tiny_cfg):
+    """A result saved before a config field existed still counts as the same run."""
+    saved = json.loads(json.dumps(tiny_cfg.to_dict()))
+    saved.pop("train_seed")
+    assert sweep._same(saved, tiny_cfg)
+    assert not sweep._same({**saved, "ot_lambda": 0.5}, tiny_cfg)
+    assert not sweep._same({**saved, "removed_field": 1}, tiny_cfg)
+
+
+def test_checkpoint_series(tiny_cfg):
+    from diffusion.train import Trainer, load_model
+
+    Trainer(tiny_cfg.replace(epochs=3, save_every=2)).train()
+    out = tiny_cfg.out_dir
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint")) == ["checkpoint.pt", "checkpoint_0002.pt"]
+    model, _, cfg = load_model(os.path.join(out, "checkpoint_0002.pt"))
+    assert cfg.save_every == 2
+
+
 def _result(ot, fid, val, nn=3.0, p5=0.05, **guided):
     mem = {"nn_train_mean": nn, "below_train_p5": p5, "duplicate_frac": 0.0}
     samplers = {"plain": {"ot_train": ot, "fid_train": fid, "memorisation": mem}}
