@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dpm_ot_args(e, evaluate=True)
     from .sweep import add_parser as add_sweep_parser
     add_sweep_parser(sub)
+    from .passive import add_parser as add_passive_parser
+    add_passive_parser(sub)
     return ap
 
 
@@ -276,7 +278,9 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in evaluate's JSON
     try:
         from .sweep import cmd_sweep
-        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "sweep": cmd_sweep}[args.cmd](args)
+        from .passive import cmd_passive
+        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "sweep": cmd_sweep,
+                "passive": cmd_passive}[args.cmd](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("DIFFUSION_DEBUG"):
             raise
