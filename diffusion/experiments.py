@@ -289,7 +289,8 @@ def comparison_grid(rows, path, scale: int = 3) -> None:
 
     m = max(len(x) for _, x in rows)
     C, H, W = rows[0][1].shape[1:]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(m * (W + 1) * scale / 100 + 1.7, len(rows) * (H + 2) * scale / 100),
+    label_in = 0.3 + 0.055 * max(len(label) for label, _ in rows)  # inches for the labels (7 pt)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(m * (W + 1) * scale / 100 + label_in, len(rows) * (H + 2) * scale / 100),
                              dpi=100, squeeze=False)
     for ax, (label, x) in zip(axes[:, 0], rows):
         x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2)
@@ -303,7 +304,7 @@ def comparison_grid(rows, path, scale: int = 3) -> None:
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     width = fig.get_figwidth()
-    fig.subplots_adjust(left=min(0.6, 1.6 / width), right=0.99, top=0.99, bottom=0.01, hspace=0.15)
+    fig.subplots_adjust(left=min(0.75, (label_in - 0.1) / width), right=0.99, top=0.99, bottom=0.01, hspace=0.15)
     fig.savefig(path)
     plt.close(fig)
 

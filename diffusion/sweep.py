@@ -390,7 +390,7 @@ def _plots(results, table, out_dir):
     from .experiments import comparison_grid
     strips = []
     for name, r in results.items():
-        for sampler in ("plain", "adam"):
+        for sampler in ("plain", "sgd"):
             p = os.path.join(r["config"]["out_dir"], f"first16_{sampler}.pt")
             if os.path.exists(p) and (sampler == "plain" or name in ("baseline", "recipe")):
                 strips.append((f"{name} {sampler}", torch.load(p)))
