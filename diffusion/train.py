@@ -154,12 +154,28 @@ class OTLoss:
     def _squash(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(-1, 1) if self.squash == "clamp" else torch.tanh(x)
 
-    def __call__(self, x0_hat: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x0_hat.device.type, enabled=False):  # Sinkhorn in float32, even under AMP
-            x, ref = self._squash(x0_hat.float()), self._squash(ref.float())
+    @torch.no_grad()
+    def reference_features(self, ref: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """(M, C, H, W) reference images → what :meth:`__call__` compares x̂0 with: (M, D)
+        squashed and flattened, or embedded by the frozen net.  The Trainer computes this once
+        for all training images, so a step's references cost an index, not a forward pass."""
+        with torch.autocast(ref.device.type, enabled=False):
+            out = [self._squash(ref[i:i + batch_size].float()) for i in range(0, len(ref), batch_size)]
             if self.space == "feature":
-                x, ref = self.net.embed(x), self.net.embed(ref).detach()
-            return self.loss(x.flatten(1), ref.flatten(1))
+                out = [self.net.embed(r) for r in out]
+            return torch.cat([r.flatten(1) for r in out])
+
+    def __call__(self, x0_hat: torch.Tensor, ref: torch.Tensor | None = None,
+                 ref_features: torch.Tensor | None = None) -> torch.Tensor:
+        """S(x̂0, ref): ``ref`` images (M,C,H,W), or their :meth:`reference_features` (M, D)."""
+        if (ref is None) == (ref_features is None):
+            raise ValueError("OTLoss takes ref or ref_features, exactly one")
+        with torch.autocast(x0_hat.device.type, enabled=False):  # Sinkhorn in float32, even under AMP
+            x = self._squash(x0_hat.float())
+            if self.space == "feature":
+                x = self.net.embed(x)
+            y = self.reference_features(ref) if ref_features is None else ref_features.float()
+            return self.loss(x.flatten(1), y.detach())
 
 
 class ReferencePool:
@@ -222,7 +238,7 @@ class Trainer:
         self.ref_gen = torch.Generator().manual_seed(ts + 1)    # OT reference batches
         self.pool = ReferencePool(len(self.data.x_train), cfg.ot_pool_size, ts + 2)
         self.epoch, self.step, self.history = 0, 0, []
-        self._features, self._eval_features, self._ot_loss = None, None, None
+        self._features, self._eval_features, self._ot_loss, self._ref_features = None, None, None, None
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         if resume and os.path.exists(self.ckpt_path):
             self.load(self.ckpt_path)
@@ -259,6 +275,15 @@ class Trainer:
                                    c.ot_squash)
         return self._ot_loss
 
+    @property
+    def ref_features(self) -> torch.Tensor:
+        """(N_train, D): every training image as the feature-space OT term sees it (the guide
+        net's features of the squashed image), computed once on first use; steps index into
+        it (before: 2,000 references per step cost 2,000 forward passes, 470 s per MNIST epoch)."""
+        if self._ref_features is None:
+            self._ref_features = self.ot_loss.reference_features(self.data.x_train.to(self.device))
+        return self._ref_features
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -279,8 +304,11 @@ class Trainer:
             if w > 0:
                 keep = t < (cfg.ot_max_t or cfg.timesteps)
                 if keep.sum() >= 2:
-                    ref = d.x_train[self.pool.draw(cfg.ot_ref_batch or cfg.batch_size, idx, self.ref_gen)].to(dev)
-                    loss_ot = self.ot_loss(x0_hat[keep], ref)
+                    pick = self.pool.draw(cfg.ot_ref_batch or cfg.batch_size, idx, self.ref_gen)
+                    if cfg.ot_space == "feature":  # the frozen net's features of every training image, once
+                        loss_ot = self.ot_loss(x0_hat[keep], ref_features=self.ref_features[pick.to(dev)])
+                    else:
+                        loss_ot = self.ot_loss(x0_hat[keep], d.x_train[pick].to(dev))
                     loss = loss_eps + w * loss_ot
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

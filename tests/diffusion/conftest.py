@@ -14,6 +14,18 @@ def tiny_cfg(tmp_path):
                            progress=False, ot_pool_size=64)
 
 
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """(a seeded width-8 two-level Unet, GaussianDiffusion(T=50)): for the sampler tests."""
+    import torch
+
+    from diffusion.model import Unet
+    from diffusion.process import GaussianDiffusion
+
+    torch.manual_seed(0)
+    return Unet(8, (1, 2), resnet_blocks=1).eval(), GaussianDiffusion(50)
+
+
 def _params(module):
     import torch
     return torch.cat([p.detach().flatten() for p in module.parameters()])

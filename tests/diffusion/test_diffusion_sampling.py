@@ -29,14 +29,8 @@ def test_unet_class_conditioning():
     torch.testing.assert_close(m(x, t, y, cond_drop_mask=torch.ones(4, dtype=torch.bool)), out_u)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Unet(8, (1, 2), resnet_blocks=1).eval(), GaussianDiffusion(50)
-
-
-def test_ddim_eta0_deterministic(tiny):
-    model, d = tiny
+def test_ddim_eta0_deterministic(tiny_unet):
+    model, d = tiny_unet
     noise = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     a = ddim_sample(model, d, steps=10, eta=0.0, noise=noise, generator=torch.Generator().manual_seed(2))
     b = ddim_sample(model, d, steps=10, eta=0.0, noise=noise, generator=torch.Generator().manual_seed(3))
@@ -45,8 +39,8 @@ def test_ddim_eta0_deterministic(tiny):
     assert not torch.equal(a, c)
 
 
-def test_sampler_shapes_and_ranges(tiny):
-    model, d = tiny
+def test_sampler_shapes_and_ranges(tiny_unet):
+    model, d = tiny_unet
     g = torch.Generator().manual_seed(0)
     for x in (ddpm_sample(model, d, (3, 1, 8, 8), generator=g),
               ddim_sample(model, d, (3, 1, 8, 8), steps=7, eta=0.5, generator=g),
@@ -76,9 +70,9 @@ def test_ddim_timesteps_trailing(T, steps, t_start):
     assert ddim_timesteps(1000, 50)[:2] == [999, 979] and ddim_timesteps(1000, 50)[-1] == 19
 
 
-def test_ot_guidance_changes_only_what_it_should(tiny):
+def test_ot_guidance_changes_only_what_it_should(tiny_unet):
     """ot_scale=0 is plain DDIM; a positive scale moves the samples."""
-    model, d = tiny
+    model, d = tiny_unet
     noise = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     plain = ddim_sample(model, d, steps=5, noise=noise)
@@ -133,10 +127,10 @@ def test_ot_move_adam_uses_scale():
     assert step[0.1].abs().max() == pytest.approx(0.02, rel=1e-3)
 
 
-def test_ddim_sample_with_ot_p_and_adam(tiny):
+def test_ddim_sample_with_ot_p_and_adam(tiny_unet):
     """ot_p reaches the guidance loss (p=1 and p=2 guide differently), and Adam guidance keeps
     samples in [-1, 1]."""
-    model, d = tiny
+    model, d = tiny_unet
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     out = {p: ddim_sample_with_ot(model, d, ref, steps=4, ot_scale=0.5, ot_p=p, noise=noise,

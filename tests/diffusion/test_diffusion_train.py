@@ -52,6 +52,29 @@ def test_ot_loss_squashes_references_too(squash):
     assert grad.abs().max() < 1e-4
 
 
+def test_ot_loss_reference_features_are_the_references(tiny_cfg):
+    """Precomputed reference features (the Trainer's cache) give the same loss and gradient as
+    the images; exactly one of the two is taken."""
+    from diffusion.train import OTLoss, Trainer
+
+    tr = Trainer(tiny_cfg.replace(ot_lambda=0.1, ot_space="feature", ot_squash="tanh"))
+    loss = tr.ot_loss
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 8, 8, generator=g, requires_grad=True)
+    idx = torch.tensor([3, 7, 11, 20, 40])
+    a = loss(x, tr.data.x_train[idx])
+    (ga,) = torch.autograd.grad(a, x)
+    b = loss(x, ref_features=tr.ref_features[idx])
+    (gb,) = torch.autograd.grad(b, x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
+    assert tr.ref_features.shape == (len(tr.data.x_train), 128)
+    with pytest.raises(ValueError, match="exactly one"):
+        loss(x)
+    px = OTLoss(2, 0.35)
+    torch.testing.assert_close(px.reference_features(tr.data.x_train[idx]), tr.data.x_train[idx].flatten(1))
+
+
 def test_reference_pool_disjoint_from_batch(tiny_cfg):
     tr = Trainer(tiny_cfg)
     idx = tr.pool.idx[:40]

@@ -11,8 +11,6 @@ import diffusion.sample as sample_mod
 import diffusion.train as train_mod
 from diffusion.config import DiffusionConfig
 from diffusion.data import load_data
-from diffusion.model import Unet
-from diffusion.process import GaussianDiffusion
 from diffusion.sample import ddim_sample_with_ot
 from diffusion.train import ReferencePool, Trainer, feature_net_for, feature_net_path, feature_split
 
@@ -186,14 +184,8 @@ def test_pool_size_zero_resume_is_exact(tiny_cfg, check_resume):
 
 
 # ---------------------------------------------------------------------- unit of OT guidance
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Unet(8, (1, 2), resnet_blocks=1).eval(), GaussianDiffusion(50)
-
-
-def test_minibatch_unit_does_not_depend_on_the_split(tiny):
-    model, d = tiny
+def test_minibatch_unit_does_not_depend_on_the_split(tiny_unet):
+    model, d = tiny_unet
     noise = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     kw = dict(steps=4, ot_scale=0.5, ot_ref_n=4, ot_unit="minibatch")
@@ -211,8 +203,8 @@ def test_minibatch_unit_does_not_depend_on_the_split(tiny):
     assert (whole - plain).abs().max() > 1e-3  # the guidance did something
 
 
-def test_unit_sizes_of_the_reference_draws(tiny, monkeypatch):
-    model, d = tiny
+def test_unit_sizes_of_the_reference_draws(tiny_unet, monkeypatch):
+    model, d = tiny_unet
     sizes = []
     real = sample_mod.ot_move
 
