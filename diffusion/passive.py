@@ -684,6 +684,9 @@ def write_report(dataset: str, out_dir: str, path: str | None = None) -> str:
     return path
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-    sys.exit(main(["passive", *sys.argv[1:]]))
+if __name__ == "__main__":  # pragma: no cover  (``python -m diffusion.passive``; not through cli: no cycle)
+    import argparse
+
+    _ap = argparse.ArgumentParser(prog="python -m diffusion")
+    add_parser(_ap.add_subparsers(dest="cmd", required=True))
+    sys.exit(cmd_passive(_ap.parse_args(["passive", *sys.argv[1:]])))
