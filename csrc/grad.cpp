@@ -16,7 +16,8 @@ namespace otk {
 
 // w_j for the tile columns [0, W) of one row; sink(j, w, lanes) receives each vector (lanes
 // beyond `lanes` are zero).  Returns Σ_j w_j.
-template <typename T, int P, typename L, typename Sink>
+// Grad: the gradient's weights (p = 1: divided by C_ij); false: the plan's entries alone.
+template <typename T, int P, typename L, typename Sink, bool Grad = true>
 inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Sink&& sink) {
   constexpr int n = VT<T>::N;
   const vec<T> ie = vset(-inv), fv = vset(fe), thr = vset(T(std::sqrt(T(1e-8))));
@@ -24,7 +25,7 @@ inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Si
   auto one = [&](vec<T> c, vec<T> hv, vec<T> sv, i64 j, int lanes) {
     vec<T> w = vexp(vfma(c, ie, hv) + fv);
     if (s) w *= sv;
-    if constexpr (P == 1) w = select(c > thr, w / c, vset(T(0)));
+    if constexpr (P == 1 && Grad) w = select(c > thr, w / c, vset(T(0)));
     if (lanes < n) w = select(lanes_below<T>(lanes), w, vset(T(0)));
     acc += w;
     sink(j, w, lanes);
@@ -261,5 +262,86 @@ template void grad_online<float>(const float*, const float*, const float*, const
                                  const float*, float*, i64, i64, i64, i64, int, double, double, int);
 template void grad_online<double>(const double*, const double*, const double*, const double*, const double*,
                                   const double*, double*, i64, i64, i64, i64, int, double, double, int);
+
+// ----------------------------------------------------------------------------- plan products
+// out (B,Na,K) = Σ_j exp(h_j − C(a_i, b_j)/ε + fscale·f_i) V_j, V (B,Nb,K): the entropic plan
+// applied to V without storing it (otkernels.plan).  Each tile's weights come from the same
+// row loaders as the gradient's (GEMM cost tiles for D > 8, direct distances for D ≤ 8), then
+// one GEMM (rows × tile) · (tile × K) accumulates them into the (rows, K) block.
+template <typename T, int P, typename MakeRow>
+static void apply_rows(const T* a, const T* b, const T* h, const T* f, const T* V, T* out, i64 B, i64 Na,
+                       i64 Nb, i64 D, i64 K, double eps, double fscale, int nt, bool need_gemm_cost,
+                       MakeRow make_row) {
+  const bool direct = D <= DIRECT_MAX_D;
+  const T inv = T(1.0 / eps);
+  const T half = P == 2 ? T(0.5) : T(1);
+  ColumnTerms<T> ct(b, B, Nb, D, direct, need_gemm_cost, half);
+  const i64 R = rows_per_task(B, Na, nt, ROWS), nblk = ceil_div(Na, R);
+  struct Ctx {
+    std::vector<T> G, Wb, acc;
+  };
+  parallel_tasks(B * nblk, nt,
+                 [&] {
+                   return Ctx{std::vector<T>(need_gemm_cost ? size_t(R * COLS) : 0), std::vector<T>(size_t(R * COLS)),
+                              std::vector<T>(size_t(R * K))};
+                 },
+                 [&](i64 task, Ctx& c) {
+    const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(Na, i0 + R), nr = i1 - i0;
+    const T* aq = a + q * Na * D;
+    const T* bq = b + q * Nb * D;
+    const T* hq = h + q * Nb;
+    const T* Vq = V + q * Nb * K;
+    const T* hb = need_gemm_cost ? ct.hb.data() + q * Nb : nullptr;
+    const T* bT = direct ? ct.bT.data() + q * Nb * D : nullptr;
+    T ha[ROWS];
+    std::fill(c.acc.begin(), c.acc.begin() + nr * K, T(0));
+    if (need_gemm_cost) sqnorms(aq + i0 * D, nr, D, half, ha);
+    for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
+      const i64 W = std::min<i64>(COLS, Nb - j0);
+      if (need_gemm_cost)
+        gemm(false, true, nr, W, D, T(P == 2 ? 1 : 2), aq + i0 * D, D, bq + j0 * D, D, T(0), c.G.data(), W);
+      for (i64 i = i0; i < i1; ++i) {
+        T* wrow = c.Wb.data() + (i - i0) * W;
+        auto sink = [&](i64 j, vec<T> w, int lanes) {
+          if (lanes == VT<T>::N) vstore(wrow + j, w);
+          else vstore_part(wrow + j, w, lanes);
+        };
+        auto ld = make_row(q, i, j0, W, aq, bT ? bT + j0 : nullptr, need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
+                           need_gemm_cost ? ha[i - i0] : T(0), hb ? hb + j0 : nullptr);
+        row_weights<T, P, decltype(ld), decltype(sink)&, false>(ld, W, hq + j0, (const T*)nullptr, inv,
+                                                                 T(f[q * Na + i] * fscale), sink);
+      }
+      gemm(false, false, nr, K, W, T(1), c.Wb.data(), W, Vq + j0 * K, K, T(1), c.acc.data(), K);
+    }
+    std::copy(c.acc.begin(), c.acc.begin() + nr * K, out + (q * Na + i0) * K);
+  });
+}
+
+template <typename T>
+void plan_apply(const T* a, const T* b, const T* h, const T* f, const T* V, T* out, i64 B, i64 Na, i64 Nb,
+                i64 D, i64 K, int p, double eps, double fscale, int nt) {
+  const bool direct = D <= DIRECT_MAX_D;
+  auto run = [&](auto pc) {
+    constexpr int P = decltype(pc)::value;
+    if (direct) {
+      apply_rows<T, P>(a, b, h, f, V, out, B, Na, Nb, D, K, eps, fscale, nt, false,
+                       [D, Nb](i64, i64 i, i64, i64, const T* aq, const T* bT, const T*, T, const T*) {
+                         return CostRow<T, P, DirectRow<T>, true>{DirectRow<T>(aq + i * D, bT, Nb, int(D))};
+                       });
+    } else {
+      apply_rows<T, P>(a, b, h, f, V, out, B, Na, Nb, D, K, eps, fscale, nt, true,
+                       [](i64, i64, i64, i64, const T*, const T*, const T* G, T ha, const T* hb) {
+                         return CostRow<T, P, GemmRow<T>, false>{GemmRow<T>{G, hb, ha}};
+                       });
+    }
+  };
+  if (p == 1) run(std::integral_constant<int, 1>());
+  else run(std::integral_constant<int, 2>());
+}
+
+template void plan_apply<float>(const float*, const float*, const float*, const float*, const float*, float*, i64,
+                                i64, i64, i64, i64, int, double, double, int);
+template void plan_apply<double>(const double*, const double*, const double*, const double*, const double*, double*,
+                                 i64, i64, i64, i64, i64, int, double, double, int);
 
 }  // namespace otk

@@ -10,8 +10,10 @@ says which ``y_j`` goes with each ``x_i``:
   conventions: cost ½|x−y|² for p = 2, |x−y| for p = 1, ε = blur^p);
 * :func:`sample_pairs`: N index pairs (i, j) from either, or from the independent coupling.
 
-Everything here builds a dense N×M cost or plan: it is meant for minibatches (N·M up to a
-few million), not for whole data sets.  No gradient flows through a coupling.
+``exact_pairs`` and ``sinkhorn_plan`` build a dense N×M cost or plan on the CPU (minibatches,
+N·M up to a few million; ``sinkhorn_plan`` is the float64 reference of the plan operators).
+``sample_pairs(method="sinkhorn")`` draws from :mod:`otkernels.plan` instead: on the points'
+device (GPU included), in their dtype, with no N×M matrix.  No gradient flows through a coupling.
 """
 from __future__ import annotations
 
@@ -159,16 +161,26 @@ def _log_plan(x, y, blur, p, scaling, a, b, tol, max_iter, backend):
     return la[:, None] + lb[None, :] + f[:, None] + g[None, :] - C
 
 
+def _on_device(generator, device):
+    """``generator`` if it lives on ``device``, else a generator there seeded from it."""
+    if generator is None or generator.device == torch.device(device):
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @torch.no_grad()
 def sample_pairs(x, y, method: str = "exact", generator: torch.Generator | None = None, **kw):
     """N index pairs (i (N,), j (N,)) long on x's device: x_{i_k} goes with y_{j_k}; i = 0..N−1.
 
     ``method``: ``"exact"`` — :func:`exact_pairs` (a permutation when N = M); ``"sinkhorn"`` —
-    for each i, j drawn from row i of :func:`sinkhorn_plan` (``kw``: its blur, p, scaling,
-    a, b, tol, max_iter, backend; same defaults), so some y_j may be used twice and others
-    not at all; ``"independent"`` — a random permutation of y (N = M), the first N of one
-    (N < M), or uniform draws (N > M).
-    Randomness comes from ``generator`` (a CPU generator; None: torch's global RNG).
+    for each i, j drawn from row i of the entropic plan (``kw``: blur, p, scaling, a, b, tol,
+    max_iter, backend; the defaults of :func:`sinkhorn_plan`), by
+    :meth:`otkernels.plan.TransportPlan.sample` on the points' device without a dense plan,
+    so some y_j may be used twice and others not at all; ``"independent"`` — a random
+    permutation of y (N = M), the first N of one (N < M), or uniform draws (N > M).
+    Randomness comes from ``generator`` (a CPU generator, or one on the points' device;
+    None: torch's global RNG).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -184,7 +196,14 @@ def sample_pairs(x, y, method: str = "exact", generator: torch.Generator | None 
     if method == "sinkhorn":
         kw = {"blur": 0.05, "p": 2, "scaling": 0.9, "a": None, "b": None, "tol": 1e-6, "max_iter": 2000,
               "backend": "auto", **kw}
-        return i, _rows(_log_plan(x, y, **kw), generator, log=True).to(x.device)
+        from .plan import transport_plan
+
+        if kw["p"] not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {kw['p']!r}")
+        a = _check_weight("a", kw.pop("a"), N, x)
+        b = _check_weight("b", kw.pop("b"), M, x)
+        plan = transport_plan(x, y, a, b, **kw)
+        return i, plan.sample(1, generator=_on_device(generator, x.device))[:, 0]
     if N <= M:
         j = torch.randperm(M, generator=generator)[:N]
     else:

@@ -271,3 +271,142 @@ class _KernelSum(torch.autograd.Function):
                 if ny:
                     gy[:, j0:j1] += 2 * diff_sum(W.transpose(1, 2), yt, xt, inplace=True)
         return gx, gy, gb, None
+
+
+# ----------------------------------------------------------------------------- plan operators
+# The entropic plan π_ij = exp(u_i + v_j − C(x_i, y_j)/ε) (otkernels.plan), by tiles: never an
+# N×M matrix.  plan_apply is this backend's fused-free version of the plan product; the
+# backward, the sampler and the top-k below are the torch tile engine every backend's plan
+# uses (they run on any device).
+
+def _plan_tiles(B, N, M, width=1):
+    """Row and column blocks of a (B,N,M) plan whose tiles hold ≤ TILE·… elements, with
+    ``width`` values per entry (a K-column product, k Gumbel draws)."""
+    bm = max(1, min(M, MAX_COLS, TILE // max(1, B * width)))
+    bn = max(1, min(N, TILE // max(1, B * bm * width)))
+    return _blocks(N, bn), _blocks(M, bm)
+
+
+def _finite_or_zero(m):
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+@torch.no_grad()
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j``: x (B,N,D), y (B,M,D), u (B,N), v (B,M),
+    V (B,M,K) -> (B,N,K); online over column blocks (a running row maximum rescales the
+    (rows, K) accumulator, FlashAttention's output update), so large u, v do not overflow
+    when the result is representable.  ``precision`` is ignored (the input dtype)."""
+    from ..costs import make_cost
+
+    cost = make_cost(p, None)
+    B, N, M, K = x.shape[0], x.shape[1], y.shape[1], V.shape[2]
+    out = V.new_zeros(B, N, K)
+    rows, cols = _plan_tiles(B, N, M)
+    floor = _exp_floor(x.dtype)
+    for i0, i1 in rows:
+        mx, acc = None, None
+        for j0, j1 in cols:
+            L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])
+            tmax = L.amax(2, keepdim=True)
+            if mx is None:
+                mx = tmax
+            else:
+                new = torch.maximum(mx, tmax)
+                acc.mul_((mx - _finite_or_zero(new)).clamp_(min=floor).exp_())
+                mx = new
+            W = L.sub_(_finite_or_zero(mx)).clamp_(min=floor).exp_()
+            W.masked_fill_(torch.isneginf(mx).expand_as(W), 0.0)
+            acc = torch.bmm(W, V[:, j0:j1]) if acc is None else acc.baddbmm_(W, V[:, j0:j1])
+        out[:, i0:i1] = acc * (u[:, i0:i1, None] + _finite_or_zero(mx)).exp()
+    return out
+
+
+@torch.no_grad()
+def plan_backward(x, y, r, v, V, G, eps, p=2, c=None, need=(True, True, True, True)):
+    """Backward of ``S_i = Σ_j π_ij V_j``, π_ij = exp(r_i + v_j − C(x_i, y_j)/ε), for an upstream
+    gradient G (B,N,K), with r treated as given: ``(dx (B,N,D), dy (B,M,D), dv (B,M),
+    dV (B,M,K))`` (None where ``need`` is False).  ``c`` (B,N): a per-row offset subtracted
+    from G_i·V_j — ``G_i·S_i`` for the row-normalised product (r = −log-sum-exp), whose
+    softmax derivative it is.  Per tile: W_ij = π_ij (G_i·V_j − c_i); dL_ij = W_ij with
+    L_ij = v_j − C_ij/ε, so dx_i = −Σ_j W_ij ∇_x C_ij / ε, dy_j = −Σ_i W_ij ∇_y C_ij / ε,
+    dv_j = Σ_i W_ij, dV_j = Σ_i π_ij G_i.  O(tile) memory."""
+    from ..costs import make_cost
+
+    cost = make_cost(p, None)
+    nx, ny, nv, nV = need
+    B, N, M, K = x.shape[0], x.shape[1], y.shape[1], V.shape[2]
+    dx = torch.zeros_like(x) if nx else None
+    dy = torch.zeros_like(y) if ny else None
+    dv = torch.zeros_like(v) if nv else None
+    dV = torch.zeros_like(V) if nV else None
+    rows, cols = _plan_tiles(B, N, M)
+    floor = _grad_floor(x.dtype)
+    for i0, i1 in rows:
+        for j0, j1 in cols:
+            xt, yt = x[:, i0:i1], y[:, j0:j1]
+            C = cost(xt, yt)
+            P = (r[:, i0:i1, None] + v[:, None, j0:j1] - C / eps).clamp_(min=floor).exp_()
+            if nV:
+                dV[:, j0:j1] += torch.bmm(P.transpose(1, 2), G[:, i0:i1])
+            if not (nx or ny or nv):
+                continue
+            W = torch.bmm(G[:, i0:i1], V[:, j0:j1].transpose(1, 2))      # G_i·V_j
+            if c is not None:
+                W.sub_(c[:, i0:i1, None])
+            W.mul_(P)
+            if nv:
+                dv[:, j0:j1] += W.sum(1)
+            if nx:
+                dx[:, i0:i1] -= cost.apply_grad(W, xt, yt, C) / eps
+            if ny:
+                dy[:, j0:j1] -= cost.apply_grad(W.transpose(1, 2), yt, xt, C.transpose(1, 2)) / eps
+    return dx, dy, dv, dV
+
+
+@torch.no_grad()
+def plan_sample(x, y, v, eps, k, p=2, generator=None):
+    """k column indices per row, j ~ π_i· ∝ exp(v_j − C(x_i, y_j)/ε), by the Gumbel-max trick
+    over column tiles (the maximum over disjoint tiles composes): (B,N,k) long.  Noise from
+    ``generator`` (on the points' device; None: torch's global generator)."""
+    from ..costs import make_cost
+
+    cost = make_cost(p, None)
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    best = x.new_full((B, N, k), float("-inf"))
+    idx = torch.zeros(B, N, k, dtype=torch.long, device=x.device)
+    rows, cols = _plan_tiles(B, N, M, width=k)
+    for i0, i1 in rows:
+        for j0, j1 in cols:
+            L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])     # (B,n,m)
+            g = torch.rand(B, i1 - i0, j1 - j0, k, dtype=x.dtype, device=x.device, generator=generator)
+            g = g.clamp_(min=torch.finfo(x.dtype).tiny).log_().neg_().log_().neg_()       # Gumbel(0, 1)
+            val, arg = (g.add_(L[..., None])).max(2)                                        # (B,n,k)
+            take = val > best[:, i0:i1]
+            best[:, i0:i1] = torch.where(take, val, best[:, i0:i1])
+            idx[:, i0:i1] = torch.where(take, arg + j0, idx[:, i0:i1])
+    return idx
+
+
+@torch.no_grad()
+def plan_topk(x, y, u, v, eps, k, p=2):
+    """The k largest entries of each row of π = exp(u_i + v_j − C(x_i, y_j)/ε): values
+    (B,N,k) and column indices (B,N,k) long, in decreasing order; a running top-k merged
+    over column tiles."""
+    from ..costs import make_cost
+
+    cost = make_cost(p, None)
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    vals = x.new_full((B, N, k), float("-inf"))
+    idx = torch.zeros(B, N, k, dtype=torch.long, device=x.device)
+    rows, cols = _plan_tiles(B, N, M)
+    for i0, i1 in rows:
+        for j0, j1 in cols:
+            L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])
+            tv, ti = L.topk(min(k, j1 - j0), dim=2)
+            cv = torch.cat([vals[:, i0:i1], tv], 2)
+            ci = torch.cat([idx[:, i0:i1], ti + j0], 2)
+            top, pos = cv.topk(k, dim=2)
+            vals[:, i0:i1], idx[:, i0:i1] = top, ci.gather(2, pos)
+    return (vals + u[:, :, None]).exp_(), idx
+

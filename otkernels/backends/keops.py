@@ -205,6 +205,19 @@ class _SoftminGrad(torch.autograd.Function):
         return G * g[:, :, None].to(G.dtype), None, None, None
 
 
+@torch.no_grad()
+@_heal_cache
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j``: x (B,N,D), y (B,M,D), u (B,N), v (B,M),
+    V (B,M,K) -> (B,N,K): one KeOps sum reduction (the plan's front passes u with the row
+    log-sum-exp removed, so the exponentials are ≤ 1)."""
+    xd, yd = _float(x.detach()), _float(y.detach())
+    dt = xd.dtype
+    x_i, y_j = _i(xd), _j(yd)
+    L = _i(u.to(dt)) + _j(v.to(dt)) - _cost(x_i, y_j, p) * _param(1 / eps, xd)
+    return (L.exp() * _j(V.to(dt))).sum(dim=2).to(x.dtype)
+
+
 def _single_point(x, y):
     """A cloud of one point: KeOps reads an axis of size 1 as a parameter, not an ``i``/``j``
     variable (its reductions then return the wrong shape), so such calls run on ``blocked``'s

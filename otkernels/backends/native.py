@@ -408,6 +408,18 @@ def kernel_sum_raw(x, y, w, kernel, blur, g=None, value=True, grad=False):
     return _ext().kernel_sum(x, y, w, g, KERNELS[kernel], float(blur), bool(value), bool(grad))
 
 
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j``: x (B,N,D), y (B,M,D), u (B,N), v (B,M),
+    V (B,M,K) -> (B,N,K), the cost computed on the fly in tiles (one GEMM per tile for the
+    weights times V); never an N×M matrix.  ``precision`` is ignored (the input dtype)."""
+    x, y = _pair(x, y)
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    u = _vec("u", u, B, N, x.dtype)
+    v = _vec("v", v, B, M, x.dtype)
+    V = _points("V", V, x.dtype)
+    return _ext().plan_apply(x, y, v, u, V, float(eps), int(p), 1.0)
+
+
 def _assign(x, y, h, mode):
     x, y = _pair(x, y)
     if y.shape[1] == 0:

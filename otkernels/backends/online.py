@@ -35,3 +35,9 @@ def cost_handles(x, y, cost, debias=True, cache=None):
 def kernel_sum(x, y, b, kernel):
     """``Σ_j k(x_i, y_j) b_j``: native's or blocked's (neither stores the kernel matrix)."""
     return (_native(x, y, b) or blocked).kernel_sum(x, y, b, kernel)
+
+
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """The plan product (see ``blocked.plan_apply``): native's on CPU tensors, else blocked's."""
+    return (_native(x, y, V) or blocked).plan_apply(x, y, u, v, V, eps, p)
+

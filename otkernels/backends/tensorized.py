@@ -51,3 +51,16 @@ def cost_handles(x, y, cost, debias=True):
 def kernel_sum(x, y, b, kernel):
     """``Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D), b (B,M) -> (B,N); full autograd."""
     return (kernel(x, y) @ b.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j``: x (B,N,D), y (B,M,D), u (B,N), v (B,M),
+    V (B,M,K) -> (B,N,K), from the dense log-plan (each row shifted by its maximum)."""
+    from ..costs import make_cost
+
+    L = v[:, None, :] - make_cost(p, None)(x, y) / eps                    # (B,N,M)
+    m = L.amax(2, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))          # all −inf rows give 0
+    return torch.bmm((L - m).exp_(), V) * (u[:, :, None] + m).exp()
+
