@@ -32,8 +32,9 @@ import time
 
 import torch
 
-from .passive_sets import (Metrics, Novelty, add_noise, diversity_sets, gaussian_blur, max_diversity_n,
-                           missing_class_sets, mixture_sets, novelty_short, spearman)
+from .passive_sets import (PM, Metrics, Novelty, add_noise, beyond_noise, combine_seeds, diversity_sets,
+                           gaussian_blur, max_diversity_n, missing_class_sets, mixture_sets, novelty_short, reversals,
+                           spearman)
 
 EXPERIMENTS = ("diversity", "blur", "noise", "mixture", "missing-classes", "epochs", "memorization")
 BLUR_SIGMAS = {"digits": (0.0, 0.3, 0.6, 1.0, 1.5, 2.0), "mnist": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)}
@@ -53,11 +54,11 @@ class Context:
                  n_gen=None, steps=None, blurs=(0.05,), p=2, scaling=0.5, normalize=False, work=None,
                  feature_epochs=None, log=print):
         from .config import DiffusionConfig, preset
-        from .data import balanced_indices, load_data
+        from .data import load_data
         from .features import embed
         from .train import feature_net_for, feature_net_info
 
-        self.dataset, self.quick, self.seed, self.log = dataset, quick, seed, log
+        self.dataset, self.quick, self.seed, self.log, self.ckpt = dataset, quick, seed, log, ckpt
         self.work = work or os.path.join("runs", f"passive-{dataset}")
         if ckpt:  # the checkpoint's data: its training images are what "training images" means
             from .checkpoint import load_checkpoint
@@ -86,19 +87,41 @@ class Context:
         self.n = n or (500 if big and quick else 1000)
         self.n_gen = n_gen or (500 if quick else 1000)
         self.steps = steps or (20 if quick else 50)
+        self.held_x, self.held_y = torch.cat([d.x_val, d.x_test]), torch.cat([d.y_val, d.y_test])
+        self.train_f, self.held_f = self._features()
+        self.metrics = Metrics(blurs, p, scaling, normalize)
+        self._split(seed)
+        self._shared = {}  # the novelty reference, shared with the reseeded copies
+        self.setup_s, self.setup_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+
+    def _split(self, seed: int) -> None:
+        """The seeded reference / pool split of the training images (and the MMD bandwidth,
+        fixed on the reference).  The data split itself (training / validation / test) is the
+        checkpoint's (``cfg.seed``) and does not change with ``seed``."""
+        from .data import balanced_indices
+
+        d = self.data
         ref = balanced_indices(d.y_train, self.n_ref, seed)
         mask = torch.ones(len(d.y_train), dtype=torch.bool)
         mask[ref] = False
         self.ref_idx, self.pool_idx = ref, torch.nonzero(mask).flatten()
         self.ref_x, self.ref_y = d.x_train[ref], d.y_train[ref]
         self.pool_x, self.pool_y = d.x_train[mask], d.y_train[mask]
-        self.held_x, self.held_y = torch.cat([d.x_val, d.x_test]), torch.cat([d.y_val, d.y_test])
-        self.train_f, self.held_f = self._features()
         self.ref_f, self.pool_f = self.train_f[ref], self.train_f[mask]
-        self.metrics = Metrics(blurs, p, scaling, normalize)
+        self.metrics = Metrics(self.metrics.blurs, self.metrics.p, self.metrics.scaling, self.metrics.normalize)
         self.metrics.fix_bandwidth(self.ref_f)
-        self._novelty = None
-        self.setup_s, self.setup_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+
+    def reseeded(self, seed: int) -> "Context":
+        """This context under another seed: a new reference / pool split, and the sets, noise
+        and generated samples drawn from it; the data split, eval net, features and novelty
+        reference are shared (nothing is recomputed)."""
+        import copy
+
+        c = copy.copy(self)
+        c.seed = seed
+        c._split(seed)
+        c.setup_s = c.setup_cpu_s = 0.0
+        return c
 
     def _features(self):
         """Eval-net features of all training and held-out images, cached under ``<work>/``
@@ -117,16 +140,26 @@ class Context:
 
     @property
     def novelty(self) -> Novelty:
-        if self._novelty is None:
-            self._novelty = Novelty(self.data.x_train, self.train_f, self.held_x, self.held_f)
-        return self._novelty
+        if "novelty" not in self._shared:
+            self._shared["novelty"] = Novelty(self.data.x_train, self.train_f, self.held_x, self.held_f)
+        return self._shared["novelty"]
+
+    def split_info(self) -> dict:
+        """Which training images: the config fields :func:`~diffusion.data.load_data` was called
+        with (the checkpoint's when there is one -- the trainer's own call) and a digest of the
+        training indices, so runs on different splits can be told apart."""
+        c, d = self.cfg, self.data
+        idx = getattr(d, "train_idx", None)
+        digest = hashlib.sha1(idx.numpy().tobytes()).hexdigest()[:12] if idx is not None else None
+        return {"from": "checkpoint" if self.ckpt else "preset", "n_train": c.n_train, "n_val": c.n_val,
+                "n_test": c.n_test, "seed": c.seed, "train_idx_sha1": digest}
 
     def info(self) -> dict:
         d = self.data
         return {"dataset": self.dataset, "quick": self.quick, "seed": self.seed, "n_set": self.n, "n_ref": self.n_ref,
                 "n_gen": self.n_gen, "ddim_steps": self.steps, "n_train": len(d.x_train), "n_pool": len(self.pool_x),
                 "n_held_out": len(self.held_x), "image_shape": list(d.shape),
-                "eval_feature_net": self.net_info, "sinkhorn": self.metrics.settings(),
+                "eval_feature_net": self.net_info, "sinkhorn": self.metrics.settings(), "data_split": self.split_info(),
                 "threads": torch.get_num_threads()}
 
     @torch.no_grad()
@@ -395,7 +428,9 @@ def plot_experiment(name: str, res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    res = seed_view(res)  # means over the seeds; OT / FID lines carry their std as error bars
     rows = res["rows"]
+    sd = lambda vals: [getattr(v, "sd", 0.0) for v in vals]  # noqa: E731
     fig, axes = plt.subplots(1, 3, figsize=(9, 2.4))
     if name == "memorization":
         labels = [r["set"] for r in rows]
@@ -414,8 +449,10 @@ def plot_experiment(name: str, res: dict, path: str) -> None:
             if name == "epochs":
                 xs = [r["epoch"] for r in sub]
                 for part in ("train", "held_out"):
-                    axes[0].plot(xs, [r[part]["ot"] for r in sub], marker=".", label=f"OT gen-{part}")
-                    axes[1].plot(xs, [r[part]["fid"] for r in sub], marker=".", label=f"FID gen-{part}")
+                    v = [r[part]["ot"] for r in sub]
+                    axes[0].errorbar(xs, v, yerr=sd(v), marker=".", capsize=2, label=f"OT gen-{part}")
+                    v = [r[part]["fid"] for r in sub]
+                    axes[1].errorbar(xs, v, yerr=sd(v), marker=".", capsize=2, label=f"FID gen-{part}")
                 axes[0].axhline(res["baseline"]["ot"], ls=":", c="k", label="train-held")
                 axes[1].axhline(res["baseline"]["fid"], ls=":", c="k")
                 axes[2].plot(xs, [r["novelty"]["near_copy_share_p"] for r in sub], marker=".", label="near-copy px")
@@ -423,7 +460,8 @@ def plot_experiment(name: str, res: dict, path: str) -> None:
                 continue
             xs = [r[res["param"]] for r in sub]
             for k in [k for k in sub[0] if k.startswith("ot_b")]:
-                axes[0].plot(xs, [r[k] for r in sub], marker=".", label=k.replace("ot_b", "OT blur ") + tag)
+                v = [r[k] for r in sub]
+                axes[0].errorbar(xs, v, yerr=sd(v), marker=".", capsize=2, label=k.replace("ot_b", "OT blur ") + tag)
             for k in ("mmd2", "fid"):
                 v = [r[k] for r in sub]
                 mx = max(abs(t) for t in v) or 1
@@ -431,9 +469,11 @@ def plot_experiment(name: str, res: dict, path: str) -> None:
             for k in ("precision", "recall", "coverage"):
                 axes[2].plot(xs, [r[k] for r in sub], marker=".", label=k + tag)
             if name == "mixture":
-                axes[0].plot(xs, [r["copier"]["ot"] for r in sub], marker="x", label="OT copier")
+                v = [r["copier"]["ot"] for r in sub]
+                axes[0].errorbar(xs, v, yerr=sd(v), marker="x", capsize=2, label="OT copier")
             if any("gen" in r for r in sub):
-                axes[0].plot(xs, [r["gen"]["ot"] for r in sub], marker="x", label="OT generated")
+                v = [r["gen"]["ot"] for r in sub]
+                axes[0].errorbar(xs, v, yerr=sd(v), marker="x", capsize=2, label="OT generated")
         for ax in axes:
             ax.set_xlabel("epoch" if name == "epochs" else res["param"], fontsize=7)
         axes[0].set_yscale("log" if name != "epochs" else "linear")
@@ -466,6 +506,9 @@ def add_parser(sub) -> None:
     p.add_argument("--scaling", type=float, default=0.5, help="ε-scaling factor (0.5 or 0.9)")
     p.add_argument("--normalize", action="store_true", help="OT on L2-normalised features")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None, help="several seeds, comma-separated (0,1,2): each experiment runs once "
+                                                 "per seed (reference, sets, noise, samples); the report shows the "
+                                                 "mean ± std and judges differences against that spread")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: multi-threaded eigh is "
                                                           "pathologically slow on a busy CPU; 0: torch's default)")
     p.add_argument("--out", default=None, help="folder of the JSON / PNGs (default reports/<dataset>/passive)")
@@ -478,11 +521,52 @@ def _command(args) -> str:
     return "python -m diffusion " + shlex.join(argv) if argv else "python -m diffusion passive " + args.experiment
 
 
-def run_experiment(name: str, ctx: Context, args, out_dir: str) -> dict:
+SEED_KEYS = ("rows", "orders", "gen_orders", "copier_orders", "baseline")  # what each extra seed keeps
+
+
+def parse_seeds(args) -> list[int]:
+    """``--seeds 0,1,2`` (else ``[--seed]``)."""
+    if getattr(args, "seeds", None):
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+        if len(set(seeds)) != len(seeds) or not seeds:
+            raise ValueError(f"--seeds must be distinct integers, got {args.seeds!r}")
+        return seeds
+    return [args.seed]
+
+
+def run_seeds(name: str, ctx: Context, target, out_dir: str | None, seeds) -> dict:
+    """The experiment once per seed (``ctx`` is the first seed's; the others are
+    :meth:`Context.reseeded` copies): the first seed's result, with ``seeds`` and the other
+    seeds' :data:`SEED_KEYS` under ``seed_runs`` when there are several."""
+    seeds = list(seeds)
+    if seeds[0] != ctx.seed:
+        raise ValueError(f"the context's seed is {ctx.seed}, the first of --seeds {seeds[0]}")
+    res = RUNNERS[name](ctx, target, out_dir)
+    if len(seeds) > 1:
+        extra = []
+        for s in seeds[1:]:
+            r = RUNNERS[name](ctx.reseeded(s), target, None)
+            extra.append({"seed": s, **{k: r[k] for k in SEED_KEYS if k in r}})
+        res["seeds"], res["seed_runs"] = seeds, extra
+    return res
+
+
+def seed_view(res: dict) -> dict:
+    """``res`` with the :data:`SEED_KEYS` of all its seeds combined (:func:`combine_seeds`):
+    every figure a :class:`PM` (the mean, with per-seed ``values`` and ``sd``), also for a
+    one-seed result (sd 0)."""
+    if res.get("combined"):
+        return res
+    runs = [{k: res[k] for k in SEED_KEYS if k in res}] + [{k: r[k] for k in SEED_KEYS if k in r}
+                                                          for r in res.get("seed_runs", [])]
+    return {**res, **combine_seeds(runs), "seeds": res.get("seeds", [res.get("seed", 0)]), "combined": True}
+
+
+def run_experiment(name: str, ctx: Context, args, out_dir: str, seeds=None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     target = args.ckpts if name == "epochs" else args.ckpt
-    res = RUNNERS[name](ctx, target, out_dir)
+    res = run_seeds(name, ctx, target, out_dir, seeds or [ctx.seed])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     res = {"experiment": name, "command": _command(args), "wall_s": round(wall + ctx.setup_s, 1),
            "cpu_s": round(cpu + ctx.setup_cpu_s, 1),
@@ -508,49 +592,153 @@ def cmd_passive(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ck = args.ckpt or (expand_ckpts(args.ckpts)[:1] or [None])[0] if args.experiment == "epochs" else args.ckpt
-    ctx = Context(args.dataset, args.data_path, ck, args.quick, args.seed, args.n, args.n_ref, args.n_gen, args.steps,
+    seeds = parse_seeds(args)
+    ctx = Context(args.dataset, args.data_path, ck, args.quick, seeds[0], args.n, args.n_ref, args.n_gen, args.steps,
                   [float(b) for b in str(args.blur).split(",") if b.strip()], args.p, args.scaling, args.normalize,
                   args.work)
     names = [e for e in EXPERIMENTS if e != "epochs"] if args.experiment == "all" else [args.experiment]
     for name in names:
-        res = run_experiment(name, ctx, args, out_dir)
+        res = run_experiment(name, ctx, args, out_dir, seeds)
         print(f"{name}: {res['wall_s']} s; " + "; ".join(_check_lines(res)))
     return 0
 
 
 # ---------------------------------------------------------------------- report
+def _n_seeds(v) -> int:
+    return len(getattr(v, "values", [v]))
+
+
+def _seed_note(v) -> str:
+    """' (−1.00..−0.98 over 3 seeds)' for a figure of several seeds, else ''."""
+    vals = getattr(v, "values", [v])
+    return f" ({min(vals):+.2f}..{max(vals):+.2f} over {len(vals)} seeds)" if len(vals) > 1 else ""
+
+
+def _order_verdict(rho, want: int) -> str:
+    """Each seed's ρ against the expected order (|ρ| ≥ 0.9 in direction ``want``)."""
+    vals = [v for v in getattr(rho, "values", [rho]) if math.isfinite(v)]
+    good = sum((v <= -0.9) if want < 0 else (v >= 0.9) for v in vals)
+    if vals and good == len(vals):
+        return "as expected" + (f" in all {len(vals)} seeds" if len(vals) > 1 else "")
+    return "NOT as expected" if good == 0 else f"as expected in {good} of {len(vals)} seeds only"
+
+
+def _rho_line(label: str, rho, want: int | None = None) -> str:
+    line = f"{label} ρ = {float(rho):+.2f}{_seed_note(rho)}"
+    return line + (f" ({_order_verdict(rho, want)})" if want else "")
+
+
+def _noise_word(v: int, n: int) -> str:
+    return "one seed: no noise estimate" if n < 2 else ("beyond seed noise" if v else "within seed noise")
+
+
+def _reversal_line(rows, get, want: int, label, what: str) -> str | None:
+    """Where the mean curve of ``get(row)`` moves against the expected direction, each step
+    judged against the seeds (:func:`~diffusion.passive_sets.reversals`)."""
+    vals = [get(r) for r in rows]
+    if any(v is None for v in vals):
+        return None
+    revs = reversals(vals, want)
+    if not revs:
+        return None
+    n = _n_seeds(vals[0])
+    return (f"{what} moves against the expected order at " +
+            ", ".join(f"{label(rows[i])} → {label(rows[i + 1])} ({_noise_word(v < 0, n)})" for i, v in revs))
+
+
+def _trend_line(label: str, first, last) -> str:
+    """The end-to-end change of a curve expected flat (mixtures), judged against the seeds."""
+    a, b = getattr(first, "values", [first]), getattr(last, "values", [last])
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    sd = float(torch.tensor(d, dtype=torch.float64).std()) if len(d) > 1 else 0.0
+    v = beyond_noise(d)
+    rel = 100 * mean / float(first) if float(first) else float("nan")
+    if len(d) < 2:
+        verdict = ("falls" if mean < 0 else "rises") + " (one seed: no noise estimate)"
+    else:
+        verdict = {-1: "falls beyond seed noise", 1: "rises beyond seed noise", 0: "flat within seed noise"}[v]
+    return f"{label}: D10 − D0 = {mean:+.3g}" + (f" ± {sd:.2g}" if len(d) > 1 else "") + f" ({rel:+.1f} %), {verdict}"
+
+
+def _closest_line(rows, label, what="generated set closest (OT) to") -> str:
+    n = _n_seeds(rows[0]["gen"]["ot"])
+    picks = [label(min(rows, key=lambda r: getattr(r["gen"]["ot"], "values", [r["gen"]["ot"]])[s])) for s in range(n)]
+    return f"{what} {', '.join(picks)}" + (" (per seed)" if n > 1 else "")
+
+
+_LABELS = {"diversity": lambda r: r["set"], "blur": lambda r: f"σ {float(r['sigma']):g}",
+           "missing-classes": lambda r: f"k {int(r['k'])}", "noise": lambda r: f"σ {float(r['sigma']):g}"}
+
+
 def _check_lines(res: dict) -> list[str]:
-    """Plain verdicts: each expected order against the measured Spearman ρ."""
+    """Plain verdicts: each expected order against the measured Spearman ρ (per seed), the
+    steps that go against it and whether they exceed the seeds' spread; mixtures' and the
+    epochs gap's end-to-end changes against the seeds' spread."""
+    res = seed_view(res)
     name, out = res["experiment"], []
     want = {"diversity": -1, "blur": 1, "missing-classes": 1}.get(name)
+    label = _LABELS.get(name)
     if want:
         for k, rho in res["orders"].items():
             if not math.isfinite(rho) or k == "ot":  # "ot" is the first blur's ot_b<blur>
                 continue
-            good = (rho <= -0.9) if want < 0 else (rho >= 0.9)
-            if k.startswith("ot") or not good:
-                out.append(f"{k}: ρ = {rho:+.2f} vs {res['param']} ({'as expected' if good else 'NOT as expected'})"
-                           if k.startswith("ot") or k in ("mmd2", "fid") else f"{k}: ρ = {rho:+.2f}")
+            good = _order_verdict(rho, want).startswith("as expected")
+            if k.startswith("ot") or k in ("mmd2", "fid") or not good:
+                out.append(_rho_line(f"{k}:", rho, want if (k.startswith("ot") or k in ("mmd2", "fid")) else None))
+        for key, what in (("ot", "OT"), ("fid", "FID")):
+            line = _reversal_line(res["rows"], lambda r, key=key: r.get(key), want, label, what)
+            if line:
+                out.append(line)
+        if res.get("gen_orders"):
+            out.append(_rho_line("OT(generated, each set)", res["gen_orders"].get("ot", float("nan"))))
+            if name in ("diversity", "blur"):
+                out.append(_closest_line(res["rows"], label))
     elif name == "noise":
         for sp, o in res["orders"].items():
             for k, rho in o.items():
                 if k.startswith("ot_b"):
-                    out.append(f"{k} {sp} noise ρ = {rho:+.2f} ({'as expected' if rho >= 0.9 else 'NOT as expected'})")
+                    out.append(_rho_line(f"{k} {sp} noise", rho, 1))
+            line = _reversal_line([r for r in res["rows"] if r["space"] == sp], lambda r: r.get("ot"), 1, label,
+                                  f"OT ({sp})")
+            if line:
+                out.append(line)
     elif name == "mixture":
-        o, c = res["orders"].get("ot"), res["copier_orders"].get("ot")
-        out.append(f"OT(train ref, D_k) ρ = {o:+.2f}; OT(copier, D_k) ρ = {c:+.2f}")
+        rows = res["rows"]
+        out.append(_rho_line("OT(train ref, D_k)", res["orders"].get("ot")))
+        out.append(_trend_line("OT(train ref, D_k)", rows[0]["ot"], rows[-1]["ot"]))
+        out.append(_rho_line("OT(copier, D_k)", res["copier_orders"].get("ot")))
+        out.append(_trend_line("OT(copier, D_k)", rows[0]["copier"]["ot"], rows[-1]["copier"]["ot"]))
         if res.get("gen_orders"):
-            out.append(f"OT(generated, D_k) ρ = {res['gen_orders'].get('ot', float('nan')):+.2f}")
+            out.append(_rho_line("OT(generated, D_k)", res["gen_orders"].get("ot", float("nan"))))
+            out.append(_trend_line("OT(generated, D_k)", rows[0]["gen"]["ot"], rows[-1]["gen"]["ot"]))
     elif name == "memorization":
         for r in res["rows"]:
-            out.append(f"{r['set']}: near copies {r['pixel']['near_copy_share']:.2f} px / "
-                       f"{r['feature']['near_copy_share']:.2f} feat")
+            px, ft = r["pixel"]["near_copy_share"], r["feature"]["near_copy_share"]
+            pm = lambda v: f"{float(v):.2f}" + (f" ± {v.sd:.2f}" if getattr(v, "sd", 0) else "")  # noqa: E731
+            out.append(f"{r['set']}: near copies {pm(px)} px / {pm(ft)} feat")
     elif name == "epochs":
-        out.append(f"OT(gen, train) vs epoch ρ = {res['orders']['train'].get('ot', float('nan')):+.2f}")
+        rows = res["rows"]
+        out.append(_rho_line("OT(gen, train) vs epoch", res["orders"]["train"].get("ot", float("nan")), -1))
+        b = res["baseline"]
+        out.append(f"baseline OT(train, held-out) {_fmt(b['ot'])}, FID {_fmt(b['fid'])}")
+        n = _n_seeds(rows[0]["gap"]["ot"]) if rows else 1
+        for key, what in (("ot", "OT"), ("fid", "FID")):
+            signs = [beyond_noise(getattr(r["gap"][key], "values", [r["gap"][key]])) for r in rows]
+            groups = {s: [str(int(r["epoch"])) for r, v in zip(rows, signs) if v == s] for s in (-1, 1, 0)}
+            if n < 2:
+                out.append(f"{what} gap (held-out − train) < 0 at epochs {', '.join(groups[-1]) or 'none'}, > 0 at "
+                           f"{', '.join(groups[1]) or 'none'} (one seed: no noise estimate)")
+            else:
+                out.append(f"{what} gap (held-out − train) < 0 beyond seed noise at epochs {', '.join(groups[-1]) or 'none'}; "
+                           f"> 0 beyond noise at {', '.join(groups[1]) or 'none'}; within noise at "
+                           f"{', '.join(groups[0]) or 'none'}")
     return out
 
 
 def _fmt(v):
+    if isinstance(v, PM) and v.sd > 0:
+        return f"{_fmt(float(v))} ± {v.sd:.2g}"
     if isinstance(v, bool) or v is None:
         return str(v)
     if isinstance(v, float):
@@ -571,14 +759,17 @@ def _metric_cols(blurs, prefix=None, short=False):
     shown = (list(blurs[:1]) + list(blurs[-1:] if len(blurs) > 1 else [])) if short else blurs
     cols = [(f"OT b{b:g}", lambda r, b=b: get(r, f"ot_b{b:g}")) for b in shown]
     keys = ("fid",) if short else ("mmd2", "fid", "precision", "recall", "density", "coverage")
-    return cols + [(k, lambda r, k=k: get(r, k)) for k in keys]
+    plain = lambda v: float(v) if isinstance(v, PM) else v  # noqa: E731  (± only on OT, MMD², FID)
+    return cols + [(k, (lambda r, k=k: get(r, k)) if k in ("mmd2", "fid") else (lambda r, k=k: plain(get(r, k))))
+                   for k in keys]
 
 
 def _nov_cols(prefix):
-    return [("near-copy px", lambda r: r[prefix]["novelty"]["near_copy_share_p"]),
-            ("NN ratio px", lambda r: r[prefix]["novelty"]["ratio_p"]),
-            ("near-copy feat", lambda r: r[prefix]["novelty"]["near_copy_share_f"]),
-            ("distinct NN feat", lambda r: r[prefix]["novelty"]["distinct_nn_share_f"])]
+    plain = lambda v: float(v) if isinstance(v, PM) else v  # noqa: E731
+    return [("near-copy px", lambda r: plain(r[prefix]["novelty"]["near_copy_share_p"])),
+            ("NN ratio px", lambda r: plain(r[prefix]["novelty"]["ratio_p"])),
+            ("near-copy feat", lambda r: plain(r[prefix]["novelty"]["near_copy_share_f"])),
+            ("distinct NN feat", lambda r: plain(r[prefix]["novelty"]["distinct_nn_share_f"]))]
 
 
 def write_report(dataset: str, out_dir: str, path: str | None = None) -> str:
@@ -590,7 +781,7 @@ def write_report(dataset: str, out_dir: str, path: str | None = None) -> str:
         f = os.path.join(out_dir, e.replace("-", "_") + ".json")
         if os.path.exists(f):
             with open(f) as fh:
-                found[e] = json.load(fh)
+                found[e] = seed_view(json.load(fh))
     L = [f"# Passive experiments on {dataset}: does OT measure what we care about?", "",
          "Generated by `python -m diffusion passive report`; the commands, what each experiment measures "
          "and the caveats are in [docs/passive.md](../../docs/passive.md).  Every set is embedded by the "
@@ -604,8 +795,20 @@ def write_report(dataset: str, out_dir: str, path: str | None = None) -> str:
         L += [f"Eval feature net: {net.get('n_train')} of {net.get('of_n_train')} training images, seed "
               f"{net.get('seed')}, {net.get('epochs')} epochs, test accuracy {_fmt(net.get('test_accuracy'))}.  "
               f"Training images {any_res['n_train']} (reference {any_res['n_ref']} balanced, the other "
-              f"{any_res['n_pool']} the pool the sets are drawn from), held-out (val + test) {any_res['n_held_out']}.", "",
-              "Wall time: in the process, data + eval net (cached) + the experiment, sampling included; "
+              f"{any_res['n_pool']} the pool the sets are drawn from), held-out (val + test) {any_res['n_held_out']}.", ""]
+        sp = any_res.get("data_split")
+        if sp:
+            L += [f"Data split: `load_data` with the {sp['from']}'s config (n_train {sp['n_train']}, n_val "
+                  f"{'default' if sp['n_val'] is None else sp['n_val']}, n_test {sp['n_test']}, seed {sp['seed']}), "
+                  f"training indices sha1 {sp['train_idx_sha1']}"
+                  + ("; with a checkpoint this is the trainer's own call, so *training* and *held-out* mean what "
+                     "they meant for the model." if sp["from"] == "checkpoint" else ".")]
+            other = {e: r["data_split"]["train_idx_sha1"] for e, r in found.items()
+                     if r.get("data_split") and r["data_split"]["train_idx_sha1"] != sp["train_idx_sha1"]}
+            if other:
+                L[-1] += "  **Other splits:** " + ", ".join(f"{e} {h}" for e, h in other.items()) + "."
+            L.append("")
+        L += ["Wall time: in the process, data + eval net (cached) + the experiment, sampling included; "
               "add ~3 s of Python / torch start-up for the command's.  CPU time: this process's user + system time "
               "(the wall time is longer when the machine is shared).", "",
               "| experiment | command | wall time (s) | CPU time (s) | torch threads |", "|---|---|---|---|---|"]
@@ -619,6 +822,15 @@ def write_report(dataset: str, out_dir: str, path: str | None = None) -> str:
               f"{s['scaling']:g}, {'L2-normalised' if s['normalize'] else 'raw'} features; MMD² Gaussian, bandwidth "
               f"{_fmt(s['mmd_bandwidth'])} (fixed: the reference's median distance).  Sets of {r.get('n_compare', r.get('n_set'))}; "
               f"expected: {'; '.join(f'{k} {v}' for k, v in r['expect'].items())}.", ""]
+        seeds = r.get("seeds", [r.get("seed", 0)])
+        if len(seeds) > 1:
+            L += [f"Seeds {', '.join(map(str, seeds))} (each draws its own reference, sets, noise and generated "
+                  "samples; the data split and the eval net are fixed): every figure is the **mean over the seeds**, "
+                  "OT / MMD² / FID with ± their standard deviation; ρ ranges are min..max over the seeds.  A "
+                  "difference is *beyond seed noise* when every seed gives it the same sign and its mean exceeds "
+                  "twice its standard deviation over the seeds.", ""]
+        else:
+            L += [f"One seed ({seeds[0]}): no seed-noise estimate (`--seeds 0,1,2` gives one).", ""]
         L += ["**Measured:** " + "; ".join(_check_lines(r)) + ".", ""]
         rows = r["rows"]
         if e == "diversity":

@@ -243,3 +243,73 @@ def novelty_short(nov: dict) -> dict:
     distance over the held-out images' (ratio) and distinct-NN share, pixels and features."""
     return {f"{k}_{s[0]}": nov[s][k] for s in ("pixel", "feature")
             for k in ("near_copy_share", "ratio", "distinct_nn_share")}
+
+
+# ---------------------------------------------------------------------- seed noise
+class PM(float):
+    """A figure measured under several seeds: the float is the mean over the seeds, ``values``
+    the per-seed figures (seed order), ``sd`` their sample standard deviation (0 for one seed).
+    Arithmetic and formatting treat it as the mean; the verdicts use ``values``."""
+
+    def __new__(cls, values):
+        vals = [float(v) for v in values]
+        obj = super().__new__(cls, sum(vals) / len(vals))
+        obj.values = vals
+        obj.sd = float(torch.tensor(vals, dtype=torch.float64).std().item()) if len(vals) > 1 else 0.0
+        return obj
+
+    @property
+    def lo(self) -> float:
+        return min(self.values)
+
+    @property
+    def hi(self) -> float:
+        return max(self.values)
+
+
+def combine_seeds(runs: list):
+    """One structure from the same experiment under several seeds (dicts, lists, numbers, in
+    the same shape): every number becomes a :class:`PM` of the per-seed numbers; other leaves
+    (names, lists of numbers such as the removed classes) are taken from the first run; lists of
+    dicts (rows) are combined entry by entry.  A key missing from any run keeps the first run's
+    value."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: (combine_seeds([r[k] for r in runs]) if all(isinstance(r, dict) and k in r for r in runs) else v)
+                for k, v in first.items()}
+    if (isinstance(first, list) and first and all(isinstance(x, dict) for x in first)
+            and all(isinstance(r, list) and len(r) == len(first) for r in runs)):
+        return [combine_seeds([r[i] for r in runs]) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) for r in runs):
+        return PM(runs)
+    return first
+
+
+def beyond_noise(diffs) -> int:
+    """The sign (+1 / −1) of a paired difference measured once per seed when it is *beyond seed
+    noise* -- every seed gives the same sign and the mean exceeds twice the seeds' standard
+    deviation -- else 0.  One seed: its sign (no noise estimate)."""
+    d = torch.tensor([float(v) for v in diffs], dtype=torch.float64)
+    if len(d) == 0 or not torch.isfinite(d).all() or (d == 0).all():
+        return 0
+    s = int(torch.sign(d[0]).item())
+    if len(d) == 1:
+        return s
+    if not (torch.sign(d) == s).all():
+        return 0
+    return s if abs(d.mean().item()) > 2 * d.std().item() else 0
+
+
+def reversals(values_by_step, want: int) -> list[tuple[int, int]]:
+    """Steps i → i+1 where a curve expected to move in direction ``want`` (+1 rises, −1 falls)
+    moves the other way on average over the seeds: [(i, verdict)], verdict −1 when the reversal
+    is beyond seed noise (:func:`beyond_noise`), 0 when within it.  ``values_by_step[i]`` is the
+    per-seed list (or a :class:`PM`) at step i."""
+    vals = [list(getattr(v, "values", v if isinstance(v, (list, tuple)) else [v])) for v in values_by_step]
+    out = []
+    for i in range(len(vals) - 1):
+        d = [want * (b - a) for a, b in zip(vals[i], vals[i + 1])]
+        if sum(d) / len(d) < 0:
+            out.append((i, -1 if beyond_noise(d) < 0 else 0))
+    return out

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from diffusion.passive_sets import (Metrics, add_noise, class_sets, diversity_sets, gaussian_blur,
-                                    missing_class_sets, mixture_sets, spearman)
+from diffusion.passive_sets import (PM, Metrics, add_noise, beyond_noise, class_sets, combine_seeds, diversity_sets,
+                                    gaussian_blur, missing_class_sets, mixture_sets, reversals, spearman)
 
 
 def _labels(per=50, classes=10):
@@ -94,6 +94,52 @@ def test_metrics_bundle_keys():
     assert m(a, a[:40], light=True)["ot"] < out["ot"]
 
 
+# ---------------------------------------------------------------------- seed noise
+def test_combine_seeds_and_noise_rules():
+    runs = [{"set": "D1", "ot": 1.0, "rows": [{"k": 0, "fid": 2.0}], "removed": [3]},
+            {"set": "D1", "ot": 3.0, "rows": [{"k": 0, "fid": 4.0}], "removed": [5]}]
+    c = combine_seeds(runs)
+    assert isinstance(c["ot"], PM) and c["ot"] == 2.0 and c["ot"].values == [1.0, 3.0]
+    assert c["ot"].sd == pytest.approx(2 ** 0.5) and (c["ot"].lo, c["ot"].hi) == (1.0, 3.0)
+    assert c["rows"][0]["fid"] == 3.0 and c["rows"][0]["k"].sd == 0.0
+    assert c["set"] == "D1" and c["removed"] == [3]  # non-numbers: the first run's
+    assert PM([5.0]).sd == 0.0
+    # beyond noise: one sign in every seed and |mean| > 2 sd
+    assert beyond_noise([1.0, 1.1, 0.9]) == 1 and beyond_noise([-1.0, -1.1, -0.9]) == -1
+    assert beyond_noise([1.0, -0.1, 1.0]) == 0  # a seed disagrees
+    assert beyond_noise([0.1, 1.0, 2.0]) == 0   # same sign, but the mean (1.03) < 2 sd (1.90)
+    assert beyond_noise([-0.5]) == -1 and beyond_noise([0.0, 0.0]) == 0
+    # a rising curve with one real dip (step 1 → 2, every seed) and one noisy one (step 2 → 3)
+    curve = [[1, 1, 1], [2, 2.1, 1.9], [1.5, 1.6, 1.4], [1.45, 1.0, 2.0]]
+    assert reversals(curve, +1) == [(1, -1), (2, 0)]
+    assert reversals([PM(v) for v in curve], -1) == [(0, -1)]  # 2 → 3 falls on average: no reversal
+
+
+def test_seeds_spread_and_verdicts(ctx):
+    """``--seeds``: each seed its own reference and sets (the data split and features shared),
+    seeded (same seeds, same figures), and the verdicts read the spread."""
+    from diffusion.passive import _check_lines, run_seeds, seed_view
+
+    c1 = ctx.reseeded(1)
+    assert c1.data is ctx.data and c1.train_f is ctx.train_f and ctx.seed == 0
+    assert not torch.equal(c1.ref_idx, ctx.ref_idx)
+    assert not set(c1.ref_idx.tolist()) & set(c1.pool_idx.tolist())
+    assert torch.equal(ctx.reseeded(0).ref_idx, ctx.ref_idx)
+    res = run_seeds("missing-classes", ctx, None, None, [0, 1])
+    assert res["seeds"] == [0, 1] and [r["seed"] for r in res["seed_runs"]] == [1]
+    again = run_seeds("missing-classes", ctx, None, None, [0, 1])
+    assert again["seed_runs"][0]["rows"][3]["ot"] == res["seed_runs"][0]["rows"][3]["ot"]  # seeded
+    view = seed_view({**res, "experiment": "missing-classes"})
+    ot = view["rows"][4]["ot"]
+    assert len(ot.values) == 2 and ot.values[0] != ot.values[1] and ot.sd > 0
+    assert ot.values[0] == res["rows"][4]["ot"]
+    assert len(view["orders"]["ot"].values) == 2
+    lines = _check_lines(view)
+    assert any("over 2 seeds" in line and "as expected" in line for line in lines), lines
+    with pytest.raises(ValueError, match="seed"):
+        run_seeds("noise", ctx, None, None, [1, 0])
+
+
 # ---------------------------------------------------------------------- the orders on digits
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
@@ -157,11 +203,21 @@ def test_epochs_cli_and_report(tiny_cfg, tmp_path):
     assert [r["epoch"] for r in res["rows"]] == [1, 2]
     assert {"ot", "fid"} <= set(res["rows"][0]["gap"]) and "near_copy_share_p" in res["rows"][0]["novelty"]
     assert res["eval_feature_net"]["role"] == "eval"
-    assert main(["passive", "mixture", "--ckpt", str(tmp_path / "ckpt_2.pt"), "--blur", "0.05,0.35", *common]) == 0
+    assert main(["passive", "mixture", "--ckpt", str(tmp_path / "ckpt_2.pt"), "--blur", "0.05,0.35", "--seeds", "0,1",
+                 *common]) == 0
     mix = json.loads((out / "mixture.json").read_text())
     assert [r["n_train_part"] for r in mix["rows"]] == [4 * k for k in range(11)]
     assert "novelty" in mix["rows"][0]["gen"] and "ot_b0.35" in mix["rows"][0]["gen"]
+    assert mix["seeds"] == [0, 1] and mix["seed_runs"][0]["rows"][0]["gen"]["ot"] != mix["rows"][0]["gen"]["ot"]
+    # the checkpoint's split: the trainer's own load_data call (128 training images, not the preset's)
+    from diffusion.data import load_data
+    d = load_data(cfg.dataset, cfg.data_path, cfg.pad_to_32, cfg.n_train, cfg.n_test, cfg.seed, cfg.n_val)
+    split = mix["data_split"]
+    assert split["from"] == "checkpoint" and split["n_train"] == 128 == mix["n_train"]
+    import hashlib
+    assert split["train_idx_sha1"] == hashlib.sha1(d.train_idx.numpy().tobytes()).hexdigest()[:12]
     assert main(["passive", "report", "--dataset", "digits", "--out", str(out)]) == 0
     text = (tmp_path / "rep" / "passive.md").read_text()
     assert "## epochs" in text and "## mixture" in text and "eval" in text
+    assert "over 2 seeds" in text and "seed noise" in text and " ± " in text
     assert (out / "epochs.png").exists() and (out / "mixture.png").exists()
