@@ -124,3 +124,76 @@ def test_ieee_float32_has_no_tf32_and_float64_compiles():
         assert consts["ACC"].primitive_bitwidth == 64
         info = R.compile_config(name, args, consts, R.kept_configs(name, args, consts, 80)[0], 80)
         assert info["registers"] and info["shared"] <= info["limit"]
+
+
+# ----------------------------------------------------------------------------- transport plan (issue 19)
+PLAN_CASES = ((64, 64), (128, 1), (512, 128))  # (D, K) compiled here, float32 at the default precision
+
+
+def plan_launch(D, Kc, dtype="fp32", precision=None, N=4096, M=4096):
+    """``(name, args, consts)`` of ``plan_apply`` for (1,N,D) × (1,M,D) points and V (1,M,K)."""
+    import torch
+    from otkernels.backends.triton import ops
+    dt = R.DTYPES[dtype]
+    x, y, V = R._cloud(1, N, D, dt), R._cloud(1, M, D, dt), R._cloud(1, M, Kc, dt)
+    z = torch.zeros(1, max(N, M), dtype=ops.acc_dtype(dt))
+    with ops.capture() as log:
+        ops.plan_apply(x, y, z[:, :N], z[:, :M], V, 0.1, 2, precision=precision)
+    return log[0]
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+def test_plan_apply_compiles_and_fits(cc):
+    """Every config the pruner keeps for ``_plan_apply`` (D, K in :data:`PLAN_CASES`, float32,
+    tf32x3), compiled for ``sm_<cc>`` with the JIT's own specialisation: no error, shared memory
+    ≤ the limit, TF32 tensor cores, ``ex2.approx``, and no spilled registers.
+
+    The wider matrix, compiled once by hand (triton 3.9, float32, tf32x3, every kept config:
+    configs, registers min–max, spill stores in bytes, Triton's shared memory min–max; 80
+    configs, none failed, spilled or exceeded the limit or the pruner's estimate;
+    ``pytest -s`` prints this test's own rows)::
+
+        D    K    sm_80                      sm_86                      sm_90
+        64   1    4 cfg 103-205 r, 0, 24-40 KB   3 cfg  94-204 r, 0, 24-36 KB   4 cfg  94-210 r, 0, 24-40 KB
+        64   64   4 cfg 154-205 r, 0, 28-64 KB   4 cfg  96-204 r, 0, 24-40 KB   4 cfg 164-192 r, 0, 64-97 KB
+        64   128  4 cfg 154-205 r, 0, 28-64 KB   4 cfg  96-204 r, 0, 24-40 KB   4 cfg 164-199 r, 0, 64-97 KB
+        128  1    2 cfg 160-160 r, 0, 40-60 KB   2 cfg 157-158 r, 0, 40-60 KB   2 cfg 156-156 r, 0, 40-60 KB
+        128  64   3 cfg 162-164 r, 0, 40-60 KB   2 cfg 158-160 r, 0, 40-44 KB   4 cfg 155-158 r, 0, 40-68 KB
+        128  128  3 cfg 162-164 r, 0, 40-60 KB   2 cfg 158-160 r, 0, 40-44 KB   4 cfg 158-173 r, 0, 44-84 KB
+        512  1    1 cfg 238-238 r, 0, 24-24 KB   2 cfg 224-225 r, 0, 24-48 KB   2 cfg 228-229 r, 0, 24-48 KB
+        512  64   2 cfg 233-236 r, 0, 24-24 KB   2 cfg 228-232 r, 0, 24-24 KB   4 cfg 228-232 r, 0, 24-48 KB
+        512  128  2 cfg 233-236 r, 0, 24-24 KB   2 cfg 228-232 r, 0, 24-24 KB   4 cfg 228-245 r, 0, 24-48 KB
+
+    (limits 163 / 99 / 227 KB.)  Before the rules of ``kernels._prune_plan``, BLOCK_DV = 16
+    (K = 1) spilled 184–2384 B at D = 128 on every architecture, 8 warps with BLOCK_DV ≤ 32
+    340–2788 B, and sm_86's fallback 32×32 tiles 368–1576 B.  bfloat16 points (same matrix):
+    no spill except 4 B in 64×64 dv128 w8 s3 at D = 64, K = 128 on sm_80/86.
+    """
+    if not hasattr(K._plan_apply.fn, "cache_key"):
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: the kernels are interpreted functions")
+    from triton.backends.nvidia.compiler import get_ptxas
+    if not os.path.exists(get_ptxas(cc).path):
+        pytest.skip("no ptxas for the NVIDIA target in this triton install")
+    bad = []
+    for D, Kc in PLAN_CASES:
+        name, args, consts = plan_launch(D, Kc)
+        kept = R.kept_configs(name, args, consts, cc)
+        assert kept
+        for c in kept:
+            where = f"plan D={D} K={Kc} sm_{cc} [{R.config_label(c)}]"
+            try:
+                r = R.compile_config(name, args, consts, c, cc)
+            except Exception as e:  # noqa: BLE001 - reported with the others below
+                bad.append(f"{where}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            print(f"{where}: {r['registers']} registers, {r['spill_stores']} B spilled, "
+                  f"{r['shared']} B shared (limit {r['limit']}, estimate {r['estimate']})")
+            if r["shared"] > r["limit"]:
+                bad.append(f"{where}: {r['shared']} B shared > {r['limit']}")
+            if r["shared"] > r["estimate"]:
+                bad.append(f"{where}: {r['shared']} B shared > the pruner's estimate {r['estimate']}")
+            if not any("tf32" in m for m in r["mma"]) or not r["ex2"]:
+                bad.append(f"{where}: tensor cores {r['mma']}, ex2.approx {r['ex2']}")
+            if r["spill_stores"] > 0:
+                bad.append(f"{where}: {r['spill_stores']} B of spill stores")
+    assert not bad, "\n".join(bad)

@@ -3,7 +3,8 @@
 The reductions of the Sinkhorn loop and of the kernel norms (see ``backends/__init__.py``)
 as Triton kernels (``kernels.py``) behind ``torch.autograd.Function``s (``ops.py``): one pass
 per softmin (cost tiles from ``tl.dot``, online log-sum-exp in base 2), one pass per
-gradient (``Σ_j P_ij ∇_x C``: attention's P·V), kernel sums and their gradients, arg-min/max.
+gradient (``Σ_j P_ij ∇_x C``: attention's P·V), kernel sums and their gradients, arg-min/max,
+and the transport plan applied to a matrix (:func:`plan_apply`, attention's P·V unnormalised).
 Batches are a grid axis.  A user callable cost goes to the ``blocked`` backend's handles.
 
 Availability: a CUDA device, or ``TRITON_INTERPRET=1`` (Triton's interpreter runs the same
@@ -46,6 +47,17 @@ else:
     from . import ops
     from .ops import (argmax, argmin, get_precision, kernel_sum as kernel_sum_op, precision_scope,  # noqa: F401
                       set_precision, softmin)
+
+
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``out_ik = Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_jk``: the transport plan applied to V in
+    one fused pass, O((N+M)·(D+K)) memory (issue 19); C = ½‖x−y‖² (p=2) or
+    ``sqrt(max(‖x−y‖², 1e-8))`` (p=1).  x (B,N,D), y (B,M,D), u (B,N), v (B,M), V (B,M,K) ->
+    (B,N,K) in the accumulator dtype (float64 for float64 points, else float32); unbatched
+    shapes too.  No autograd.  See :func:`ops.plan_apply`."""
+    if not HAS_TRITON:
+        raise ImportError(f"triton is not installed ({_IMPORT_ERROR}); pip install 'otkernels[triton]'")
+    return ops.plan_apply(x, y, u, v, V, eps, p=p, precision=precision)
 
 
 def _interpret_env() -> bool:

@@ -136,7 +136,7 @@ def register_words(kernel, bn, bm, w, d_pad, block_d=None, direct=0, dv=None, di
     double, float32 tf32x3/ieee dots about double."""
     block_d = d_pad if block_d is None else block_d
     k = 2 if elt == 8 else (_REGS.get(precision, 1.0) if elt == 4 else 1.0)
-    if kernel == "_weighted_grad":
+    if kernel in GRAD_LIKE:  # also the plan product: its (bn, BLOCK_DV) accumulator
         dv = d_pad if dv is None else dv
         if diff:  # the (bn, bm, dv) difference product lives in registers
             return k * (bn * bm * dv + 2 * bn * dv + 3 * bn * bm) / (32 * w)
@@ -167,16 +167,16 @@ def shared_bytes(kernel, bn, bm, stages, d_pad, block_d=None, direct=0, dv=None,
     else:
         body, x = fo * (bn + bm) * block_d * elt, 0
     extra = 0
-    if kernel == "_weighted_grad":
+    if kernel in GRAD_LIKE:  # the plan product stages its own (bm, BLOCK_DV) V tile
         dv = d_pad if dv is None else dv
-        if not (block_d == d_pad and dv >= d_pad and not direct):
+        if kernel == "_plan_apply" or not (block_d == d_pad and dv >= d_pad and not direct):
             body += fo * bm * dv * elt
         extra = bn * bm * max(elt, 4)  # the plan tile, converted for the P·Y dot
     return stages * body + x + extra + 1024
 
 
 # words/thread above which ptxas spilled (sm_80, sm_90; D = 128, 256, 512; float32, bfloat16)
-BUDGET = {"_weighted_grad": 120, "fwd": 160}
+BUDGET = {"_weighted_grad": 120, "_plan_apply": 120, "fwd": 160}
 MAX_KEPT = 4  # configs the autotuner times per problem (the largest tiles that fit)
 
 
@@ -209,7 +209,7 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
     BLOCK_D = D_PAD if BLOCK_D is None else BLOCK_D
     limit = shared_limit(cc)
     budget = BUDGET.get(kernel, BUDGET["fwd"])
-    grad = kernel == "_weighted_grad"
+    grad = kernel in GRAD_LIKE  # (the plan product passes its K as D: BLOCK_DV tiles K)
     d_true = D if D is not None else D_PAD
     dv_max = max(16, 1 << (d_true - 1).bit_length())
     if grad:
@@ -768,5 +768,98 @@ def _argminmax(X, Y, XX, YY, H, Val, Idx,
     tl.store(Idx + pid_b * N + offs_n, arg.to(tl.int64), mask=mask_n)
 
 
+# ----------------------------------------------------------------------------- transport plans
+# (issue 19) Written below the other kernels on purpose: Triton's cache key of a kernel holds its
+# starting line number and its helpers', and benchmarks/results/triton-resources.json is checked
+# against those keys, so code added above them would mark every measured row stale.  For the
+# same reason the pruner's functions above take the plan through ``GRAD_LIKE`` without moving a line.
+GRAD_LIKE = ("_weighted_grad", "_plan_apply")  # kernels with a (BLOCK_N, BLOCK_DV) accumulator
+
+
+def _prune_plan(configs, named_args, **kwargs):
+    """:func:`keep_configs` for :func:`_plan_apply`: ``BLOCK_DV`` tiles the output columns K
+    (K is passed where the gradient passes D); the (BLOCK_N, BLOCK_DV) accumulator is counted in
+    :func:`register_words`, the staged (BLOCK_M, BLOCK_DV) V tile and the plan tile in
+    :func:`shared_bytes`."""
+    a = {**named_args, **kwargs}
+    x = a.get("X")
+    bits = x.dtype.itemsize * 8 if hasattr(x, "dtype") and hasattr(x.dtype, "itemsize") else 32
+    # measured (ptxas -v, float32 tf32x3, D = 64/128/512, sm_80/86/90): BLOCK_DV = 16 spilled
+    # 184–2384 B in every shape at D = 128 (even 16×32, 4 warps) and 8 warps with BLOCK_DV ≤ 32
+    # spilled 340–2788 B; so at least 32 output columns (K = 1 pads to 32) and 8 warps only
+    # with BLOCK_DV ≥ 64; and the register estimate applies before the fallback of
+    # keep_configs too (sm_86, where no config fits the shared-memory estimate at D ≥ 128,
+    # took 32×32 tiles that spilled 368–1576 B)
+    configs = [c for c in configs if c.kwargs["BLOCK_DV"] >= (64 if c.num_warps >= 8 else 32)]
+    elt, d_pad, block_d = _elt(bits), a["D_PAD"], a.get("BLOCK_D")
+    fit = [c for c in configs if register_words("_plan_apply", c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps,
+                                                d_pad, block_d, a.get("DIRECT", 0), c.kwargs["BLOCK_DV"], False, elt,
+                                                a.get("PRECISION", "tf32")) <= BUDGET["_plan_apply"]]
+    configs = fit or configs
+    return keep_configs("_plan_apply", configs, _cc_of(a), a["D_PAD"], a.get("BLOCK_D"), a.get("DIRECT", 0),
+                        _elt(bits), max(a["K"], 32), False, a.get("PRECISION", "tf32"),
+                        (_elt(bits),) + variant_key(a))
+
+
+@triton.autotune(configs=_configs(grad=True), key=_KEY + ["P", "K_KEY"], cache_results=True,
+                 prune_configs_by={"early_config_prune": _prune_plan})
+@triton.jit
+def _plan_apply(X, Y, XX, YY, U, Hv, Vm, Par, Out,
+                N, M, D, K, stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
+                stride_vb, stride_vm, stride_vk, N_KEY, M_KEY, K_KEY,
+                P: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The transport plan applied to a matrix, without the plan:
+    ``Out_ik = Σ_j exp(U_i + Hv_j − C(x_i, y_j)/ε) Vm_jk`` on the columns
+    ``[pid_k·BLOCK_DV, +BLOCK_DV)`` of K (a grid axis, like the gradient's D chunks).
+
+    Attention's forward with an unnormalised output: the running row max ``m_i`` of the scores
+    ``(Hv_j − C_ij/ε)·log2 e`` (:func:`_lse_update`), the (BLOCK_N, BLOCK_DV) accumulator
+    rescaled when it grows, ``acc += exp2(s − m)·V`` (:func:`_pv_update`: the precision's dot,
+    float16 rows scaled by a power of two), and at the end ``exp2(U_i·log2 e + m_i)·acc`` applied
+    as two factors ``2^⌊t/2⌋ · 2^(t − ⌊t/2⌋)``, so that a large U or Hv overflows only when the
+    result itself does.  A row whose scores (or ``U_i``) are all −inf gives 0."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    HALF_SCALE: tl.constexpr = Vm.dtype.element_ty == tl.float16
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = pid_k * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    Xb = X + pid_b * stride_xb
+    Yb = Y + pid_b * stride_yb
+    Vb = Vm + pid_b * stride_vb
+    eps = tl.load(Par)
+    k = _LOG2E / eps
+    xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT, PRECISION)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
+    l_i = tl.zeros((BLOCK_N,), ACC)  # unused (the plan is not normalised)
+    for j0 in range(0, M, BLOCK_M):
+        offs_m = j0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
+                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+        yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
+        h = tl.load(Hv + pid_b * M + offs_m, mask=mask_m, other=0.0)
+        s = _softmin_scores(xy, xx, yy, h, k, P)
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+        m_i, alpha, W, l_i = _lse_update(m_i, l_i, s)
+        acc = acc * alpha[:, None]
+        vt = _operand(_load_rows(Vb, offs_m, mask_m, offs_k, K, stride_vm, stride_vk), PRECISION)
+        acc = _pv_update(acc, W, vt, vt, vt, PRECISION, ACC, False, HALF_SCALE)
+    t = m_i + tl.load(U + pid_b * N + offs_n, mask=mask_n, other=float("-inf")) * _LOG2E
+    if P == 2:  # the row term −‖x_i‖²/2ε left out of the scores
+        t -= xx * (k * 0.5)
+    live = t > float("-inf")  # false for −inf (and NaN: u = +inf on an empty row)
+    t1 = tl.where(live, tl.floor(t * 0.5), 0.0)
+    t2 = tl.where(live, t - t1, float("-inf"))
+    out = acc * tl.exp2(t1)[:, None] * tl.exp2(t2)[:, None]
+    row = pid_b * N + offs_n
+    tl.store(Out + row[:, None] * K + offs_k[None, :], out, mask=mask_n[:, None] & (offs_k[None, :] < K))
+
+
 KERNELS = {"_softmin_fwd": _softmin_fwd, "_softmin_two": _softmin_two, "_weighted_grad": _weighted_grad,
-           "_kernel_sum_fwd": _kernel_sum_fwd, "_argminmax": _argminmax}
+           "_kernel_sum_fwd": _kernel_sum_fwd, "_argminmax": _argminmax, "_plan_apply": _plan_apply}

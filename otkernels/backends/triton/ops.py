@@ -13,6 +13,9 @@ Public functions (shapes: x (B,N,D) or (N,D), y (B,M,D) or (M,D), vectors (B,·)
 * :func:`argmin` / :func:`argmax` ``(x, y, h, cost)`` → values and indices of the best ``j`` for
   ``⟨x_i, y_j⟩ + h_j`` (``cost="dot"``) or ``‖x_i − y_j‖² + h_j`` (``cost="sqdist"``); the values
   are differentiable (the gradient flows through the selected pair);
+* :func:`plan_apply` ``(x, y, u, v, V, eps, p)`` → ``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_jk``
+  (B,N,K): the transport plan applied to a matrix in one pass, without the N×M plan (no
+  autograd; issue 19);
 * the raw row passes :func:`softmin_rows`, :func:`softmin_and_grad`, :func:`weighted_grad`,
   :func:`kernel_sum_rows`, :func:`argminmax_rows` used by the backend's cost handles (no
   autograd).
@@ -282,7 +285,7 @@ def _grid(N, B, D):
     return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, triton.cdiv(D, meta.get("BLOCK_DV", D) or D))  # noqa: E731
 
 
-def _launch(name, B, N, device, args, consts, grid=None, before_full=None):
+def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None):
     """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B[, cdiv(D, BLOCK_DV)])``.
 
     Compiled (CUDA): on the tensors' device; the first launch of a tuning key (size buckets,
@@ -291,6 +294,7 @@ def _launch(name, B, N, device, args, consts, grid=None, before_full=None):
     its configs on a bounded problem — seconds, not minutes at N = 10⁶ — and the full launch
     reuses the winner (also cached on disk by triton); ``before_full`` runs between the two
     (to reset buffers the proxy wrote).  ``grid``: a fixed grid instead of the row blocks.
+    ``cols``: the output width that ``BLOCK_DV`` tiles (default D; the plan product's K).
     Interpreted: one large fixed tile."""
     log = getattr(_capture, "log", None)
     if log is not None:
@@ -298,12 +302,12 @@ def _launch(name, B, N, device, args, consts, grid=None, before_full=None):
         return
     tuner = _compiled.KERNELS[name]
     names = tuner.fn.arg_names
-    D = args[names.index("D")]
+    D = args[names.index("D")] if cols is None else cols
     if not interpreting(device):
         iN, iM = names.index("N"), names.index("M")
         M = args[iM]
         key = (name, tuple(sorted(consts.items())), args[names.index("N_KEY")], args[names.index("M_KEY")],
-               str(args[0].dtype), device)
+               str(args[0].dtype), device, args[names.index("K_KEY")] if "K_KEY" in names else None)
         with torch.cuda.device(device):
             if key not in _tuned:
                 if N > TUNE_ROWS or M > TUNE_COLS:
@@ -547,6 +551,80 @@ def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, 
     _launch("_weighted_grad", B, N, x.device, args, _grad_consts(x, mode, precision, cw is not None, rowsum, False))
     return (out, rs) if rowsum else out
 
+
+
+def _check_plan_args(x, y, u, v, V, eps, p):
+    """The checks of :func:`plan_apply`, each error naming its argument."""
+    for name, t in (("x", x), ("y", y), ("u", u), ("v", v), ("V", V)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"plan_apply: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_points(x, y)
+    B, N, _ = x.shape
+    M = y.shape[1]
+    for name, t, shape in (("u", u, (B, N)), ("v", v, (B, M))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"plan_apply: {name} must be {'(B,N)' if name == 'u' else '(B,M)'} = {shape} for x "
+                             f"{tuple(x.shape)} and y {tuple(y.shape)}, got {name} {tuple(t.shape)}")
+    if V.dim() != 3 or V.shape[0] != B or V.shape[1] != M or V.shape[2] < 1:
+        raise ValueError(f"plan_apply: V must be (B,M,K) = ({B},{M},K≥1) for y {tuple(y.shape)}, "
+                         f"got V {tuple(V.shape)}")
+    if V.dtype != x.dtype:
+        raise TypeError(f"plan_apply: V must have the points' dtype {x.dtype}, got {V.dtype}")
+    for name, t in (("u", u), ("v", v)):
+        if t.dtype not in (x.dtype, acc_dtype(x.dtype)):
+            raise TypeError(f"plan_apply: {name} must have the points' dtype {x.dtype} (or "
+                            f"{acc_dtype(x.dtype)}), got {t.dtype}")
+    for name, t in (("u", u), ("v", v), ("V", V)):
+        if t.device != x.device:
+            raise ValueError(f"plan_apply: {name} is on {t.device}, x on {x.device}")
+    if p not in (1, 2):
+        raise ValueError(f"plan_apply: p={p!r}: expected 1 or 2")
+    if isinstance(eps, torch.Tensor):
+        eps = eps.item()
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"plan_apply: eps must be a positive finite number, got {eps!r}")
+    return float(eps)
+
+
+@torch.no_grad()
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """The transport plan ``π_ij = exp(u_i + v_j − C(x_i, y_j)/ε)`` applied to ``V``, without
+    the N×M plan: ``out_ik = Σ_j π_ij V_jk``, C = ½‖x−y‖² (p=2) or ``sqrt(max(‖x−y‖², 1e-8))``
+    (p=1, the softmin's cost).
+
+    x (B,N,D), y (B,M,D), u (B,N), v (B,M), V (B,M,K) (K ≥ 1, any size) -> (B,N,K); or the same
+    without the batch axis.  x, y, V share one dtype (float16, bfloat16, float32, float64), u
+    and v have it or the accumulator dtype; the result is in the accumulator dtype (float64 for
+    float64 points, float32 otherwise).  ``precision``: the float32 dots, cost and ``π·V``
+    (:func:`set_precision`; None = the current default, ``"tf32x3"``).  One pass (kernel
+    ``_plan_apply``): an online row max rescales the (rows, K-chunk) accumulator, so a large u or
+    v overflows only where the result does; rows whose terms are all −inf give 0.  No autograd
+    (run under ``torch.no_grad``; the caller writes its backward)."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"plan_apply: x must be (B,N,D) or (N,D), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    batched = x.dim() == 3
+    if not batched:
+        ts = {"y": (y, 2), "u": (u, 1), "v": (v, 1), "V": (V, 2)}
+        for name, (t, d) in ts.items():
+            if isinstance(t, torch.Tensor) and t.dim() != d:
+                raise ValueError(f"plan_apply: with unbatched x (N,D), {name} must have {d} dimensions, "
+                                 f"got {tuple(t.shape)}")
+        x, y, u, v, V = (t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (x, y, u, v, V))
+    eps = _check_plan_args(x, y, u, v, V, eps, p)
+    precision = resolve_precision(x.dtype, check_precision(precision))
+    B, N, D = x.shape
+    M, K = y.shape[1], V.shape[2]
+    acc = acc_dtype(x.dtype)
+    if N == 0 or M == 0:
+        out = torch.zeros(B, N, K, dtype=acc, device=x.device)
+        return out if batched else out[0]
+    out = torch.empty(B, N, K, dtype=acc, device=x.device)
+    xx, yy = sqnorms(x, precision), sqnorms(y, precision)
+    args = (x, y, xx, yy, _vec(u, x), _vec(v, x), V, _par(eps, x), out,
+            N, M, D, K, *x.stride(), *y.stride(), *V.stride(), N.bit_length(), M.bit_length(), min(K, 512).bit_length())
+    _launch("_plan_apply", B, N, x.device, args, dict(P=int(p), **_consts(x, precision)), cols=K)
+    return out if batched else out[0]
 
 def _kernel_mode(kernel, blur):
     if kernel not in _KERNEL_MODES:

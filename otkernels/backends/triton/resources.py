@@ -66,6 +66,9 @@ def _variants():
         "kernel sum energy": lambda x, y, pr: ops.kernel_sum_rows(x, y, vec(x, y.shape[1]), "energy", 1.0, precision=pr),
         "argmin sqdist": lambda x, y, pr: ops.argminmax_rows(x, y, None, "sqdist", False, precision=pr),
         "argmax dot": lambda x, y, pr: ops.argminmax_rows(x, y, None, "dot", True, precision=pr),
+        **{f"plan p=2 K={k}": (lambda k: lambda x, y, pr: ops.plan_apply(  # issue 19: π·V, V (B,M,K)
+            x, y, vec(x, x.shape[1]), vec(x, y.shape[1]), _cloud(x.shape[0], y.shape[1], k, x.dtype), 0.1, 2,
+            precision=pr))(k) for k in (1, 64)},
     }
 
 
