@@ -22,7 +22,8 @@ section runs):
    float64 torch, N=3000, M=3001, B=2, D in {3, 48, 128, 256, 1000}, p in {1, 2}, two ε: ``softmin``
    value (no-grad and fused paths) and its x, y, h gradients; ``kernel_sum`` (gaussian,
    laplacian, energy) value and x, y, b gradients; ``argmin`` (sqdist) / ``argmax`` (dot):
-   the chosen value must be the best one to the tolerance (near ties may pick another index).
+   the chosen value must be the best one to the tolerance (near ties may pick another index);
+   ``plan_apply`` (the transport plan times V, K = 64) against the dense float64 plan.
    Variants: float32 points at every precision of ``ops.PRECISIONS`` and the default, plus
    float16, bfloat16 and float64 points; the reference is float64 of the very tensors passed
    in.  Per output: ``max_rel`` = max|out − ref| / max|ref|, checked against the stated bounds
@@ -41,8 +42,10 @@ section runs):
    result against float64.
 5. ``large_offsets``: x of 1.1M × 2048 float32 (9 GB: element offsets of the last rows pass
    2^31), M=64: ``softmin_rows`` and ``argmin`` on sampled rows against float64.
-6. ``fronts``: ``diffusion.sample.ddim_sample_with_ot`` with a tiny untrained UNet, and
-   ``otkernels.metrics.evaluate`` on device features (compared with the same call on CPU).
+6. ``fronts``: ``diffusion.sample.ddim_sample_with_ot`` with a tiny untrained UNet,
+   ``otkernels.metrics.evaluate`` on device features (compared with the same call on CPU), and
+   ``otkernels.plan.transport_plan(...) @ V`` and ``coupling.sample_pairs("sinkhorn")`` on device
+   (n = 4096, D = 64; against float64 on CPU).
 
 ``--tiny``: section 2 at N=40, M=41, D in {3, 17}, ε = 0.01, a subset of variants; section 3 against geomloss
 ``backend="tensorized"`` at N ≤ 30; section 4 at N=M=64, D=16 against geomloss tensorized and
@@ -306,7 +309,7 @@ def run_job(job):
     """Every section-2 check of one (D, variant): a list of rows (runs in a worker process)."""
     with one_config_per_kernel():
         rows = []
-        for check in (_check_softmin, _check_kernel_sum, _check_argbest):
+        for check in (_check_softmin, _check_kernel_sum, _check_argbest, _check_plan_apply):
             rows += check(job)
         return rows
 
@@ -433,6 +436,33 @@ def _check_argbest(job):
             return dict(value=best.values, chosen=s.gather(-1, best.indices[..., None])[..., 0])
         rows.append(_compare(job, name, dict(cost=cost), run, reference))
     return rows
+
+
+def _check_plan_apply(job):
+    """``plan_apply`` (the transport plan applied to V, K = 64) against the dense float64 plan."""
+    rows = []
+    for p in (1, 2):
+        for eps in job["eps"]:
+            def run(d, kw):
+                from otkernels.backends.triton import ops
+                V = _plan_values(d)
+                with torch.no_grad():
+                    u = torch.zeros_like(d["h"][:, :d["x"].shape[1]])
+                    return dict(value=ops.plan_apply(d["x"], d["y"], u, d["h"], V, eps, p, **kw))
+
+            def reference(d, x, y):
+                C = sqdist64(x, y)
+                C = C / 2 if p == 2 else C.clamp_min(1e-8).sqrt()
+                P = (d["h"].double()[:, None, :] - C / eps).exp()
+                return dict(value=P @ _plan_values(d).double())
+            rows.append(_compare(job, "plan_apply", dict(p=p, eps=eps, K=64), run, reference))
+    return rows
+
+
+def _plan_values(d):
+    g = torch.Generator().manual_seed(7)
+    B, M = d["y"].shape[0], d["y"].shape[1]
+    return torch.randn(B, M, 64, generator=g, dtype=torch.float64).to(d["y"].device, d["y"].dtype)
 
 
 def section_correctness(cfg):
@@ -743,7 +773,18 @@ def section_fronts(cfg):
     diffs = {k: abs(scores[k] - cpu[k]) / max(abs(cpu[k]), 1e-12) for k in ("sinkhorn", "mmd2", "fid")}
     ev = dict(n=n, d=d, seconds=t, scores=scores, cpu_scores=cpu, rel_diff_vs_cpu=diffs, tol=1e-3,
               **{"pass": all(math.isfinite(v) for v in scores.values()) and max(diffs.values()) <= 1e-3})
-    return dict(ddim_sample_with_ot=sample, evaluate=ev)
+    from otkernels.coupling import sample_pairs
+    from otkernels.plan import transport_plan
+    n, d = (50, 8) if tiny else (4096, 64)
+    x0, x1 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) + 0.3
+    V = torch.randn(n, 16, generator=g)
+    out, t = first_call(lambda: transport_plan(x0.to(dev), x1.to(dev), blur=0.5) @ V.to(dev), dev)
+    ref = transport_plan(x0.double(), x1.double(), blur=0.5, backend="tensorized" if tiny else "native") @ V.double()
+    err = rel_errors(out, ref)["max_rel"]
+    (_, j), t2 = first_call(lambda: sample_pairs(x0.to(dev), x1.to(dev), "sinkhorn", blur=0.5), dev)
+    plan = dict(n=n, d=d, seconds=t, rel_err_vs_float64_cpu=err, sample_pairs_seconds=t2, tol=1e-3,
+                sample_device=str(j.device), **{"pass": err <= 1e-3 and j.device.type == torch.device(dev).type})
+    return dict(ddim_sample_with_ot=sample, evaluate=ev, transport_plan=plan)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -58,7 +58,7 @@ def test_correctness_rows_pass(report):
     res = report["sections"]["correctness"]["result"]
     rows = res["rows"]
     ops = {r["op"] for r in rows}
-    assert ops == {"softmin", "kernel_sum", "argmin", "argmax"}
+    assert ops == {"softmin", "kernel_sum", "argmin", "argmax", "plan_apply"}
     assert {r["D"] for r in rows} == {3, 17}
     assert {"default", "float64"} <= {r["variant"] for r in rows}
     for r in rows:
@@ -93,3 +93,4 @@ def test_parity_timings_and_the_rest(report):
     fronts = report["sections"]["fronts"]["result"]
     assert fronts["ddim_sample_with_ot"]["pass"] is True
     assert fronts["evaluate"]["pass"] is True
+    assert fronts["transport_plan"]["pass"] is True, fronts["transport_plan"]
