@@ -298,15 +298,14 @@ at::Tensor grad_online(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   return out;
 }
 
-at::Tensor plan_apply(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h, const at::Tensor& f,
-                      const at::Tensor& V, double eps, int64_t p, double fscale) {
+std::tuple<at::Tensor, at::Tensor> plan_apply(const at::Tensor& a, const at::Tensor& b, const at::Tensor& h,
+                                              const at::Tensor& V, double eps, int64_t p) {
   auto dt = compute_type(a);
   check_points(a, "x", dt);
   check_points(b, "y", dt);
   const i64 B = a.size(0), Na = a.size(1), Nb = b.size(1), D = a.size(2);
   TORCH_CHECK(b.size(0) == B && b.size(2) == D, "otkernels native: x ", a.sizes(), " and y ", b.sizes(), " mismatch");
   check_vec(h, "v", dt, B, Nb);
-  check_vec(f, "u", dt, B, Na);
   check_points(V, "V", dt);
   TORCH_CHECK(V.size(0) == B && V.size(1) == Nb, "otkernels native: V ", V.sizes(), " must be (B, M, K) with B=", B,
               ", M=", Nb);
@@ -314,16 +313,17 @@ at::Tensor plan_apply(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   TORCH_CHECK(eps > 0, "otkernels native: eps must be > 0");
   const i64 K = V.size(2);
   at::Tensor out = at::zeros({B, Na, K}, a.options());
-  if (K == 0 || Na == 0) return out;
+  at::Tensor lse = at::full({B, Na}, -std::numeric_limits<double>::infinity(), a.options());
+  if (Na == 0 || Nb == 0) return {out, lse};
   const int nt = threads();
   pybind11::gil_scoped_release nogil;
   if (dt == at::kDouble)
-    otk::plan_apply<double>(ptr<double>(a), ptr<double>(b), ptr<double>(h), ptr<double>(f), ptr<double>(V),
-                            mptr<double>(out), B, Na, Nb, D, K, int(p), eps, fscale, nt);
+    otk::plan_apply<double>(ptr<double>(a), ptr<double>(b), ptr<double>(h), ptr<double>(V), mptr<double>(out),
+                            mptr<double>(lse), B, Na, Nb, D, K, int(p), eps, nt);
   else
-    otk::plan_apply<float>(ptr<float>(a), ptr<float>(b), ptr<float>(h), ptr<float>(f), ptr<float>(V),
-                           mptr<float>(out), B, Na, Nb, D, K, int(p), eps, fscale, nt);
-  return out;
+    otk::plan_apply<float>(ptr<float>(a), ptr<float>(b), ptr<float>(h), ptr<float>(V), mptr<float>(out),
+                           mptr<float>(lse), B, Na, Nb, D, K, int(p), eps, nt);
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> kernel_sum(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
@@ -418,7 +418,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rows and columns log-sum-exp of one Sinkhorn iteration from shared GEMM tiles (sym: y = x, triangle)");
   m.def("grad_cached", &grad_cached, "Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C, cached C");
   m.def("grad_online", &grad_online, "the same with C computed on the fly");
-  m.def("plan_apply", &plan_apply, "Σ_j exp(h_j − C_ij/ε + fscale·f_i) V_j, C computed on the fly");
+  m.def("plan_apply", &plan_apply, "(Σ_j softmax_j(h_j − C_ij/ε) V_j, log Σ_j exp(h_j − C_ij/ε)), one pass");
   m.def("kernel_sum", &kernel_sum);
   m.def("argminmax", &argminmax);
 }

@@ -10,6 +10,8 @@
 // plan sits on b_j ≈ a_i (the self-costs C(x, x) at small ε: a gradient 1e-19 instead of 0).
 // fscale = 1/ε for a potential f; −1 when f is the log-sum-exp of the forward softmin, so that
 // (h_j − C_ij/ε) − lse_i is ≤ 0 with the forward's rounding (P ≤ 1 even if C/ε ≫ 1/ε_mach).
+#include <limits>
+
 #include "tiles.h"
 
 namespace otk {
@@ -17,13 +19,15 @@ namespace otk {
 // w_j for the tile columns [0, W) of one row; sink(j, w, lanes) receives each vector (lanes
 // beyond `lanes` are zero).  Returns Σ_j w_j.
 // Grad: the gradient's weights (p = 1: divided by C_ij); false: the plan's entries alone.
-template <typename T, int P, typename L, typename Sink, bool Grad = true>
+// Raw: the exponent h_j − C_ij/ε + fe itself, not its exponential.
+template <typename T, int P, typename L, typename Sink, bool Grad = true, bool Raw = false>
 inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Sink&& sink) {
   constexpr int n = VT<T>::N;
   const vec<T> ie = vset(-inv), fv = vset(fe), thr = vset(T(std::sqrt(T(1e-8))));
   vec<T> acc = vset(T(0));
   auto one = [&](vec<T> c, vec<T> hv, vec<T> sv, i64 j, int lanes) {
-    vec<T> w = vexp(vfma(c, ie, hv) + fv);
+    vec<T> w = vfma(c, ie, hv) + fv;
+    if constexpr (!Raw) w = vexp(w);
     if (s) w *= sv;
     if constexpr (P == 1 && Grad) w = select(c > thr, w / c, vset(T(0)));
     if (lanes < n) w = select(lanes_below<T>(lanes), w, vset(T(0)));
@@ -264,26 +268,30 @@ template void grad_online<double>(const double*, const double*, const double*, c
                                   const double*, double*, i64, i64, i64, i64, int, double, double, int);
 
 // ----------------------------------------------------------------------------- plan products
-// out (B,Na,K) = Σ_j exp(h_j − C(a_i, b_j)/ε + fscale·f_i) V_j, V (B,Nb,K): the entropic plan
-// applied to V without storing it (otkernels.plan).  Each tile's weights come from the same
-// row loaders as the gradient's (GEMM cost tiles for D > 8, direct distances for D ≤ 8), then
-// one GEMM (rows × tile) · (tile × K) accumulates them into the (rows, K) block.
+// For each row i: lse_i = log Σ_j exp(h_j − C(a_i, b_j)/ε) and S_i = Σ_j softmax_j(h_j − C_ij/ε) V_j,
+// V (B,Nb,K): the entropic plan applied to V without storing it (otkernels.plan), in ONE pass
+// over tiles computed on the fly.  Per tile, each row's exponents come from the gradient's row
+// loaders (GEMM cost tiles for D > 8, direct distances for D ≤ 8); the row's running maximum
+// m_i rescales its (K) accumulator and sum when a tile raises it (FlashAttention's output
+// update), the tile's exp(s − m_i) go through one GEMM (rows × tile)·(tile × K).  Every
+// exponential is ≤ 1: no overflow whatever h; rows with all exponents −inf give S = 0, lse = −inf.
 template <typename T, int P, typename MakeRow>
-static void apply_rows(const T* a, const T* b, const T* h, const T* f, const T* V, T* out, i64 B, i64 Na,
-                       i64 Nb, i64 D, i64 K, double eps, double fscale, int nt, bool need_gemm_cost,
-                       MakeRow make_row) {
+static void apply_rows(const T* a, const T* b, const T* h, const T* V, T* out, T* lse, i64 B, i64 Na, i64 Nb,
+                       i64 D, i64 K, double eps, int nt, bool need_gemm_cost, MakeRow make_row) {
+  constexpr int n = VT<T>::N;
   const bool direct = D <= DIRECT_MAX_D;
   const T inv = T(1.0 / eps);
   const T half = P == 2 ? T(0.5) : T(1);
+  const T ninf = -std::numeric_limits<T>::infinity();
   ColumnTerms<T> ct(b, B, Nb, D, direct, need_gemm_cost, half);
   const i64 R = rows_per_task(B, Na, nt, ROWS), nblk = ceil_div(Na, R);
   struct Ctx {
-    std::vector<T> G, Wb, acc;
+    std::vector<T> G, Wb, acc, m, l;
   };
   parallel_tasks(B * nblk, nt,
                  [&] {
                    return Ctx{std::vector<T>(need_gemm_cost ? size_t(R * COLS) : 0), std::vector<T>(size_t(R * COLS)),
-                              std::vector<T>(size_t(R * K))};
+                              std::vector<T>(size_t(R * K)), std::vector<T>(size_t(R)), std::vector<T>(size_t(R))};
                  },
                  [&](i64 task, Ctx& c) {
     const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(Na, i0 + R), nr = i1 - i0;
@@ -295,41 +303,86 @@ static void apply_rows(const T* a, const T* b, const T* h, const T* f, const T* 
     const T* bT = direct ? ct.bT.data() + q * Nb * D : nullptr;
     T ha[ROWS];
     std::fill(c.acc.begin(), c.acc.begin() + nr * K, T(0));
+    std::fill(c.m.begin(), c.m.begin() + nr, ninf);
+    std::fill(c.l.begin(), c.l.begin() + nr, T(0));
     if (need_gemm_cost) sqnorms(aq + i0 * D, nr, D, half, ha);
     for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
       const i64 W = std::min<i64>(COLS, Nb - j0);
       if (need_gemm_cost)
         gemm(false, true, nr, W, D, T(P == 2 ? 1 : 2), aq + i0 * D, D, bq + j0 * D, D, T(0), c.G.data(), W);
       for (i64 i = i0; i < i1; ++i) {
-        T* wrow = c.Wb.data() + (i - i0) * W;
+        const i64 r = i - i0;
+        T* wrow = c.Wb.data() + r * W;
         auto sink = [&](i64 j, vec<T> w, int lanes) {
-          if (lanes == VT<T>::N) vstore(wrow + j, w);
+          if (lanes == n) vstore(wrow + j, w);
           else vstore_part(wrow + j, w, lanes);
         };
-        auto ld = make_row(q, i, j0, W, aq, bT ? bT + j0 : nullptr, need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
-                           need_gemm_cost ? ha[i - i0] : T(0), hb ? hb + j0 : nullptr);
-        row_weights<T, P, decltype(ld), decltype(sink)&, false>(ld, W, hq + j0, (const T*)nullptr, inv,
-                                                                 T(f[q * Na + i] * fscale), sink);
+        auto ld = make_row(q, i, j0, W, aq, bT ? bT + j0 : nullptr, need_gemm_cost ? c.G.data() + r * W : nullptr,
+                           need_gemm_cost ? ha[r] : T(0), hb ? hb + j0 : nullptr);
+        row_weights<T, P, decltype(ld), decltype(sink)&, false, true>(ld, W, hq + j0, (const T*)nullptr, inv, T(0),
+                                                                       sink);
+        T tmax = ninf;
+        for (i64 j = 0; j < W; ++j) tmax = std::max(tmax, wrow[j]);
+        const T mnew = std::max(c.m[r], tmax);
+        if (mnew == ninf) {  // nothing of this row so far: its weights are all 0
+          std::fill(wrow, wrow + W, T(0));
+          continue;
+        }
+        if (mnew > c.m[r]) {  // rescale what the earlier tiles accumulated
+          const T sc = c.m[r] == ninf ? T(0) : std::exp(c.m[r] - mnew);
+          T* ar = c.acc.data() + r * K;
+          for (i64 k = 0; k < K; ++k) ar[k] *= sc;
+          c.l[r] *= sc;
+          c.m[r] = mnew;
+        }
+        const vec<T> mv = vset(mnew);
+        vec<T> sum = vset(T(0));
+        i64 j = 0;
+        for (; j + n <= W; j += n) {
+          vec<T> w = vexp(vload(wrow + j) - mv);
+          vstore(wrow + j, w);
+          sum += w;
+        }
+        if (j < W) {
+          const int rem = int(W - j);
+          vec<T> w = vexp(vload_part(wrow + j, rem, ninf) - mv);
+          w = select(lanes_below<T>(rem), w, vset(T(0)));
+          vstore_part(wrow + j, w, rem);
+          sum += w;
+        }
+        c.l[r] += hsum(sum);
       }
       gemm(false, false, nr, K, W, T(1), c.Wb.data(), W, Vq + j0 * K, K, T(1), c.acc.data(), K);
     }
-    std::copy(c.acc.begin(), c.acc.begin() + nr * K, out + (q * Na + i0) * K);
+    for (i64 r = 0; r < nr; ++r) {
+      const T lr = c.l[r];
+      const T* ar = c.acc.data() + r * K;
+      T* o = out + (q * Na + i0 + r) * K;
+      if (lr > T(0)) {
+        const T il = T(1) / lr;
+        for (i64 k = 0; k < K; ++k) o[k] = ar[k] * il;
+        lse[q * Na + i0 + r] = c.m[r] + std::log(lr);
+      } else {
+        for (i64 k = 0; k < K; ++k) o[k] = T(0);
+        lse[q * Na + i0 + r] = ninf;
+      }
+    }
   });
 }
 
 template <typename T>
-void plan_apply(const T* a, const T* b, const T* h, const T* f, const T* V, T* out, i64 B, i64 Na, i64 Nb,
-                i64 D, i64 K, int p, double eps, double fscale, int nt) {
+void plan_apply(const T* a, const T* b, const T* h, const T* V, T* out, T* lse, i64 B, i64 Na, i64 Nb, i64 D, i64 K,
+                int p, double eps, int nt) {
   const bool direct = D <= DIRECT_MAX_D;
   auto run = [&](auto pc) {
     constexpr int P = decltype(pc)::value;
     if (direct) {
-      apply_rows<T, P>(a, b, h, f, V, out, B, Na, Nb, D, K, eps, fscale, nt, false,
+      apply_rows<T, P>(a, b, h, V, out, lse, B, Na, Nb, D, K, eps, nt, false,
                        [D, Nb](i64, i64 i, i64, i64, const T* aq, const T* bT, const T*, T, const T*) {
                          return CostRow<T, P, DirectRow<T>, true>{DirectRow<T>(aq + i * D, bT, Nb, int(D))};
                        });
     } else {
-      apply_rows<T, P>(a, b, h, f, V, out, B, Na, Nb, D, K, eps, fscale, nt, true,
+      apply_rows<T, P>(a, b, h, V, out, lse, B, Na, Nb, D, K, eps, nt, true,
                        [](i64, i64, i64, i64, const T*, const T*, const T* G, T ha, const T* hb) {
                          return CostRow<T, P, GemmRow<T>, false>{GemmRow<T>{G, hb, ha}};
                        });
@@ -339,9 +392,9 @@ void plan_apply(const T* a, const T* b, const T* h, const T* f, const T* V, T* o
   else run(std::integral_constant<int, 2>());
 }
 
-template void plan_apply<float>(const float*, const float*, const float*, const float*, const float*, float*, i64,
-                                i64, i64, i64, i64, int, double, double, int);
-template void plan_apply<double>(const double*, const double*, const double*, const double*, const double*, double*,
-                                 i64, i64, i64, i64, i64, int, double, double, int);
+template void plan_apply<float>(const float*, const float*, const float*, const float*, float*, float*, i64, i64,
+                                i64, i64, i64, int, double, int);
+template void plan_apply<double>(const double*, const double*, const double*, const double*, double*, double*, i64,
+                                 i64, i64, i64, i64, int, double, int);
 
 }  // namespace otk

@@ -354,11 +354,11 @@ template <typename T>
 void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out,
                  i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, double fscale, int nt);
 
-// Plan products: out (B,Na,K) = Σ_j exp(h_j − C(a_i, b_j)/ε + fscale·f_i) V_j, V (B,Nb,K),
-// cost computed on the fly (otkernels.plan).
+// Plan products (otkernels.plan), one pass, cost computed on the fly: lse (B,Na) =
+// log Σ_j exp(h_j − C(a_i, b_j)/ε) and out (B,Na,K) = Σ_j exp(h_j − C_ij/ε − lse_i) V_j, V (B,Nb,K).
 template <typename T>
-void plan_apply(const T* a, const T* b, const T* h, const T* f, const T* V, T* out, i64 B, i64 Na, i64 Nb,
-                i64 D, i64 K, int p, double eps, double fscale, int nt);
+void plan_apply(const T* a, const T* b, const T* h, const T* V, T* out, T* lse, i64 B, i64 Na, i64 Nb, i64 D,
+                i64 K, int p, double eps, int nt);
 
 // Kernel sums: val (B,N) = Σ_j k(|x_i−y_j|²) w_j; grad (B,N,D) = 2 g_i Σ_j w_j k'(d²) (x_i − y_j)
 // (k' w.r.t. the unscaled d²).  kernel: 0 gaussian exp(−d²/2σ²), 1 laplacian exp(−√max(d²/σ²,1e-8)),

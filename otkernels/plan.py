@@ -200,11 +200,22 @@ class TransportPlan:
         ``normalize``: ``Σ_j π_ij V_j / Σ_j π_ij`` (the rows made stochastic; exact even where
         a row's mass underflows).  Differentiable w.r.t. x, y, V, f, g."""
         Vb, vec = self._values(V, "V")
-        lse = self._lse()
-        out = _PlanApply.apply(self.x, self.y, self.u, self.v, Vb, lse, self.eps, self.p, self._mod,
-                               self.precision, bool(normalize))
+        out = _PlanApply.apply(self.x, self.y, self.u, self.v, Vb, self, bool(normalize))
         out = out[..., 0] if vec else out
         return self._out(out)
+
+    def _row_product(self, V):
+        """``(S, lse)``: the row-stochastic plan times V (B,N,K) and each row's log-sum-exp
+        (B,N), no gradient: one fused pass where the backend has ``plan_apply_lse`` (native,
+        blocked), else its softmin then its ``plan_apply``."""
+        x, y, v = self.x.detach(), self.y.detach(), self.v.detach()
+        with torch.no_grad(), _precision.scope(self.precision):
+            if hasattr(self._mod, "plan_apply_lse"):
+                return self._mod.plan_apply_lse(x, y, v, V.detach(), self.eps, self.p, precision=self.precision)
+            lse = self._lse()
+            safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+            S = self._mod.plan_apply(x, y, -safe, v, V.detach(), self.eps, self.p, precision=self.precision)
+            return S.masked_fill(torch.isneginf(lse)[..., None], 0.0), lse
 
     __matmul__ = apply
 
@@ -279,18 +290,18 @@ class TransportPlan:
 
 
 class _PlanApply(torch.autograd.Function):
-    """``S = Σ_j exp(r_i + v_j − C_ij/ε) V_j`` with r = −lse (the backend's fused product of the
-    row-stochastic plan), scaled by ``exp(u + lse)`` unless ``normalize``; backward by tiles."""
+    """``S_i = Σ_j softmax_j(v_j − C_ij/ε) V_j`` (the plan's fused row product), scaled by
+    ``exp(u_i + lse_i)`` unless ``normalize``; backward by tiles (``blocked.plan_backward``)."""
 
     @staticmethod
-    def forward(ctx, x, y, u, v, V, lse, eps, p, mod, precision, normalize):
-        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        with _precision.scope(precision):
-            S = mod.plan_apply(x.detach(), y.detach(), -safe, v.detach(), V.detach(), eps, p, precision=precision)
-        S = S.masked_fill(torch.isneginf(lse)[..., None], 0.0)
-        out = S if normalize else S * (u.detach() + safe)[..., None].exp()
+    def forward(ctx, x, y, u, v, V, plan, normalize):
+        S, lse = plan._row_product(V)
+        S = S.to(V.dtype)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(V.dtype)
+        out = S if normalize else S * (u.detach() + safe)[..., None].exp().masked_fill(
+            torch.isneginf(lse)[..., None], 0.0)
         ctx.save_for_backward(x, y, u, v, V, safe, out)
-        ctx.eps, ctx.p, ctx.normalize = eps, p, normalize
+        ctx.eps, ctx.p, ctx.normalize = plan.eps, plan.p, normalize
         return out
 
     @staticmethod
@@ -306,7 +317,7 @@ class _PlanApply(torch.autograd.Function):
             du = (G * out).sum(2) if nu else None
         dx, dy, dv, dV = blocked.plan_backward(x.detach(), y.detach(), r, v.detach(), V.detach(), G, ctx.eps, ctx.p,
                                                c=c, need=(nx, ny, nv, nV))
-        return dx, dy, du, dv, dV, None, None, None, None, None, None
+        return dx, dy, du, dv, dV, None, None
 
 
 def transport_plan(x, y, a=None, b=None, *, blur=0.05, p=2, reach=None, scaling=0.5, diameter=None,

@@ -292,20 +292,21 @@ def _finite_or_zero(m):
 
 
 @torch.no_grad()
-def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
-    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j``: x (B,N,D), y (B,M,D), u (B,N), v (B,M),
-    V (B,M,K) -> (B,N,K); online over column blocks (a running row maximum rescales the
-    (rows, K) accumulator, FlashAttention's output update), so large u, v do not overflow
-    when the result is representable.  ``precision`` is ignored (the input dtype)."""
+def plan_apply_lse(x, y, v, V, eps, p=2, precision=None):
+    """``(S (B,N,K), lse (B,N))``: ``lse_i = log Σ_j exp(v_j − C(x_i, y_j)/ε)`` and
+    ``S_i = Σ_j exp(v_j − C_ij/ε − lse_i) V_j``, in one pass over column blocks (a running row
+    maximum rescales the (rows, K) accumulator and the row sum: FlashAttention's output
+    update).  x (B,N,D), y (B,M,D), v (B,M), V (B,M,K).  ``precision`` is ignored."""
     from ..costs import make_cost
 
     cost = make_cost(p, None)
     B, N, M, K = x.shape[0], x.shape[1], y.shape[1], V.shape[2]
     out = V.new_zeros(B, N, K)
+    lse = V.new_full((B, N), float("-inf"))
     rows, cols = _plan_tiles(B, N, M)
     floor = _exp_floor(x.dtype)
     for i0, i1 in rows:
-        mx, acc = None, None
+        mx = acc = s = None
         for j0, j1 in cols:
             L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])
             tmax = L.amax(2, keepdim=True)
@@ -313,13 +314,27 @@ def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
                 mx = tmax
             else:
                 new = torch.maximum(mx, tmax)
-                acc.mul_((mx - _finite_or_zero(new)).clamp_(min=floor).exp_())
+                r = (mx - _finite_or_zero(new)).clamp_(min=floor).exp_()
+                acc.mul_(r)
+                s.mul_(r)
                 mx = new
             W = L.sub_(_finite_or_zero(mx)).clamp_(min=floor).exp_()
             W.masked_fill_(torch.isneginf(mx).expand_as(W), 0.0)
+            ts = W.sum(2, keepdim=True)
+            s = ts if s is None else s.add_(ts)
             acc = torch.bmm(W, V[:, j0:j1]) if acc is None else acc.baddbmm_(W, V[:, j0:j1])
-        out[:, i0:i1] = acc * (u[:, i0:i1, None] + _finite_or_zero(mx)).exp()
-    return out
+        pos = s > 0
+        out[:, i0:i1] = torch.where(pos, acc / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(acc))
+        lse[:, i0:i1] = torch.where(pos, s.log() + _finite_or_zero(mx), torch.full_like(s, float("-inf")))[..., 0]
+    return out, lse
+
+
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j`` (B,N,K), from :func:`plan_apply_lse` (large
+    u, v overflow only where the result does)."""
+    S, lse = plan_apply_lse(x, y, v, V, eps, p)
+    scale = (u + _finite_or_zero(lse)).exp().masked_fill(torch.isneginf(lse), 0.0)
+    return S * scale[..., None]
 
 
 @torch.no_grad()

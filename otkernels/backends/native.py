@@ -408,16 +408,24 @@ def kernel_sum_raw(x, y, w, kernel, blur, g=None, value=True, grad=False):
     return _ext().kernel_sum(x, y, w, g, KERNELS[kernel], float(blur), bool(value), bool(grad))
 
 
-def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
-    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j``: x (B,N,D), y (B,M,D), u (B,N), v (B,M),
-    V (B,M,K) -> (B,N,K), the cost computed on the fly in tiles (one GEMM per tile for the
-    weights times V); never an N×M matrix.  ``precision`` is ignored (the input dtype)."""
+def plan_apply_lse(x, y, v, V, eps, p=2, precision=None):
+    """One pass over tiles of the cost computed on the fly: ``(S (B,N,K), lse (B,N))`` with
+    ``lse_i = log Σ_j exp(v_j − C(x_i, y_j)/ε)`` and ``S_i = Σ_j exp(v_j − C_ij/ε − lse_i) V_j``
+    (the row-stochastic plan times V): x (B,N,D), y (B,M,D), v (B,M), V (B,M,K).  A running
+    row maximum rescales the accumulator (every exponential ≤ 1); one GEMM per tile for the
+    weights times V; never an N×M matrix.  ``precision`` is ignored (the input dtype)."""
     x, y = _pair(x, y)
-    B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    u = _vec("u", u, B, N, x.dtype)
-    v = _vec("v", v, B, M, x.dtype)
+    v = _vec("v", v, x.shape[0], y.shape[1], x.dtype)
     V = _points("V", V, x.dtype)
-    return _ext().plan_apply(x, y, v, u, V, float(eps), int(p), 1.0)
+    return tuple(_ext().plan_apply(x, y, v, V, float(eps), int(p)))
+
+
+def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
+    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j`` (B,N,K), from :func:`plan_apply_lse`."""
+    S, lse = plan_apply_lse(x, y, v, V, eps, p)
+    u = _vec("u", u, x.shape[0], x.shape[1], S.dtype)
+    scale = (u + torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))).exp()
+    return S * scale.masked_fill(torch.isneginf(lse), 0.0)[..., None]
 
 
 def _assign(x, y, h, mode):
