@@ -51,3 +51,14 @@ def check_same_device(**tensors):
     if len(set(devs.values())) > 1:
         raise ValueError("all inputs must be on the same device, got "
                          + ", ".join(f"{k} on {d}" for k, d in devs.items()))
+
+
+def check_point_pair(x, y):
+    """Two point clouds of one dtype, on one device, with finite coordinates."""
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+    check_finite("x", x.detach())
+    check_finite("y", y.detach())
+

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_finite, check_float_param, check_tensor, check_weights
+from ._checks import check_float_param, check_point_pair, check_tensor, check_weights
 
 METHODS = ("exact", "sinkhorn", "independent")
 
@@ -36,12 +36,7 @@ def _check_clouds(x, y):
             raise ValueError(f"{name} has dimension D = 0")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension D, got x {tuple(x.shape)} and y {tuple(y.shape)}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
-    check_finite("x", x.detach())
-    check_finite("y", y.detach())
+    check_point_pair(x, y)
     return x.detach(), y.detach()
 
 

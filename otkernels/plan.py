@@ -37,18 +37,12 @@ import math
 import torch
 
 from . import _precision, backends
-from ._checks import check_finite, check_float_param, check_tensor, check_weights
+from ._checks import check_finite, check_float_param, check_point_pair, check_tensor, check_weights
 from .sinkhorn import dampening, log_weights
 
 __all__ = ["TransportPlan", "transport_plan"]
 
 STALL = 20  # refinement stops when its error has not fallen by 1% in this many updates (the dtype's floor)
-
-
-def _batched(name, t, batched, n=None):
-    """(…) -> (B, …) with the front's checks."""
-    check_tensor(name, t)
-    return t if batched else t[None]
 
 
 def _points(x, y):
@@ -64,12 +58,7 @@ def _points(x, y):
         raise ValueError(f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
     if x.shape[-2] == 0 or y.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"empty point cloud or D = 0: x {tuple(x.shape)}, y {tuple(y.shape)}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
-    check_finite("x", x.detach())
-    check_finite("y", y.detach())
+    check_point_pair(x, y)
     batched = x.dim() == 3
     return batched, (x if batched else x[None]), (y if batched else y[None])
 
