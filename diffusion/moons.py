@@ -84,9 +84,13 @@ class MoonsConfig:
     p_uncond: float = 0.2               # label dropout of the conditional models (a fixed share per batch)
     sinkhorn_blur: float = 0.2          # minibatch entropic coupling: ε = blur² (standardised units)
     sinkhorn_prefetch: int = 32         # minibatches per batched Sinkhorn solve
-    pool_size: int = 16384              # large-batch coupling: K noise + K data points per pool
-    pool_blur: float = 0.01
+    sinkhorn_tol: float = 1e-2          # transport_plan's marginal tolerance for the minibatch plans
+    pool_size: int = 4096               # large-batch coupling: K noise + K data points per pool
+    pool_blur: float = 0.1
     pool_refresh: int = 2500            # steps between two pools
+    pool_tol: float = 1e-2              # transport_plan's marginal tolerance for a pool's plan
+    pool_max_iter: int = 300            # at most this many refinement updates per pool
+    sd_blur: float = 0.01               # the semi-discrete map's warm start (Sinkhorn potential)
     sd_time: float = 60.0               # seconds of SemiDiscreteOT.fit refinement per map
     sd_tol: float = 0.05
     n_eval: int = 2000
@@ -98,17 +102,18 @@ class MoonsConfig:
     conditional: bool = True
     seed: int = 0
     threads: int = 0                    # 0: leave torch's default
+    workers: int = 1                    # processes, one coupling each at a time (each with ``threads``)
     progress: bool = True
     quick: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("n_train", "iters", "batch", "hidden", "depth", "freqs", "pool_size", "pool_refresh", "n_eval",
-                     "sinkhorn_prefetch"):
+                     "sinkhorn_prefetch", "pool_max_iter", "workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name in ("noise", "lr", "sinkhorn_blur", "pool_blur", "sd_tol"):
+        for name in ("noise", "lr", "sinkhorn_blur", "pool_blur", "sd_tol", "sinkhorn_tol", "pool_tol", "sd_blur"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
@@ -129,9 +134,10 @@ class MoonsConfig:
 
     @classmethod
     def quick_config(cls, **kw):
-        """The --quick table: fewer steps, a 4k training set and 4k pools, 10 s of map refinement."""
+        """The --quick table: fewer steps, a 4k training set and 4k pools, 10 s of map refinement,
+        two worker processes (one coupling each, 1 thread: the two cores of a small CPU)."""
         base = dict(n_train=4096, iters=3000, pool_size=4096, pool_refresh=1000, sd_time=10.0,
-                    cfg_solvers=("euler",), quick=True)
+                    cfg_solvers=("euler",), quick=True, workers=2, threads=1)
         base.update(kw)
         return cls(**base)
 
@@ -296,40 +302,51 @@ class ExactCoupler(Coupler):
         return x0[exact_pairs(x1, x0)], x1
 
 
+def data_marginal(plan) -> torch.Tensor:
+    """The data marginal of "each noise point (row) draws one data point from its row of
+    ``plan``": (1/N) Σ_i π_ij / Σ_j' π_ij' per column j (M,) [(B, M)], sums to 1 per problem
+    (two passes over the cost, no N×M matrix)."""
+    rows, _ = plan.marginals()
+    return plan.T @ (1.0 / (rows.shape[-1] * rows))
+
+
+def _marginal_error(m: torch.Tensor) -> dict:
+    """Relative error of a data marginal m (…, M) against uniform 1/M: mean and max of |M·m − 1|."""
+    e = (m.double() * m.shape[-1] - 1).abs()
+    return {"mean": e.mean().item(), "max": e.max().item()}
+
+
 class SinkhornCoupler(Coupler):
     """One data point per noise point, drawn from its row of its minibatch's entropic plan, ε = blur²
-    (cost ½|x−y|²); ``prefetch`` minibatches of each size solved as one batched problem."""
+    (cost ½|x−y|²): :func:`otkernels.plan.transport_plan` on ``prefetch`` minibatches at once (a
+    batched (P, n, 2) problem) refined until the plan's marginals are within ``tol`` (data
+    columns exact), then ``plan.sample(1)`` (Gumbel-max, the coupler's generator)."""
 
     kind = "sinkhorn"
 
-    def __init__(self, data, generator, blur=0.2, prefetch=32, refine=20):
+    def __init__(self, data, generator, blur=0.2, prefetch=32, tol=1e-2, max_iter=1000):
         super().__init__(data, generator)
-        self.blur, self.prefetch, self.refine, self.cache = float(blur), int(prefetch), int(refine), {}
+        self.blur, self.prefetch, self.tol, self.max_iter, self.cache = float(blur), int(prefetch), tol, max_iter, {}
+        self.info = {"solves": 0, "solve_s": 0.0, "plan_error": [], "iterations": [], "data_marginal_error": []}
 
     def _solve(self, n):
-        from otkernels import SamplesLoss
+        from otkernels.plan import transport_plan
 
+        t0 = time.perf_counter()
         pairs = [self._draw(n) for _ in range(self.prefetch)]
         x0 = torch.stack([p[0] for p in pairs])
         x1 = torch.stack([p[1] for p in pairs])                      # (P, n, 2)
-        loss = SamplesLoss("sinkhorn", p=2, blur=self.blur, scaling=0.8, debias=False, potentials=True)
-        _, g = loss(x0, x1)                                          # g: potential on the data (P, n)
-        # SamplesLoss anneals ε without a convergence test: a few plain Sinkhorn updates on
-        # the dense (P, n, n) cost bring the data marginal of the plan to within a few %
-        # (measured at blur 0.2, n = 256: mean column error 22 % from SamplesLoss, 2 % after
-        # 20 updates; blur 0.1 needs ~100); the last update is g's: its column sums are exact
-        eps, logw = self.blur ** 2, -math.log(n)
-        C = 0.5 * (x0[:, :, None, :] - x1[:, None, :, :]).square().sum(-1)
-        for _ in range(self.refine):
-            f = -eps * torch.logsumexp((g[:, None, :] - C) / eps + logw, 2)
-            g = -eps * torch.logsumexp((f[:, :, None] - C) / eps + logw, 1)
+        plan = transport_plan(x0, x1, blur=self.blur, scaling=0.8, tol=self.tol, max_iter=self.max_iter)
         # rows are the noise points: each is used once, so the noise marginal stays exactly
-        # N(0, I) whatever the potential's accuracy (the data may repeat).  Rows = data points
-        # instead gave a noise marginal of covariance ≈ 1.35·I at blur 0.1 (measured) and a
-        # flow from the wrong source.
-        logits = (g[:, None, :] - C) / eps
-        j = torch.multinomial(logits.double().softmax(-1).reshape(-1, n), 1, generator=self.gen)
-        j = j.reshape(self.prefetch, n)
+        # N(0, I) (rows = data points instead gave a noise covariance ≈ 1.35·I, measured);
+        # the data marginal is the plan's columns (exact) up to its rows' error (≤ tol)
+        j = plan.sample(1, generator=self.gen)[..., 0]               # (P, n)
+        self.info["solves"] += 1
+        self.info["solve_s"] += time.perf_counter() - t0
+        self.info["plan_error"].append(plan.marginal_error)
+        self.info["iterations"].append(plan.iterations)
+        if self.info["solves"] <= 2:   # two passes per problem: measured on the first solves only
+            self.info["data_marginal_error"].append(_marginal_error(data_marginal(plan)))
         return list(zip(x0.unbind(0), torch.gather(x1, 1, j[..., None].expand_as(x1)).unbind(0)))
 
     def __call__(self, n):
@@ -341,7 +358,8 @@ class SinkhornCoupler(Coupler):
 
 def _pool_potential(noise, data, blur):
     """Sinkhorn potential g on ``data`` (M,) of the OT problem noise (K, 2) → data (M, 2),
-    cost ½|x−y|², ε = blur² (SamplesLoss: blocked / native kernels, no K×M matrix)."""
+    cost ½|x−y|², ε = blur² (SamplesLoss: blocked / native kernels, no K×M matrix): the
+    semi-discrete map's warm start."""
     from otkernels import SamplesLoss
 
     loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=0.9, debias=False, potentials=True)
@@ -351,30 +369,38 @@ def _pool_potential(noise, data, blur):
 
 class PoolCoupler(Coupler):
     """Large-batch OT: K noise points and K data points (all of ``data`` when it has ≤ K), the
-    Sinkhorn potential g at ``blur``, every noise point sent to argmin_j ½|x0 − y_j|² − g_j
-    (:func:`otkernels.assign.argmin_sqdist`).  Minibatches are random rows of the pool; a new
-    pool is solved every ``refresh`` calls."""
+    entropic plan at ``blur`` from :func:`otkernels.plan.transport_plan` refined to ``tol``
+    (data columns exact; at most ``max_iter`` updates; no K×K matrix), every noise point
+    drawing its data point from its row (``plan.sample(1)``).  Minibatches are random rows of
+    the pool; a new pool is solved every ``refresh`` calls."""
 
     kind = "large_batch"
 
-    def __init__(self, data, generator, pool_size=16384, blur=0.01, refresh=2500):
+    def __init__(self, data, generator, pool_size=4096, blur=0.1, refresh=2500, tol=1e-2, max_iter=300):
         super().__init__(data, generator)
         self.K, self.blur, self.refresh, self.calls = int(pool_size), float(blur), int(refresh), 0
-        self.pool, self.info = None, {"pools": 0, "solve_s": 0.0, "used_fraction": [], "max_use": []}
+        self.tol, self.max_iter = tol, max_iter
+        self.pool, self.info = None, {"pools": 0, "solve_s": 0.0, "plan_error": [], "iterations": [],
+                                      "data_marginal_error": [], "used_fraction": [], "max_use": []}
 
     def _new_pool(self):
-        from otkernels import assign
+        from otkernels.plan import transport_plan
 
         t0 = time.perf_counter()
         N = self.data.shape[0]
         idx = torch.randperm(N, generator=self.gen)[:self.K] if N > self.K else torch.arange(N)
         y = self.data[idx].contiguous()
         z = torch.randn(self.K, self.data.shape[1], generator=self.gen)
-        g = _pool_potential(z, y, self.blur)
-        j = assign.argmin_sqdist(z, y, (-2.0 * g).to(z.dtype))[1]
+        plan = transport_plan(z, y, blur=self.blur, scaling=0.9, tol=self.tol, max_iter=self.max_iter)
+        j = plan.sample(1, generator=self.gen)[:, 0]
         use = torch.bincount(j, minlength=y.shape[0])
         self.info["pools"] += 1
         self.info["solve_s"] += time.perf_counter() - t0
+        self.info["plan_error"].append(plan.marginal_error)
+        self.info["iterations"].append(plan.iterations)
+        self.info["data_marginal_error"].append(_marginal_error(data_marginal(plan)))
+        # one draw per row: an unbiased sample of the data marginal, so ~1 − 1/e of the points
+        # are drawn (as K i.i.d. uniform draws would be), not a permutation
         self.info["used_fraction"].append((use > 0).float().mean().item())
         self.info["max_use"].append(int(use.max()))
         self.pool = (z, y[j])
@@ -429,11 +455,12 @@ def make_coupler(kind: str, data: torch.Tensor, cfg: MoonsConfig, generator: tor
     if kind == "exact":
         return ExactCoupler(data, generator)
     if kind == "sinkhorn":
-        return SinkhornCoupler(data, generator, cfg.sinkhorn_blur, cfg.sinkhorn_prefetch)
+        return SinkhornCoupler(data, generator, cfg.sinkhorn_blur, cfg.sinkhorn_prefetch, cfg.sinkhorn_tol)
     if kind == "large_batch":
-        return PoolCoupler(data, generator, cfg.pool_size, cfg.pool_blur, cfg.pool_refresh)
+        return PoolCoupler(data, generator, cfg.pool_size, cfg.pool_blur, cfg.pool_refresh, cfg.pool_tol,
+                           cfg.pool_max_iter)
     if kind == "semidiscrete":
-        return SemiDiscreteCoupler(data, generator, cfg.pool_blur, cfg.sd_time, cfg.sd_tol, cfg.seed)
+        return SemiDiscreteCoupler(data, generator, cfg.sd_blur, cfg.sd_time, cfg.sd_tol, cfg.seed)
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
 
 
@@ -545,82 +572,128 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
-def run(cfg: MoonsConfig, out_dir: str | None = "reports/moons", plot: bool = True) -> dict:
-    """Train every (coupling × embedding × {unconditional, conditional}) model, sample each at
-    every (solver, steps) and guidance scale, and write moons.json, moons.csv, moons.png
-    (and moons_cfg.png) into ``out_dir`` (None: write nothing).  Returns the JSON dict."""
-    from tqdm.auto import tqdm
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    torch.manual_seed(cfg.seed)
+def _eval_data(cfg: MoonsConfig):
+    """(x_train, y_train, real, real2, z_eval, y_eval): the fixed training set, two fresh draws
+    of moons (another seed each, the training set's scaling), the evaluation noises and labels."""
     x_train, y_train, stats = make_data(cfg.n_train, cfg.noise, seed=cfg.seed)
     real, _, _ = make_data(cfg.n_eval, cfg.noise, seed=cfg.seed + 1, stats=stats)
     real2, _, _ = make_data(cfg.n_eval, cfg.noise, seed=cfg.seed + 2, stats=stats)
     g_eval = torch.Generator().manual_seed(cfg.seed + 3)
     z_eval = torch.randn(cfg.n_eval, 2, generator=g_eval)
     y_eval = torch.arange(cfg.n_eval) * 2 // cfg.n_eval                # half class 0, half class 1
+    return x_train, y_train, real, real2, z_eval, y_eval
+
+
+def run_coupling(kind: str, cfg: MoonsConfig) -> dict:
+    """Train and evaluate every model of one coupling (the unit of work of a worker process):
+    {"rows", "models", "coupling", "plots", "wall_s", "process_cpu_s"}.  Deterministic given
+    ``cfg`` (its own seeds), whichever process runs it."""
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    w_start, c_start = time.perf_counter(), time.process_time()
+    x_train, y_train, real, _, z_eval, y_eval = _eval_data(cfg)
+    rows, models_out, plots = [], {}, {}
+    ncls = int(y_train.max()) + 1
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 + COUPLINGS.index(kind))
+    torch.manual_seed(cfg.seed + 2000 + COUPLINGS.index(kind))
+    t0 = time.perf_counter()
+    uncond, cond, couplers = build_streams(kind, x_train, y_train, cfg, gen)
+    # batch transport cost of this coupling against the identity pairing of the same points
+    x0, x1, _ = uncond()
+    coupling_out = {"batch_cost": batch_cost(x0, x1),
+                    "identity_cost": batch_cost(x0, x1[torch.randperm(x1.shape[0], generator=gen)]),
+                    "setup_s": time.perf_counter() - t0}
+    trained = {}
+    for mode, stream in (("uncond", uncond), ("cond", cond)):
+        if stream is None:
+            continue
+        ms = [MoonsMLP(e, ncls if mode == "cond" else 0, cfg.hidden, cfg.depth, cfg.freqs) for e in cfg.embeddings]
+        t1 = time.perf_counter()
+        losses = train_models(ms, stream, cfg, gen, desc=f"{kind}/{mode}")
+        dt = time.perf_counter() - t1
+        for e, m, l in zip(cfg.embeddings, ms, losses):
+            trained[(mode, e)] = m
+            models_out[f"{kind}/{mode}/{e}"] = {"final_loss": l, "train_s": dt}
+    coupling_out["train_s"] = time.perf_counter() - t0
+    coupling_out["info"] = {k: c.info for k, c in couplers.items() if c.info}
+    t2 = time.perf_counter()
+    jobs = []
+    for (mode, e), m in trained.items():
+        settings = [("none", None, 1.0)] if mode == "uncond" else [(str(w), y_eval, w) for w in GUIDANCE]
+        for guide, y, w in settings:
+            solvers = cfg.solvers if mode == "uncond" else cfg.cfg_solvers
+            jobs += [(mode, e, m, guide, y, w, sv, st) for sv in solvers for st in cfg.steps]
+    for mode, e, m, guide, y, w, sv, st in tqdm(jobs, desc=f"{kind}/eval", disable=not cfg.progress, leave=False):
+        with torch.no_grad():
+            fake, _ = integrate(guided(m, y, w), z_eval, st, sv)
+        headline = sv == "euler" and st <= 2
+        # --quick: POT for the 1–2-step Euler rows, scipy's assignment (the same LP value) for
+        # the others, and the Sinkhorn divergence (1.4 s a row) only where the report shows
+        # it (unconditional, 1–2 Euler steps), to fit the 10-minute budget
+        met = sample_metrics(real, fake, "emd" if headline or not cfg.quick else "assignment",
+                             sinkhorn=(headline and mode == "uncond") or not cfg.quick)
+        rows.append({"coupling": kind, "embedding": e, "model": mode, "cfg": guide, "solver": sv, "steps": st,
+                     "nfe": st * EVALS_PER_STEP[sv], **met})
+        if mode == "uncond" and sv == "euler" and st in (1, 2):
+            plots[(kind, e, st)] = fake
+    for (mode, e), m in trained.items():
+        key = f"{kind}/{mode}/{e}"
+        sel = torch.arange(0, cfg.n_eval, max(1, cfg.n_eval // 500))     # 500 paths, both classes
+        models_out[key].update(path_diagnostics(guided(m, None if mode == "uncond" else y_eval[sel]), z_eval[sel]))
+        if mode == "uncond":
+            plots[(kind, e, "path")] = integrate(guided(m), z_eval[:300], 50, "euler", path=True)[2]
+        else:
+            for w in GUIDANCE:
+                plots[(kind, e, f"cfg{w}")] = integrate(guided(m, y_eval, w), z_eval, 50, "heun")[0]
+    coupling_out["eval_s"] = time.perf_counter() - t2
+    return {"rows": rows, "models": models_out, "coupling": coupling_out, "plots": plots,
+            "wall_s": time.perf_counter() - w_start, "process_cpu_s": time.process_time() - c_start}
+
+
+def run(cfg: MoonsConfig, out_dir: str | None = "reports/moons", plot: bool = True) -> dict:
+    """Train every (coupling × embedding × {unconditional, conditional}) model, sample each at
+    every (solver, steps) and guidance scale, and write moons.json, moons.csv, moons.png
+    (and moons_cfg.png) into ``out_dir`` (None: write nothing).  Returns the JSON dict.
+
+    ``cfg.workers`` > 1: the couplings run in that many worker processes (spawned, each with
+    ``cfg.threads`` torch threads), the most expensive first; the results do not depend on it."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    torch.manual_seed(cfg.seed)
+    _, _, real, real2, _, _ = _eval_data(cfg)
     floor = sample_metrics(real, real2, "emd")
     floor["w2_assignment"] = w2(real, real2, "assignment")
-    rows, models_out, couplings_out, plots = [], {}, {}, {}
-    ncls = int(y_train.max()) + 1
-    for kind in cfg.couplings:
-        gen = torch.Generator().manual_seed(cfg.seed + 1000 + COUPLINGS.index(kind))
-        torch.manual_seed(cfg.seed + 2000 + COUPLINGS.index(kind))
-        t0 = time.perf_counter()
-        uncond, cond, couplers = build_streams(kind, x_train, y_train, cfg, gen)
-        # batch transport cost of this coupling against the identity pairing of the same points
-        x0, x1, _ = uncond()
-        couplings_out[kind] = {"batch_cost": batch_cost(x0, x1),
-                               "identity_cost": batch_cost(x0, x1[torch.randperm(x1.shape[0], generator=gen)]),
-                               "setup_s": time.perf_counter() - t0,
-                               "info": {k: c.info for k, c in couplers.items() if c.info}}
-        trained = {}
-        for mode, stream in (("uncond", uncond), ("cond", cond)):
-            if stream is None:
-                continue
-            ms = [MoonsMLP(e, ncls if mode == "cond" else 0, cfg.hidden, cfg.depth, cfg.freqs) for e in cfg.embeddings]
-            t1 = time.perf_counter()
-            losses = train_models(ms, stream, cfg, gen, desc=f"{kind}/{mode}")
-            dt = time.perf_counter() - t1
-            for e, m, l in zip(cfg.embeddings, ms, losses):
-                trained[(mode, e)] = m
-                models_out[f"{kind}/{mode}/{e}"] = {"final_loss": l, "train_s": dt}
-        couplings_out[kind]["train_s"] = time.perf_counter() - t0
-        couplings_out[kind]["info"] = {k: c.info for k, c in couplers.items() if c.info}
-        # evaluation
-        jobs = []
-        for (mode, e), m in trained.items():
-            settings = [("none", None, 1.0)] if mode == "uncond" else [(str(w), y_eval, w) for w in GUIDANCE]
-            for guide, y, w in settings:
-                solvers = cfg.solvers if mode == "uncond" else cfg.cfg_solvers
-                jobs += [(mode, e, m, guide, y, w, sv, st) for sv in solvers for st in cfg.steps]
-        for mode, e, m, guide, y, w, sv, st in tqdm(jobs, desc=f"{kind}/eval", disable=not cfg.progress, leave=False):
-            with torch.no_grad():
-                fake, _ = integrate(guided(m, y, w), z_eval, st, sv)
-            headline = sv == "euler" and st <= 2
-            # --quick: POT for the 1–2-step Euler rows, scipy's assignment (the same LP value)
-            # and no Sinkhorn divergence for the others, to fit the 10-minute budget
-            met = sample_metrics(real, fake, "emd" if headline or not cfg.quick else "assignment",
-                                 sinkhorn=sv == "euler" or not cfg.quick)
-            rows.append({"coupling": kind, "embedding": e, "model": mode, "cfg": guide, "solver": sv, "steps": st,
-                         "nfe": st * EVALS_PER_STEP[sv], **met})
-            if mode == "uncond" and sv == "euler" and st in (1, 2):
-                plots[(kind, e, st)] = fake
-        for (mode, e), m in trained.items():
-            key = f"{kind}/{mode}/{e}"
-            sel = torch.arange(0, cfg.n_eval, max(1, cfg.n_eval // 500))     # 500 paths, both classes
-            models_out[key].update(path_diagnostics(guided(m, None if mode == "uncond" else y_eval[sel]), z_eval[sel]))
-            if mode == "uncond":
-                plots[(kind, e, "path")] = integrate(guided(m), z_eval[:300], 50, "euler", path=True)[2]
-            else:
-                for w in GUIDANCE:
-                    plots[(kind, e, f"cfg{w}")] = integrate(guided(m, y_eval, w), z_eval, 50, "heun")[0]
+    rows, models_out, couplings_out, plots, workers_out = [], {}, {}, {}, {}
+    parallel = cfg.workers > 1 and len(cfg.couplings) > 1
+    if parallel:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        cost = {"sinkhorn": 0, "semidiscrete": 1, "large_batch": 2, "exact": 3, "independent": 4}
+        order = sorted(cfg.couplings, key=cost.get)
+        with ProcessPoolExecutor(min(cfg.workers, len(order)), mp_context=mp.get_context("spawn")) as ex:
+            futs = {k: ex.submit(run_coupling, k, cfg) for k in order}
+            results = {k: f.result() for k, f in futs.items()}
+    else:
+        results = {k: run_coupling(k, cfg) for k in cfg.couplings}
+    for kind in cfg.couplings:                                       # rows in the configured order
+        r = results[kind]
+        rows += r["rows"]
+        models_out.update(r["models"])
+        couplings_out[kind] = r["coupling"]
+        plots.update(r["plots"])
+        workers_out[kind] = {"wall_s": r["wall_s"], "process_cpu_s": r["process_cpu_s"]}
     wall = time.perf_counter() - t_start
     result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
               "floor": floor, "rows": rows, "models": models_out, "couplings": couplings_out,
-              "targets": targets(rows, floor), "wall_s": wall, "process_cpu_s": time.process_time() - cpu_start, "cpu": _cpu_model(),
+              "targets": targets(rows, floor), "wall_s": wall,
+              # CPU seconds of this process and of the worker processes (whose CPU is not this one's)
+              "process_cpu_s": time.process_time() - cpu_start + (sum(w["process_cpu_s"] for w in workers_out.values())
+                                                                  if parallel else 0.0),
+              "workers": cfg.workers if parallel else 1, "per_coupling": workers_out, "cpu": _cpu_model(),
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -832,7 +905,11 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=None)
     p.add_argument("--no-cond", action="store_true", help="skip the conditional (CFG) models")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes, one coupling each at a time (default 2 with --quick, else 1)")
+    p.add_argument("--pool-blur", type=float, default=None, help="large-batch coupling: the plan's blur")
+    p.add_argument("--sinkhorn-blur", type=float, default=None, help="minibatch entropic coupling's blur")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -841,7 +918,7 @@ def main(argv=None):
         v = getattr(a, name)
         if v is not None:
             kw[name] = tuple(conv(s) for s in v.split(",") if s)
-    for name in ("iters", "n_train", "pool_size", "sd_time", "noise"):
+    for name in ("iters", "n_train", "pool_size", "sd_time", "noise", "workers", "pool_blur", "sinkhorn_blur"):
         v = getattr(a, name)
         if v is not None:
             kw[name] = v
