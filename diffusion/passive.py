@@ -720,6 +720,10 @@ def _check_lines(res: dict) -> list[str]:
     elif name == "epochs":
         rows = res["rows"]
         out.append(_rho_line("OT(gen, train) vs epoch", res["orders"]["train"].get("ot", float("nan")), -1))
+        for key, what in (("ot", "OT(gen, train)"), ("fid", "FID(gen, train)")):
+            line = _reversal_line(rows, lambda r, key=key: r["train"][key], -1, lambda r: f"epoch {int(r['epoch'])}", what)
+            if line:
+                out.append(line)
         b = res["baseline"]
         out.append(f"baseline OT(train, held-out) {_fmt(b['ot'])}, FID {_fmt(b['fid'])}")
         n = _n_seeds(rows[0]["gap"]["ot"]) if rows else 1
@@ -815,6 +819,13 @@ def write_report(dataset: str, out_dir: str, path: str | None = None) -> str:
         for e, r in found.items():
             L.append(f"| {e} | `{r['command']}` | {r['wall_s']} | {r.get('cpu_s', '')} | {r.get('threads')} |")
         L.append("")
+    against = [f"- **{e}**: {line}" for e, r in found.items() for line in _check_lines(r)
+               if "NOT as expected" in line or "seeds only" in line or "against the expected order" in line]
+    if found:
+        L += ["## Against expectations", "",
+              "Every verdict below that does not simply confirm the expectation (orders missed in some or all seeds, "
+              "steps against the expected order; mixtures and the epochs gap are in their sections):", ""]
+        L += (against or ["- none"]) + [""]
     for e, r in found.items():
         blurs = r["sinkhorn"]["blurs"]
         s = r["sinkhorn"]

@@ -255,7 +255,8 @@ class PM(float):
         vals = [float(v) for v in values]
         obj = super().__new__(cls, sum(vals) / len(vals))
         obj.values = vals
-        obj.sd = float(torch.tensor(vals, dtype=torch.float64).std().item()) if len(vals) > 1 else 0.0
+        same = len(set(vals)) == 1  # exactly 0 (torch's std of equal values can be ~1e-17)
+        obj.sd = 0.0 if same else float(torch.tensor(vals, dtype=torch.float64).std().item())
         return obj
 
     @property
