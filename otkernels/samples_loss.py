@@ -27,7 +27,7 @@ from ._checks import (check_finite, check_float_param, check_same_device, check_
 from .costs import Kernel, make_cost
 from .hausdorff import hausdorff
 from .kernel_losses import CallableKernel, kernel_loss
-from .sinkhorn import epsilon_schedule, max_diameter, sinkhorn
+from .sinkhorn import Stopping, epsilon_schedule, max_diameter, sinkhorn
 
 LOSSES = ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian")
 BACKENDS = ("auto", "tensorized", "blocked", "online", "multiscale")
@@ -49,15 +49,32 @@ class SamplesLoss(Module):
     gradients at small blur within ~7e-2) or ``"bf16"`` (values within ~1e-2; speed only).
     Other backends compute in the input dtype and ignore it.
 
+    Early stopping (otkernels only; off by default, so the loop is geomloss's): ``tol`` — after
+    the ε-annealing, the same averaged Sinkhorn updates continue at the final ε until the
+    marginal error ``max |f̃ − f|/ε`` of every loop (OT(α,β), and the debias loops) is ≤ tol,
+    checked every ``check_every`` iterations from the updates' own passes; ``max_iter`` — at
+    most that many more iterations (default 1000 with ``tol``; without ``tol``: exactly that
+    many).  After a call, ``loss.last_info`` says what ran: ``{"annealing": iterations of the
+    schedule, "pair"/"xx"/"yy": {"iterations", "marginal_error"}}``; ``verbose`` prints it.
+
     Call: ``L(x, y)``, ``L(a, x, b, y)``: x (N,D) or (B,N,D), a (N,), (N,1), (B,N) or (B,N,1).
     Returns a scalar or (B,), or ``(F, G)`` shaped like a and b when ``potentials=True``.
     """
 
     def __init__(self, loss="sinkhorn", p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
                  truncate=5, cost=None, kernel=None, cluster_scale=None, debias=True,
-                 potentials=False, verbose=False, backend="auto", precision=None):
+                 potentials=False, verbose=False, backend="auto", precision=None, tol=None, max_iter=None,
+                 check_every=5):
         super().__init__()
         self.precision = _precision.check(precision)
+        self.tol = check_float_param("tol", tol, allow_none=True)
+        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0):
+            raise ValueError(f"max_iter must be None or an int >= 0, got {max_iter!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+        if (tol is not None or max_iter is not None) and loss != "sinkhorn":
+            raise ValueError(f"tol and max_iter apply to loss='sinkhorn', not {loss!r}")
+        self.max_iter, self.check_every, self.last_info = max_iter, check_every, None
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} is unknown: expected one of {LOSSES}")
         if not isinstance(backend, str) or backend not in BACKENDS:
@@ -193,8 +210,13 @@ class SamplesLoss(Module):
                       + ", ".join(f"{e ** (1 / self.p):.3g}" for e in eps_list)
                       + "\n  " + backends.describe_cache(handles))
             if self.loss == "sinkhorn":
+                stop = (Stopping(self.tol, self.max_iter, self.check_every)
+                        if self.tol is not None or self.max_iter is not None else None)
                 values = sinkhorn(a, b, handles, eps_list, rho=rho, debias=self.debias,
-                                  potentials=self.potentials)
+                                  potentials=self.potentials, stop=stop)
+                self.last_info = {"annealing": len(eps_list), **(stop.info if stop is not None else {})}
+                if self.verbose and stop is not None:
+                    print(f"otkernels: early stopping at ε = {eps_list[-1]:.3g}: {stop.info}")
             else:
                 values = hausdorff(handles, a, x, b, y, eps_list, potentials=self.potentials)
         if self.potentials:
