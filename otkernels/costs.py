@@ -103,9 +103,11 @@ class _SqDist(torch.autograd.Function):
 class Cost:
     """A ground cost C(x, y) on (B,n,D) x (B,m,D) tiles.
 
-    ``p`` is 1 or 2 for the built-in (symmetric, translation-invariant) costs, None for a
-    user callable ``fn(x, y) -> (B,n,m)`` (geomloss's ``cost=`` convention), which is then
-    differentiated by autograd tile by tile.
+    ``p`` ≥ 1 for the built-in (symmetric, translation-invariant) costs ``‖x−y‖^p / p``
+    (p = 2: ½‖x−y‖², p = 1: ‖x−y‖, geomloss's two; other p are an otkernels extension that
+    the torch backends compute: :attr:`fused` says whether the native/Triton/KeOps kernels
+    have it), None for a user callable ``fn(x, y) -> (B,n,m)`` (geomloss's ``cost=``
+    convention), which is then differentiated by autograd tile by tile.
     """
 
     def __init__(self, p: Optional[int] = 2, fn: Optional[Callable] = None, name: str = ""):
@@ -118,13 +120,20 @@ class Cost:
 
     symmetric = builtin  # C(x, y) = C(y, x): lets a backend reuse one matrix for C_xy and C_yx
 
+    @property
+    def fused(self) -> bool:
+        """A cost the fused kernels (native, Triton, KeOps) compute: built-in with p = 1 or 2."""
+        return self.fn is None and self.p in (1, 2)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Dense tile (B,n,m), differentiable through torch autograd."""
         if self.fn is not None:
             return self.fn(x, y)
         if self.p == 2:
             return sqdist(x, y) / 2
-        return dist(x, y)
+        if self.p == 1:
+            return dist(x, y)
+        return dist(x, y) ** self.p / self.p
 
     def apply_grad(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                    C: Optional[torch.Tensor] = None, inplace: bool = False) -> torch.Tensor:
@@ -139,10 +148,10 @@ class Cost:
                 xg = x.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(self.fn(xg, y.detach()), xg, W)
             return g
-        if self.p == 1:
-            d = C if C is not None else self(x, y)
+        if self.p != 2:  # ∇_x ‖x−y‖^p/p = ‖x−y‖^(p−2) (x − y)
+            d = dist(x, y) if (C is None or self.p != 1) else C
             # d == 1e-4 exactly where geomloss's clamp is active: zero gradient there.
-            W, inplace = torch.where(d > math.sqrt(_DIST_CLAMP), W / d,
+            W, inplace = torch.where(d > math.sqrt(_DIST_CLAMP), W * d ** (self.p - 2),
                                      torch.zeros((), dtype=W.dtype, device=W.device)), True
         return diff_sum(W, x, y, inplace=inplace)
 

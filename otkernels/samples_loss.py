@@ -38,7 +38,8 @@ class SamplesLoss(Module):
     """Loss between sampled measures ``α = Σ a_i δ_{x_i}``, ``β = Σ b_j δ_{y_j}``.
 
     Args (as geomloss): loss ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian"),
-    p (1 or 2: cost |x−y| or ½|x−y|²), blur (σ; ε = blur^p), reach (None = balanced, else
+    p (1 or 2: cost |x−y| or ½|x−y|²; otkernels also takes any p ≥ 1: ‖x−y‖^p / p, computed
+    by torch tiles — ``blocked`` — on the backends whose fused kernels have only p = 1, 2), blur (σ; ε = blur^p), reach (None = balanced, else
     ρ = reach^p), diameter (None = bounding-box diagonal), scaling (ε-annealing ratio in
     (0, 1)), truncate, cluster_scale (multiscale only: ignored), cost (None, a geomloss cost
     string or a callable (x, y) -> (B,N,M)), kernel (callable for kernel losses), debias,
@@ -81,8 +82,11 @@ class SamplesLoss(Module):
             known = set(BACKENDS) | set(backends.available())
             if backend not in known:
                 raise ValueError(f"backend={backend!r} is unknown: expected one of {sorted(known)}")
-        if loss in ("sinkhorn", "hausdorff") and p not in (1, 2):
-            raise ValueError(f"p={p!r} is not supported for loss={loss!r}: expected 1 or 2")
+        if loss in ("sinkhorn", "hausdorff"):
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1 or p != p or p == float("inf"):
+                raise ValueError(f"p={p!r} is not supported for loss={loss!r}: expected a finite number >= 1 "
+                                 "(cost ‖x−y‖^p / p; p = 1 and 2 are geomloss's, on every backend's fused kernels)")
+            p = int(p) if float(p) in (1.0, 2.0) else float(p)
         self.blur = check_float_param("blur", blur)
         self.reach = check_float_param("reach", reach, allow_none=True)
         self.diameter = check_float_param("diameter", diameter, allow_none=True)

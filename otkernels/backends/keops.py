@@ -226,9 +226,9 @@ def _single_point(x, y):
 
 
 def cost_handles(x, y, cost, debias=True, cache=None):
-    """``(C_xy, C_yx, C_xx, C_yy)``; a user callable cost goes to the ``blocked`` handles;
+    """``(C_xy, C_yx, C_xx, C_yy)``; a user callable cost or p ∉ {1, 2} goes to the ``blocked`` handles;
     ``cache`` is ignored for the built-in costs (KeOps recomputes every pair)."""
-    if not cost.builtin or _single_point(x, y):
+    if not cost.fused or _single_point(x, y):
         from . import blocked
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
     C_xx, C_yy = (KeOpsCost(x, x, cost), KeOpsCost(y, y, cost)) if debias else (None, None)

@@ -583,7 +583,7 @@ def _handled(x, y, cost):
 
 def cost_handles(x, y, cost, debias=True, cache=None):
     """``(C_xy, C_yx, C_xx, C_yy)``; ``cache`` None = decide by the memory budget.
-    Callable costs, non-CPU tensors and other dtypes go to the ``blocked`` backend."""
+    Callable costs, p ∉ {1, 2}, non-CPU tensors and other dtypes go to the ``blocked`` backend."""
     if not _handled(x, y, cost):
         from . import blocked
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)

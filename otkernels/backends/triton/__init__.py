@@ -154,7 +154,7 @@ class _SoftminGrad(torch.autograd.Function):
 def cost_handles(x, y, cost, debias=True, cache=None):
     """``(C_xy, C_yx, C_xx, C_yy)`` handles; ``cache`` is ignored for the built-in costs (tiles
     are recomputed: on a GPU a tensor-core GEMM beats reading a cached cost)."""
-    if not cost.builtin:
+    if not cost.fused:
         from .. import blocked
         return blocked.cost_handles(x, y, cost, debias=debias, cache=cache)
     prec = ops.resolve_precision(x.dtype)  # the current scope (SamplesLoss(precision=...))
