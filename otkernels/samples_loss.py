@@ -39,7 +39,9 @@ class SamplesLoss(Module):
 
     Args (as geomloss): loss ("sinkhorn", "hausdorff", "energy", "gaussian", "laplacian"),
     p (1 or 2: cost |x−y| or ½|x−y|²; otkernels also takes any p ≥ 1: ‖x−y‖^p / p, computed
-    by torch tiles — ``blocked`` — on the backends whose fused kernels have only p = 1, 2), blur (σ; ε = blur^p), reach (None = balanced, else
+    by torch tiles — ``blocked`` — on the backends whose fused kernels have only p = 1, 2;
+    and ``cost="cosine"``: 1 − cos(x, y) = ½‖x̂ − ŷ‖², p = 2 on L2-normalised points, every
+    backend's fused kernels), blur (σ; ε = blur^p), reach (None = balanced, else
     ρ = reach^p), diameter (None = bounding-box diagonal), scaling (ε-annealing ratio in
     (0, 1)), truncate, cluster_scale (multiscale only: ignored), cost (None, a geomloss cost
     string or a callable (x, y) -> (B,N,M)), kernel (callable for kernel losses), debias,
@@ -96,6 +98,14 @@ class SamplesLoss(Module):
         if loss == "hausdorff" and reach is not None:
             raise ValueError("reach is not supported for loss='hausdorff' (a balanced divergence)")
         self.loss, self.p, self.backend = loss, p, backend
+        self.sphere = isinstance(cost, str) and cost.replace(" ", "").lower() == "cosine"
+        if self.sphere:  # 1 − cos(x, y) = ½‖x/‖x‖ − y/‖y‖‖²: the p = 2 cost on the unit sphere
+            if loss not in ("sinkhorn", "hausdorff"):
+                raise ValueError(f"cost='cosine' applies to loss='sinkhorn' or 'hausdorff', not {loss!r}")
+            if p != 2:
+                raise ValueError(f"cost='cosine' is 1 − cos(x, y) = ½‖x̂ − ŷ‖² on the unit sphere: use p=2 "
+                                 f"(ε = blur²), got p={p!r}")
+            cost = None
         self.cost = make_cost(p, cost)
         self.kernel = kernel
         if kernel is not None and not callable(kernel):
@@ -203,6 +213,8 @@ class SamplesLoss(Module):
                 x, y = _center(x, y)
             values = kernel_loss(backend, a, x, b, y, kernel, potentials=self.potentials)
         else:
+            if self.sphere:
+                x, y = _unit("x", x), _unit("y", y)
             if self.cost.builtin:
                 x, y = _center(x, y)
             diameter = self.diameter if self.diameter is not None else max_diameter(x.detach(), y.detach())
@@ -234,6 +246,14 @@ class SamplesLoss(Module):
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+def _unit(name, x):
+    """x / ‖x‖ along the last dim (differentiable); a zero vector has no direction: ValueError."""
+    n = x.norm(dim=-1, keepdim=True)
+    if bool((n == 0).any()):
+        raise ValueError(f"cost='cosine': {name} has zero vectors (no direction); drop them or use another cost")
+    return x / n
 
 
 def _center(x, y):
