@@ -14,13 +14,13 @@ Couplings (which noise goes with which data point), all through otkernels' publi
 * ``"independent"``: x0 and x1 drawn independently (I-CFM);
 * ``"exact"``: the optimal permutation of each minibatch (:func:`otkernels.coupling.exact_pairs`);
 * ``"sinkhorn"``: one draw per noise point from its row of the minibatch's entropic plan
-  π(j | i) ∝ exp((g_j − ½|x0_i − x1_j|²)/ε), ε = blur², g the Sinkhorn potential of
-  :class:`otkernels.SamplesLoss` (``potentials=True``, blur 0.2), for many minibatches at once
-  (a batched ``(P, B, 2)`` problem), then 20 plain Sinkhorn updates on the dense batch costs;
-* ``"large_batch"``: a pool of K noise points and K data points (K = 4k–16k) coupled by the
-  Sinkhorn potentials of SamplesLoss at a small blur (the blocked / native kernels: no K×K
-  matrix), each noise point sent to argmin_j ½|x0 − y_j|² − g_j (:func:`otkernels.assign.
-  argmin_sqdist`); minibatches are rows of the pool, refreshed every ``pool_refresh`` steps;
+  (ε = blur², blur 0.2), :func:`otkernels.plan.transport_plan` on many minibatches at once (a
+  batched ``(P, B, 2)`` problem) refined until its marginals are within ``sinkhorn_tol`` (data
+  columns exact), then ``plan.sample(1)``;
+* ``"large_batch"``: a pool of K noise points and K data points (K = 4,096) coupled by the
+  entropic plan of :func:`otkernels.plan.transport_plan` at blur 0.1 refined to ``pool_tol`` (the
+  native kernels: no K×K matrix), each noise point drawing its data point from its row
+  (``plan.sample(1)``); minibatches are rows of the pool, refreshed every ``pool_refresh`` steps;
 * ``"semidiscrete"``: the semi-discrete OT map from N(0, I) to the fixed training set
   (:class:`otkernels.SemiDiscreteOT`, warm-started from the Sinkhorn potential of a pool and
   refined by its stochastic ascent); every batch is fresh noise and its Laguerre-cell target.
@@ -38,7 +38,7 @@ MMD² (Gaussian kernel σ = 0.5), density/coverage (k = 5); the two-sample floor
 draws of 2,000 real moons) beside them; path straightness |x1 − x0|²/∫|v|² ds and curvature
 ∫|v(x_s, s) − (x1 − x0)|² ds of the learned flow (100 Euler steps).
 
-    python -m diffusion.moons --quick                # the full table in minutes -> reports/moons/
+    python -m diffusion.moons --quick                # the full table (2 worker processes) -> reports/moons/
     python -m diffusion.moons --couplings exact,semidiscrete --iters 10000
 """
 from __future__ import annotations

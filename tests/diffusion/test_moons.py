@@ -87,7 +87,7 @@ def test_sinkhorn_coupling_draws_noise_rows(moons):
     assert not torch.equal(batches[0][1], batches[1][1])
 
 
-@pytest.mark.parametrize("kind,tol", [("sinkhorn", 1e-3), ("large_batch", 1e-3)])
+@pytest.mark.parametrize("kind,tol", [("sinkhorn", 1e-3), ("large_batch", 1e-2)])
 def test_refined_couplings_have_exact_data_marginals(kind, tol, moons):
     """The entropic couplings draw from transport_plan's refined plan: the data marginal of
     "each noise point draws one data point from its row" is uniform to within the tolerance
