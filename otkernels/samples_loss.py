@@ -194,9 +194,56 @@ class SamplesLoss(Module):
         return backends.get(name)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args):
+    def forward(self, *args, x_batch=None, y_batch=None, x_offsets=None, y_offsets=None):
+        """``L(x, y)``, ``L(a, x, b, y)``, ``L(l_x, a, x, l_y, b, y)`` as geomloss; and ragged
+        batches (an otkernels extension): x (N,D), y (M,D) cut into S segments by sorted
+        ``x_batch`` (N,) / ``y_batch`` (M,) segment ids (torch_geometric's convention) or by
+        ``x_offsets`` / ``y_offsets`` (S+1,) (``cu_seqlens``), or lists of (n_s, D) clouds (and
+        of weights): returns (S,) values, or with ``potentials`` (F, G) laid out like the
+        inputs.  Each segment is its own problem (its own diameter and ε-schedule), solved one
+        after the other: the results equal a Python loop over the segments."""
+        ragged = any(t is not None for t in (x_batch, y_batch, x_offsets, y_offsets))
         with _precision.scope(self.precision):
+            if ragged or (args and isinstance(args[-1], (list, tuple))):
+                return self._ragged(args, x_batch, y_batch, x_offsets, y_offsets)
             return self._forward(*args)
+
+    def _ragged(self, args, x_batch, y_batch, x_offsets, y_offsets):
+        if len(args) not in (2, 4):
+            raise ValueError("ragged batches take (x, y) or (a, x, b, y)")
+        a, x, b, y = (None, args[0], None, args[1]) if len(args) == 2 else args
+        if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+            if x_batch is not None or y_batch is not None or x_offsets is not None or y_offsets is not None:
+                raise ValueError("give lists of clouds or batch vectors / offsets, not both")
+            if not (isinstance(x, (list, tuple)) and isinstance(y, (list, tuple))) or len(x) != len(y) or not x:
+                raise ValueError("ragged lists: x and y must be non-empty lists of the same length")
+            xs, ys = list(x), list(y)
+            as_ = list(a) if a is not None else [None] * len(xs)
+            bs_ = list(b) if b is not None else [None] * len(ys)
+            if len(as_) != len(xs) or len(bs_) != len(ys):
+                raise ValueError("ragged lists: one weight vector per cloud")
+            cat = False
+        else:
+            xo = _offsets("x", x, x_batch, x_offsets)
+            yo = _offsets("y", y, y_batch, y_offsets)
+            if len(xo) != len(yo):
+                raise ValueError(f"x has {len(xo) - 1} segments and y {len(yo) - 1}: they must match")
+            xs = [x[i:j] for i, j in zip(xo[:-1], xo[1:])]
+            ys = [y[i:j] for i, j in zip(yo[:-1], yo[1:])]
+            as_ = [None] * len(xs) if a is None else [a[i:j] for i, j in zip(xo[:-1], xo[1:])]
+            bs_ = [None] * len(ys) if b is None else [b[i:j] for i, j in zip(yo[:-1], yo[1:])]
+            cat = True
+        for k, (xk, yk) in enumerate(zip(xs, ys)):
+            for name, t in (("x", xk), ("y", yk)):
+                if isinstance(t, torch.Tensor) and (t.dim() != 2 or t.shape[0] == 0):
+                    raise ValueError(f"ragged segment {k}: {name} must be a non-empty (n, D) cloud, got shape "
+                                     f"{tuple(t.shape)}")
+        outs = [self._forward(xk, yk) if ak is None and bk is None else self._forward(ak, xk, bk, yk)
+                for ak, xk, bk, yk in zip(as_, xs, bs_, ys)]
+        if not self.potentials:
+            return torch.stack(outs)
+        F, G = [o[0] for o in outs], [o[1] for o in outs]
+        return (torch.cat(F), torch.cat(G)) if cat else (F, G)
 
     def _forward(self, *args):
         l_x, a, x, l_y, b, y = self._parse(args)
@@ -246,6 +293,31 @@ class SamplesLoss(Module):
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+def _offsets(name, x, batch, offsets):
+    """Segment boundaries (S+1 ints) of the rows of x (N,D) from a sorted batch vector or offsets."""
+    check_tensor(name, x)
+    if x.dim() != 2:
+        raise ValueError(f"ragged batches: {name} must be (N, D) (all segments stacked), got {tuple(x.shape)}")
+    N = x.shape[0]
+    if (batch is None) == (offsets is None):
+        raise ValueError(f"give exactly one of {name}_batch and {name}_offsets")
+    if batch is not None:
+        if not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.int32, torch.int64) or tuple(batch.shape) != (N,):
+            raise ValueError(f"{name}_batch must be an integer tensor of shape ({N},): one segment id per point")
+        batch = batch.cpu()
+        if N and (bool((batch[1:] < batch[:-1]).any()) or int(batch[0]) != 0):
+            raise ValueError(f"{name}_batch must be sorted and start at 0 (segment ids 0, 0, 1, 1, 1, 2, ...)")
+        counts = torch.bincount(batch)
+        if bool((counts == 0).any()):
+            raise ValueError(f"{name}_batch skips segment {int((counts == 0).nonzero()[0])}: every segment needs a point")
+        return [0] + torch.cumsum(counts, 0).tolist()
+    o = torch.as_tensor(offsets).cpu()
+    if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool((o[1:] <= o[:-1]).any()):
+        raise ValueError(f"{name}_offsets must be increasing (S+1,) boundaries from 0 to {N} (empty segments "
+                         "are not allowed)")
+    return o.tolist()
 
 
 def _unit(name, x):

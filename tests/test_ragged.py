@@ -1,0 +1,74 @@
+"""Ragged batches (issue 21): SamplesLoss(...)(x, y, x_batch=, y_batch=) / offsets / lists equal
+a Python loop over the segments, on every backend through the backend fixture."""
+import pytest
+import torch
+
+from otkernels import SamplesLoss
+
+SIZES_X, SIZES_Y = [7, 12, 3], [9, 4, 11]
+
+
+def _data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 3, generator=g, dtype=dtype) + k for k, n in enumerate(SIZES_X)]
+    ys = [torch.randn(m, 3, generator=g, dtype=dtype) * 0.5 + k for k, m in enumerate(SIZES_Y)]
+    as_ = [torch.rand(n, generator=g, dtype=dtype) + 0.1 for n in SIZES_X]
+    bs_ = [torch.rand(m, generator=g, dtype=dtype) + 0.1 for m in SIZES_Y]
+    return xs, ys, [a / a.sum() for a in as_], [b / b.sum() for b in bs_]
+
+
+def _ids(sizes):
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+@pytest.mark.parametrize("loss,kw", [("sinkhorn", dict(blur=0.3)), ("sinkhorn", dict(blur=0.5, debias=False)),
+                                     ("gaussian", dict(blur=0.7))])
+def test_ragged_equals_a_loop(backend, loss, kw):
+    xs, ys, as_, bs_ = _data()
+    L = SamplesLoss(loss, backend=backend, **kw)
+    loop = torch.stack([L(a, x, b, y) for a, x, b, y in zip(as_, xs, bs_, ys)])
+    x, y, a, b = torch.cat(xs), torch.cat(ys), torch.cat(as_), torch.cat(bs_)
+    got = L(a, x, b, y, x_batch=_ids(SIZES_X), y_batch=_ids(SIZES_Y))
+    torch.testing.assert_close(got, loop, rtol=1e-12, atol=1e-14)
+    xo = torch.tensor([0, 7, 19, 22])
+    yo = torch.tensor([0, 9, 13, 24])
+    torch.testing.assert_close(L(a, x, b, y, x_offsets=xo, y_offsets=yo), loop, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(L(as_, xs, bs_, ys), loop, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(L(xs, ys), torch.stack([L(x_, y_) for x_, y_ in zip(xs, ys)]), rtol=1e-12, atol=1e-14)
+
+
+def test_ragged_gradients_and_potentials_equal_a_loop(backend):
+    xs, ys, _, _ = _data()
+    L = SamplesLoss("sinkhorn", blur=0.3, backend=backend)
+    x = torch.cat(xs).requires_grad_(True)
+    (gx,) = torch.autograd.grad(L(x, torch.cat(ys), x_batch=_ids(SIZES_X), y_batch=_ids(SIZES_Y)).sum(), x)
+    xl = [t.clone().requires_grad_(True) for t in xs]
+    grads = torch.autograd.grad(sum(L(xk, yk) for xk, yk in zip(xl, ys)), xl)
+    torch.testing.assert_close(gx, torch.cat(grads), rtol=1e-12, atol=1e-14)
+    P = SamplesLoss("sinkhorn", blur=0.3, potentials=True, backend=backend)
+    F, G = P(torch.cat(xs), torch.cat(ys), x_batch=_ids(SIZES_X), y_batch=_ids(SIZES_Y))
+    loop = [P(xk, yk) for xk, yk in zip(xs, ys)]
+    torch.testing.assert_close(F, torch.cat([f for f, _ in loop]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(G, torch.cat([g for _, g in loop]), rtol=1e-12, atol=1e-14)
+
+
+X, Y = torch.randn(6, 2), torch.randn(5, 2)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda L: L(X, Y, x_batch=torch.tensor([0, 0, 1, 1, 0, 1]), y_batch=torch.tensor([0, 0, 1, 1, 1])),
+     "x_batch must be sorted"),
+    (lambda L: L(X, Y, x_batch=torch.tensor([0, 0, 0, 1, 1, 1]), y_batch=torch.tensor([0, 0, 0, 0, 0])),
+     "x has 2 segments and y 1"),
+    (lambda L: L(X, Y, x_batch=torch.tensor([0, 0, 2, 2, 2, 2]), y_batch=torch.tensor([0, 1, 1, 2, 2])),
+     "x_batch skips segment 1"),
+    (lambda L: L(X, Y, x_batch=torch.tensor([0, 1]), y_batch=torch.tensor([0, 0, 0, 1, 1])), r"shape \(6,\)"),
+    (lambda L: L(X, Y, x_offsets=torch.tensor([0, 3, 3, 6]), y_offsets=torch.tensor([0, 1, 2, 5])),
+     "x_offsets must be increasing"),
+    (lambda L: L(X, Y, x_batch=torch.tensor([0, 0, 0, 1, 1, 1])), "exactly one of y_batch and y_offsets"),
+    (lambda L: L([X, X[:0]], [Y, Y]), "ragged segment 1: x must be a non-empty"),
+    (lambda L: L([X], [Y, Y]), "same length"),
+])
+def test_ragged_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(SamplesLoss("sinkhorn", blur=0.5))
