@@ -204,7 +204,7 @@ class SamplesLoss(Module):
         after the other: the results equal a Python loop over the segments."""
         ragged = any(t is not None for t in (x_batch, y_batch, x_offsets, y_offsets))
         with _precision.scope(self.precision):
-            if ragged or (args and isinstance(args[-1], (list, tuple))):
+            if ragged or (args and _clouds_list(args[-1])):
                 return self._ragged(args, x_batch, y_batch, x_offsets, y_offsets)
             return self._forward(*args)
 
@@ -293,6 +293,11 @@ class SamplesLoss(Module):
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+def _clouds_list(t):
+    """A list / tuple of tensors: ragged clouds (a nested list of numbers is not)."""
+    return isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(c, torch.Tensor) for c in t)
 
 
 def _offsets(name, x, batch, offsets):
