@@ -24,25 +24,21 @@ points' device (GPU included) whatever the backend; ``apply``, the log-sum-exps 
 solve run on the chosen backend.
 
 :func:`transport_plan` solves with ``SamplesLoss("sinkhorn", debias=False,
-potentials=True)`` and then *refines* the potentials: the annealed loop's potentials give an
-accurate value, but the plan they define can be ~20% off its marginals.  Full Sinkhorn updates
-at the final ε follow until ``max_i |f_new − f|/ε ≤ tol`` (balanced: the largest
-``|log(row sum / a_i)|`` with the columns exact) or ``max_iter`` updates; the reached error
-and the iterations are stored on the plan (``marginal_error``, ``iterations``).
+potentials=True, tol=tol)``: the annealed loop's potentials alone give an accurate value, but
+the plan they define can be ~20% off its marginals, so its early stopping continues with full
+Sinkhorn updates at the final ε until ``max_i |f_new − f|/ε ≤ tol`` (balanced: the largest
+``|log(row sum / a_i)|``), ``max_iter`` updates or a stall; the reached error and the
+iterations are stored on the plan (``marginal_error``, ``iterations``, ``info["stalled"]``).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from . import _precision, backends
 from ._checks import check_finite, check_float_param, check_point_pair, check_tensor, check_weights
-from .sinkhorn import dampening, log_weights
+from .sinkhorn import log_weights
 
 __all__ = ["TransportPlan", "transport_plan"]
-
-STALL = 50  # refinement stops when its error has not reached a new low (by 0.1%) in this many updates
 
 
 def _points(x, y):
@@ -79,8 +75,8 @@ def _vector(name, w, B, n, x, batched, default=None):
 def _module(backend, B, N, M, D, device):
     name = backends.select(B, N, M, D, device) if backend == "auto" else backend
     mod = backends.get(name)
-    if not hasattr(mod, "plan_apply"):
-        raise ValueError(f"backend={name!r} has no plan reduction (plan_apply)")
+    if not (hasattr(mod, "plan_apply_lse") or hasattr(mod, "plan_apply")):
+        raise ValueError(f"backend={name!r} has no plan reduction (plan_apply_lse or plan_apply)")
     return mod
 
 
@@ -317,20 +313,20 @@ def transport_plan(x, y, a=None, b=None, *, blur=0.05, p=2, reach=None, scaling=
 
     x (N,D) / (B,N,D), y (M,D) / (B,M,D); a, b weights (default uniform; normalised to 1).
     blur, p, reach (None: balanced; else the KL marginal penalty ρ = reach^p), scaling,
-    diameter: as :class:`otkernels.SamplesLoss`.  ``tol``: after the annealed solve, full
-    updates at ε = blur^p until ``max |f_new − f|/ε ≤ tol`` (balanced: the rows' relative
-    marginal error, columns exact), ``max_iter`` updates, or ``STALL`` updates without a new
-    low (by 0.1%: the dtype's floor, ~3e-5 in float32 at C/ε ~ 60; ``plan.info["stalled"]``);
-    None skips the refinement.
+    diameter: as :class:`otkernels.SamplesLoss`.  ``tol``: the solve is ``SamplesLoss(...,
+    tol=tol, max_iter=max_iter, check_every=1)``: after the annealing, alternating updates at
+    ε = blur^p until ``max |f_new − f|/ε ≤ tol`` (balanced: the rows' relative marginal
+    error), ``max_iter`` updates, or ``Stopping.STALL`` updates without a new low (the dtype's
+    floor, ~1e-4 in float32 at C/ε ~ 60; ``plan.info["stalled"]``); None: geomloss's loop
+    alone.
     The solve is not differentiated: gradients of the plan's operators treat the potentials
     as constants.  Memory: the backend's (a cost cache within
     :func:`otkernels.backends.cache_budget` on CPU), never more.
     """
-    from .costs import make_cost
     from .samples_loss import SamplesLoss
 
     batched, xb, yb = _points(x, y)
-    B, N, M, D = xb.shape[0], xb.shape[1], yb.shape[1], xb.shape[2]
+    B, N, M = xb.shape[0], xb.shape[1], yb.shape[1]
     if tol is not None:
         tol = check_float_param("tol", tol)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -342,33 +338,17 @@ def transport_plan(x, y, a=None, b=None, *, blur=0.05, p=2, reach=None, scaling=
     check_weights("a", ab.detach())
     check_weights("b", bb.detach())
     ab, bb = ab / ab.sum(1, keepdim=True), bb / bb.sum(1, keepdim=True)
+    refine = {} if tol is None else {"tol": tol, "max_iter": max_iter, "check_every": 1}
     loss = SamplesLoss("sinkhorn", p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling, debias=False,
-                       potentials=True, backend=backend, precision=precision)
+                       potentials=True, backend=backend, precision=precision, **refine)
     with torch.no_grad():
         xs, ys = xb.detach(), yb.detach()
         if xs.dtype in (torch.float16, torch.bfloat16):
             xs, ys, ab, bb = xs.float(), ys.float(), ab.float(), bb.float()
         f, g = loss(ab, xs, bb, ys)
-        eps, rho = blur ** p, None if reach is None else float(reach) ** p
-        err, it, stalled = None, 0, False
-        if tol is not None:
-            mod = _module(backend, B, N, M, D, xs.device)
-            c = torch.cat([xs.reshape(-1, D), ys.reshape(-1, D)]).mean(0)
-            hs = mod.cost_handles(xs - c, ys - c, make_cost(p, None), debias=False)
-            C_xy, C_yx = hs[0], hs[1]
-            la, lb, lam = log_weights(ab), log_weights(bb), dampening(eps, rho)
-            best, since = math.inf, 0
-            with _precision.scope(precision):
-                for it in range(1, max_iter + 1):
-                    g = lam * C_yx.softmin(eps, la + f / eps)      # (f, g): columns exact (balanced)
-                    f_new = lam * C_xy.softmin(eps, lb + g / eps)
-                    err = (f_new - f).abs().max().item() / eps    # (f, g): rows' log-error
-                    best, since = (err, 0) if err < 0.999 * best else (best, since + 1)
-                    if err <= tol or it == max_iter or since >= STALL:
-                        stalled = err > tol and since >= STALL
-                        break
-                    f = f_new
-    info = {"marginal_error": err, "iterations": it, "tol": tol, "stalled": stalled}
+    pair = loss.last_info.get("pair", {})
+    info = {"marginal_error": pair.get("marginal_error"), "iterations": pair.get("iterations", 0), "tol": tol,
+            "stalled": pair.get("stalled", False)}
     out = lambda t: t if batched else t[0]  # noqa: E731
-    return TransportPlan(x, y, out(f.to(xb.dtype)), out(g.to(xb.dtype)), out(ab), out(bb), eps=eps, p=p,
+    return TransportPlan(x, y, out(f.to(xb.dtype)), out(g.to(xb.dtype)), out(ab), out(bb), eps=blur ** p, p=p,
                          backend=backend, precision=precision, info=info)

@@ -86,7 +86,8 @@ class Stopping:
     the annealing converges far more slowly at a fixed ε), the same averaged update for the
     symmetric debias loops — until the marginal error ``max |f̃ − f|/ε`` (for balanced OT the
     largest |log(row sum / a_i)| of the plan of (f, g), whose columns are exact) is ≤ ``tol``,
-    or ``max_iter`` iterations.  The error comes from the updates' own passes (no extra
+    or ``max_iter`` iterations, or ``STALL`` iterations without a new low (the dtype's floor:
+    ``"stalled"`` in ``info``).  The error comes from the updates' own passes (no extra
     reduction); it is read on the host every ``check_every`` iterations only (one sync each on
     CUDA).  ``tol=None`` with ``max_iter``: exactly max_iter more iterations.  ``info`` records,
     per loop ("pair", "xx", "yy"), the iterations run and the last error read."""
@@ -95,18 +96,23 @@ class Stopping:
         self.tol, self.max_iter, self.check_every = tol, max_iter, int(check_every)
         self.info = {}
 
+    STALL = 50  # with tol: stop when the error read has not reached a new low (by 0.1%) in this many iterations
+
     def run(self, name, step, state):
         n = self.max_iter if self.max_iter is not None else 1000
-        err, k = None, 0
+        err, k, best, low_at, stalled = None, 0, math.inf, 0, False
         for k in range(1, n + 1):
             state, e = step(state)
             if self.tol is not None and (k % self.check_every == 0 or k == n):
                 err = float(e)
-                if err <= self.tol:
+                if err < 0.999 * best:
+                    best, low_at = err, k
+                stalled = err > self.tol and k - low_at >= self.STALL  # the dtype's floor
+                if err <= self.tol or stalled:
                     break
             elif k == n:
                 err = float(e)
-        self.info[name] = {"iterations": k, "marginal_error": err}
+        self.info[name] = {"iterations": k, "marginal_error": err, "stalled": stalled}
         return state
 
 

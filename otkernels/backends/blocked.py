@@ -275,7 +275,7 @@ class _KernelSum(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- plan operators
 # The entropic plan π_ij = exp(u_i + v_j − C(x_i, y_j)/ε) (otkernels.plan), by tiles: never an
-# N×M matrix.  plan_apply is this backend's fused-free version of the plan product; the
+# N×M matrix.  plan_apply_lse is this backend's one-pass plan product (torch tiles); the
 # backward, the sampler and the top-k below are the torch tile engine every backend's plan
 # uses (they run on any device).
 
@@ -285,6 +285,11 @@ def _plan_tiles(B, N, M, width=1):
     bm = max(1, min(M, MAX_COLS, TILE // max(1, B * width)))
     bn = max(1, min(N, TILE // max(1, B * bm * width)))
     return _blocks(N, bn), _blocks(M, bm)
+
+
+def _scores(cost, x, y, v, eps, i0, i1, j0, j1):
+    """The log-plan tile without its row term, ``v_j − C(x_i, y_j)/ε`` (B, i1−i0, j1−j0)."""
+    return cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])
 
 
 def _finite_or_zero(m):
@@ -308,7 +313,7 @@ def plan_apply_lse(x, y, v, V, eps, p=2, precision=None):
     for i0, i1 in rows:
         mx = acc = s = None
         for j0, j1 in cols:
-            L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])
+            L = _scores(cost, x, y, v, eps, i0, i1, j0, j1)
             tmax = L.amax(2, keepdim=True)
             if mx is None:
                 mx = tmax
@@ -329,14 +334,6 @@ def plan_apply_lse(x, y, v, V, eps, p=2, precision=None):
     return out, lse
 
 
-def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
-    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j`` (B,N,K), from :func:`plan_apply_lse` (large
-    u, v overflow only where the result does)."""
-    S, lse = plan_apply_lse(x, y, v, V, eps, p)
-    scale = (u + _finite_or_zero(lse)).exp().masked_fill(torch.isneginf(lse), 0.0)
-    return S * scale[..., None]
-
-
 @torch.no_grad()
 def plan_backward(x, y, r, v, V, G, eps, p=2, c=None, need=(True, True, True, True)):
     """Backward of ``S_i = Σ_j π_ij V_j``, π_ij = exp(r_i + v_j − C(x_i, y_j)/ε), for an upstream
@@ -350,7 +347,7 @@ def plan_backward(x, y, r, v, V, G, eps, p=2, c=None, need=(True, True, True, Tr
 
     cost = make_cost(p, None)
     nx, ny, nv, nV = need
-    B, N, M, K = x.shape[0], x.shape[1], y.shape[1], V.shape[2]
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
     dx = torch.zeros_like(x) if nx else None
     dy = torch.zeros_like(y) if ny else None
     dv = torch.zeros_like(v) if nv else None
@@ -393,7 +390,7 @@ def plan_sample(x, y, v, eps, k, p=2, generator=None):
     rows, cols = _plan_tiles(B, N, M, width=k)
     for i0, i1 in rows:
         for j0, j1 in cols:
-            L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])     # (B,n,m)
+            L = _scores(cost, x, y, v, eps, i0, i1, j0, j1)     # (B,n,m)
             g = torch.rand(B, i1 - i0, j1 - j0, k, dtype=x.dtype, device=x.device, generator=generator)
             g = g.clamp_(min=torch.finfo(x.dtype).tiny).log_().neg_().log_().neg_()       # Gumbel(0, 1)
             val, arg = (g.add_(L[..., None])).max(2)                                        # (B,n,k)
@@ -417,7 +414,7 @@ def plan_topk(x, y, u, v, eps, k, p=2):
     rows, cols = _plan_tiles(B, N, M)
     for i0, i1 in rows:
         for j0, j1 in cols:
-            L = cost(x[:, i0:i1], y[:, j0:j1]).mul_(-1.0 / eps).add_(v[:, None, j0:j1])
+            L = _scores(cost, x, y, v, eps, i0, i1, j0, j1)
             tv, ti = L.topk(min(k, j1 - j0), dim=2)
             cv = torch.cat([vals[:, i0:i1], tv], 2)
             ci = torch.cat([idx[:, i0:i1], ti + j0], 2)

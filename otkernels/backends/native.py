@@ -420,14 +420,6 @@ def plan_apply_lse(x, y, v, V, eps, p=2, precision=None):
     return tuple(_ext().plan_apply(x, y, v, V, float(eps), int(p)))
 
 
-def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
-    """``Σ_j exp(u_i + v_j − C(x_i, y_j)/ε) V_j`` (B,N,K), from :func:`plan_apply_lse`."""
-    S, lse = plan_apply_lse(x, y, v, V, eps, p)
-    u = _vec("u", u, x.shape[0], x.shape[1], S.dtype)
-    scale = (u + torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))).exp()
-    return S * scale.masked_fill(torch.isneginf(lse), 0.0)[..., None]
-
-
 def _assign(x, y, h, mode):
     x, y = _pair(x, y)
     if y.shape[1] == 0:

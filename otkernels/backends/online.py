@@ -37,11 +37,6 @@ def kernel_sum(x, y, b, kernel):
     return (_native(x, y, b) or blocked).kernel_sum(x, y, b, kernel)
 
 
-def plan_apply(x, y, u, v, V, eps, p=2, precision=None):
-    """The plan product (see ``blocked.plan_apply``): native's on CPU tensors, else blocked's."""
-    return (_native(x, y, V) or blocked).plan_apply(x, y, u, v, V, eps, p)
-
-
 def plan_apply_lse(x, y, v, V, eps, p=2, precision=None):
     """The one-pass row-stochastic product and log-sum-exp (see ``blocked.plan_apply_lse``)."""
     return (_native(x, y, V) or blocked).plan_apply_lse(x, y, v, V, eps, p)
