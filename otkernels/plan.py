@@ -312,7 +312,8 @@ def transport_plan(x, y, a=None, b=None, *, blur=0.05, p=2, reach=None, scaling=
     """Solve entropic OT between ``Σ a_i δ_{x_i}`` and ``Σ b_j δ_{y_j}`` and return its plan.
 
     x (N,D) / (B,N,D), y (M,D) / (B,M,D); a, b weights (default uniform; normalised to 1).
-    blur, p, reach (None: balanced; else the KL marginal penalty ρ = reach^p), scaling,
+    blur, p, reach (None: balanced; else the KL marginal penalty ρ = reach^p; a pair
+    (reach_x, reach_y) for semi-unbalanced OT), scaling,
     diameter: as :class:`otkernels.SamplesLoss`.  ``tol``: the solve is ``SamplesLoss(...,
     tol=tol, max_iter=max_iter, check_every=1)``: after the annealing, alternating updates at
     ε = blur^p until ``max |f_new − f|/ε ≤ tol`` (balanced: the rows' relative marginal

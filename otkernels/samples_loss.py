@@ -42,7 +42,10 @@ class SamplesLoss(Module):
     by torch tiles — ``blocked`` — on the backends whose fused kernels have only p = 1, 2;
     and ``cost="cosine"``: 1 − cos(x, y) = ½‖x̂ − ŷ‖², p = 2 on L2-normalised points, every
     backend's fused kernels), blur (σ; ε = blur^p), reach (None = balanced, else
-    ρ = reach^p), diameter (None = bounding-box diagonal), scaling (ε-annealing ratio in
+    ρ = reach^p; otkernels also takes a pair ``(reach_x, reach_y)``, either None: the KL
+    penalty ρ_x = reach_x^p on α's marginal (x), ρ_y on β's, None = that marginal is a hard
+    constraint — semi-unbalanced OT, POT's ``reg_m=(ρ_x, ρ_y)``, OTT's ``tau_a, tau_b`` =
+    ρ/(ρ+ε)), diameter (None = bounding-box diagonal), scaling (ε-annealing ratio in
     (0, 1)), truncate, cluster_scale (multiscale only: ignored), cost (None, a geomloss cost
     string or a callable (x, y) -> (B,N,M)), kernel (callable for kernel losses), debias,
     potentials, verbose, backend; and ``precision`` (otkernels only): the float32 dots of the
@@ -90,7 +93,7 @@ class SamplesLoss(Module):
                                  "(cost ‖x−y‖^p / p; p = 1 and 2 are geomloss's, on every backend's fused kernels)")
             p = int(p) if float(p) in (1.0, 2.0) else float(p)
         self.blur = check_float_param("blur", blur)
-        self.reach = check_float_param("reach", reach, allow_none=True)
+        self.reach = _reach(reach)
         self.diameter = check_float_param("diameter", diameter, allow_none=True)
         self.scaling = check_float_param("scaling", scaling)
         if not self.scaling < 1:
@@ -266,7 +269,7 @@ class SamplesLoss(Module):
                 x, y = _center(x, y)
             diameter = self.diameter if self.diameter is not None else max_diameter(x.detach(), y.detach())
             eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
-            rho = None if self.reach is None else self.reach ** self.p
+            rho = _rho(self.reach, self.p)
             handles = backend.cost_handles(x, y, self.cost, debias=self.debias or self.loss == "hausdorff")
             if self.verbose:  # the schedule, and what the handles store (cache budget)
                 print(f"otkernels: {backend.NAME} backend, {len(eps_list)} iterations, blur schedule "
@@ -293,6 +296,23 @@ class SamplesLoss(Module):
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+def _reach(reach):
+    """None, a number, or a pair ``(reach_x, reach_y)`` whose items are None or numbers."""
+    if isinstance(reach, (tuple, list)):
+        if len(reach) != 2:
+            raise ValueError(f"reach must be None, a number or a pair (reach_x, reach_y), got {len(reach)} items")
+        pair = tuple(check_float_param(f"reach[{i}]", r, allow_none=True) for i, r in enumerate(reach))
+        return None if pair == (None, None) else pair
+    return check_float_param("reach", reach, allow_none=True)
+
+
+def _rho(reach, p):
+    """ρ = reach^p, per side for a pair (None stays None: a hard marginal)."""
+    if isinstance(reach, tuple):
+        return tuple(None if r is None else r ** p for r in reach)
+    return None if reach is None else reach ** p
 
 
 def _clouds_list(t):

@@ -24,6 +24,12 @@ def dampening(eps: float, rho: Optional[float]) -> float:
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
 
 
+def sides(rho):
+    """``(ρ_x, ρ_y)`` from ``rho``: None (balanced), one ρ (both marginals penalised) or a pair
+    (semi-unbalanced when one is None: that marginal is a hard constraint)."""
+    return tuple(rho) if isinstance(rho, (tuple, list)) else (rho, rho)
+
+
 def log_weights(a: torch.Tensor) -> torch.Tensor:
     """log(a) with zero weights mapped to −1e5 (geomloss's convention)."""
     return torch.where(a > 0, a.log(), torch.full_like(a, -100000.0))
@@ -50,33 +56,35 @@ def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> Li
 def sinkhorn_pair(C_xy, C_yx, a_log, b_log, eps_list, rho, grad=True, stop=None):
     """OT_ε(α, β): returns the potentials ``(f_ba (B,N), g_ab (B,M))`` after the last extrapolation.
 
-    ``stop``: a :class:`Stopping` (None: geomloss's loop exactly): more Sinkhorn updates at the
+    ``rho``: None, ρ, or ``(ρ_x, ρ_y)``: f (on x, α's marginal) is damped by λ(ε, ρ_x), g by
+    λ(ε, ρ_y) (the first-order condition of the KL penalty on each marginal).  ``stop``: a :class:`Stopping` (None: geomloss's loop exactly): more Sinkhorn updates at the
     final ε until the marginal error is within ``stop.tol``."""
     def both(eps, hb, ha):  # the two updates use the same old potentials: one pass if possible
         two = C_xy.softmin_two(eps, hb, ha) if hasattr(C_xy, "softmin_two") else None
         return two if two is not None else (C_xy.softmin(eps, hb), C_yx.softmin(eps, ha))
 
+    rho_x, rho_y = sides(rho)
     with torch.no_grad():
-        lam = dampening(eps_list[0], rho)
+        lx, ly = dampening(eps_list[0], rho_x), dampening(eps_list[0], rho_y)
         f_ba, g_ab = both(eps_list[0], b_log, a_log)
-        f_ba, g_ab = lam * f_ba, lam * g_ab
+        f_ba, g_ab = lx * f_ba, ly * g_ab
         for eps in eps_list:
-            lam = dampening(eps, rho)
+            lx, ly = dampening(eps, rho_x), dampening(eps, rho_y)
             ft_ba, gt_ab = both(eps, b_log + g_ab / eps, a_log + f_ba / eps)
-            f_ba, g_ab = 0.5 * (f_ba + lam * ft_ba), 0.5 * (g_ab + lam * gt_ab)
+            f_ba, g_ab = 0.5 * (f_ba + lx * ft_ba), 0.5 * (g_ab + ly * gt_ab)
         if stop is not None:
             eps = eps_list[-1]
 
             def step(fg):  # alternating (Gauss-Seidel) updates: much faster than averaged ones here
                 f, g = fg
-                g = lam * C_yx.softmin(eps, a_log + f / eps)       # (f, g): columns exact (balanced)
-                ft = lam * C_xy.softmin(eps, b_log + g / eps)
+                g = ly * C_yx.softmin(eps, a_log + f / eps)        # (f, g): columns exact (balanced)
+                ft = lx * C_xy.softmin(eps, b_log + g / eps)
                 return (ft, g), (ft - f).abs().amax() / eps        # (f, g): the rows' log-error
             f_ba, g_ab = stop.run("pair", step, (f_ba, g_ab))
     eps = eps_list[-1]
     sm = "softmin_grad" if grad else "softmin"
     hb, ha = (b_log + g_ab / eps).detach(), (a_log + f_ba / eps).detach()
-    return lam * getattr(C_xy, sm)(eps, hb), lam * getattr(C_yx, sm)(eps, ha)
+    return lx * getattr(C_xy, sm)(eps, hb), ly * getattr(C_yx, sm)(eps, ha)
 
 
 class Stopping:
@@ -177,22 +185,36 @@ class _UnbalancedValue(torch.autograd.Function):
         return ga, gu, None, None, None
 
 
-def sinkhorn_value(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, debias=True):
-    """Sinkhorn divergence (debias) or OT_ε from the final potentials, (B,)."""
+def _side(w, f_self, f_cross, rho, eps, debias, other_soft):
+    """One marginal's term of the value, (B,): ``⟨w, f_cross − f_self⟩`` (debias) or ``⟨w, f⟩``
+    for a hard marginal; ``(ρ + ε/2)⟨w, e^{−f_self/ρ} − e^{−f_cross/ρ}⟩`` (debias) or
+    ``(ρ + ε/2)⟨w, 1 − e^{−f/ρ}⟩`` for a KL-penalised one (geomloss's value)."""
     if rho is None:
         if debias:
-            return scal(a, f_ba - f_aa) + scal(b, g_ab - g_bb)
-        return scal(a, f_ba) + scal(b, g_ab)
+            return scal(w, f_cross - f_self)
+        v = scal(w, f_cross)
+        if other_soft:  # semi-unbalanced: the masses are free, ∂/∂w = f − ε/2 (envelope, see _UnbalancedValue)
+            v = v - (eps / 2) * (w.sum(1) - w.sum(1).detach())
+        return v
     e = lambda f: (-f / rho).exp()  # noqa: E731
     if debias:
-        return (_UnbalancedValue.apply(a, e(f_aa) - e(f_ba), rho, eps, 0.0)
-                + _UnbalancedValue.apply(b, e(g_bb) - e(g_ab), rho, eps, 0.0))
-    return (_UnbalancedValue.apply(a, 1 - e(f_ba), rho, eps, -eps / 2)
-            + _UnbalancedValue.apply(b, 1 - e(g_ab), rho, eps, -eps / 2))
+        return _UnbalancedValue.apply(w, e(f_self) - e(f_cross), rho, eps, 0.0)
+    return _UnbalancedValue.apply(w, 1 - e(f_cross), rho, eps, -eps / 2)
+
+
+def sinkhorn_value(eps, rho, a, b, f_aa, g_bb, g_ab, f_ba, debias=True):
+    """Sinkhorn divergence (debias) or OT_ε from the final potentials, (B,).
+
+    ``rho``: None, ρ or ``(ρ_x, ρ_y)``: the value is a sum of one term per marginal, each
+    balanced (hard) or KL-penalised (:func:`_side`)."""
+    rho_x, rho_y = sides(rho)
+    return (_side(a, f_aa, f_ba, rho_x, eps, debias, rho_y is not None)
+            + _side(b, g_bb, g_ab, rho_y, eps, debias, rho_x is not None))
 
 
 def sinkhorn(a, b, handles, eps_list, rho=None, debias=True, potentials=False, stop=None):
-    """Run the loop on cost handles ``(C_xy, C_yx, C_xx, C_yy)``; a (B,N), b (B,M) weights.
+    """Run the loop on cost handles ``(C_xy, C_yx, C_xx, C_yy)``; a (B,N), b (B,M) weights;
+    ``rho``: None (balanced), ρ, or ``(ρ_x, ρ_y)`` (semi-unbalanced when one is None).
 
     Returns the divergence (B,) or, with ``potentials``, ``(F (B,N), G (B,M))``.  ``stop``: a
     :class:`Stopping` for early stopping at the final ε (None: geomloss's loop).
@@ -202,8 +224,9 @@ def sinkhorn(a, b, handles, eps_list, rho=None, debias=True, potentials=False, s
     f_ba, g_ab = sinkhorn_pair(C_xy, C_yx, a_log, b_log, eps_list, rho, stop=stop)
     f_aa = g_bb = None
     if debias:
-        (f_aa,) = sinkhorn_sym(C_xx, a_log, eps_list, rho, stop=stop, name="xx")
-        (g_bb,) = sinkhorn_sym(C_yy, b_log, eps_list, rho, stop=stop, name="yy")
+        rho_x, rho_y = sides(rho)  # OT(α, α) penalises both marginals with ρ_x, OT(β, β) with ρ_y
+        (f_aa,) = sinkhorn_sym(C_xx, a_log, eps_list, rho_x, stop=stop, name="xx")
+        (g_bb,) = sinkhorn_sym(C_yy, b_log, eps_list, rho_y, stop=stop, name="yy")
     if potentials:
         return (f_ba - f_aa, g_ab - g_bb) if debias else (f_ba, g_ab)
     return sinkhorn_value(eps_list[-1], rho, a, b, f_aa, g_bb, g_ab, f_ba, debias)

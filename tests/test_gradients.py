@@ -106,6 +106,18 @@ def test_sinkhorn_unbalanced(backend, p, debias):
                       what=f"unbalanced sinkhorn p={p} debias={debias}")
 
 
+@pytest.mark.parametrize("debias", [True, False], ids=["debias", "biased"])
+@pytest.mark.parametrize("reach", [(0.7, None), (None, 0.7), (0.7, 1.3)], ids=["soft-x", "soft-y", "both"])
+def test_sinkhorn_semi_unbalanced(backend, reach, debias):
+    """reach=(ρ_x, ρ_y), one side a hard marginal: the problem is defined for any masses, so
+    every weight direction, including ones that change the hard side's mass (its gradient is
+    f − ε/2 in the biased OT_ε, the envelope term that ⟨a, f⟩ alone would miss)."""
+    inputs = data(seed=4)
+    inputs["a"], inputs["b"] = 1.4 * inputs["a"], 0.8 * inputs["b"]
+    L = otk_loss(loss="sinkhorn", p=2, blur=BLUR, reach=reach, debias=debias, backend=backend, **FIXED)
+    directional_check(L, inputs, "axby", tol=1e-4, n_random=2, what=f"semi-unbalanced {reach} debias={debias}")
+
+
 def test_sinkhorn_unbalanced_batched_unnormalised(backend):
     """Batched, masses far from 1 (unbalanced OT compares measures of any mass)."""
     inputs = data(seed=3, B=2)
