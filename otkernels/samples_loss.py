@@ -115,6 +115,14 @@ class SamplesLoss(Module):
             raise TypeError(f"kernel must be a callable (x, y, blur=...) -> (B,N,M), got {type(kernel).__name__}")
         self.truncate, self.cluster_scale = truncate, cluster_scale
         self.debias, self.potentials, self.verbose = bool(debias), bool(potentials), verbose
+        from ._compile import config
+        self._op_config = config(self)  # the arguments as the custom op takes them (torch.compile)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if not name.startswith("_") and "_op_config" in self.__dict__:  # a changed argument: the op's too
+            from ._compile import config
+            super().__setattr__("_op_config", config(self))
 
     # ------------------------------------------------------------------ parsing and checks
     def _parse(self, args):
@@ -205,6 +213,16 @@ class SamplesLoss(Module):
         of weights): returns (S,) values, or with ``potentials`` (F, G) laid out like the
         inputs.  Each segment is its own problem (its own diameter and ε-schedule), solved one
         after the other: the results equal a Python loop over the segments."""
+        if torch.compiler.is_compiling():  # one custom op in the graph, or one clean graph break
+            from . import _compile
+            ragged_kw = dict(x_batch=x_batch, y_batch=y_batch, x_offsets=x_offsets, y_offsets=y_offsets)
+            ragged_kw = {k: v for k, v in ragged_kw.items() if v is not None}
+            if _compile.compilable(self, args, ragged_kw):
+                return _compile.call(self, args)
+            return _eager(self, args, ragged_kw)
+        return self._call(args, x_batch, y_batch, x_offsets, y_offsets)
+
+    def _call(self, args, x_batch=None, y_batch=None, x_offsets=None, y_offsets=None):
         ragged = any(t is not None for t in (x_batch, y_batch, x_offsets, y_offsets))
         with _precision.scope(self.precision):
             if ragged or (args and _clouds_list(args[-1])):
@@ -296,6 +314,12 @@ class SamplesLoss(Module):
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+@torch.compiler.disable
+def _eager(loss, args, kwargs):
+    """The eager loss inside a compiled model (potentials, callables, ragged batches): one graph break."""
+    return loss._call(args, **kwargs)
 
 
 def _reach(reach):
