@@ -285,6 +285,8 @@ class SamplesLoss(Module):
                 x, y = _unit("x", x), _unit("y", y)
             if self.cost.builtin:
                 x, y = _center(x, y)
+            if not self.cost.fused and backend.NAME in ("native", "triton", "keops"):
+                _warn_tiles(backend.NAME, self.cost)
             diameter = self.diameter if self.diameter is not None else max_diameter(x.detach(), y.detach())
             eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
             rho = _rho(self.reach, self.p)
@@ -314,6 +316,20 @@ class SamplesLoss(Module):
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+_WARNED = set()
+
+
+def _warn_tiles(name, cost):
+    """Once per (backend, cost): the fused kernels have p = 1, 2 only; other costs run on torch tiles."""
+    key = (name, cost.name)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        what = "a callable cost" if not cost.builtin else f"p={cost.p}"
+        warnings.warn(f"backend={name!r} has fused kernels for p=1 and p=2 only: {what} runs on torch tiles "
+                      "(the 'blocked' backend: the cost is called on (B,n,D) x (B,m,D) tiles of at most "
+                      "2^18 entries, differentiated by autograd; same memory bound)", stacklevel=4)
 
 
 @torch.compiler.disable

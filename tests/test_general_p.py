@@ -71,3 +71,22 @@ def test_gradient_of_converged_value(backend):
 def test_bad_p(p):
     with pytest.raises(ValueError, match="expected a finite number >= 1"):
         SamplesLoss("sinkhorn", p=p)
+
+
+@pytest.mark.parametrize("p,cost", [(3, None), (2, "callable")])
+def test_fused_backends_say_they_run_torch_tiles(p, cost):
+    """native/Triton/KeOps have p = 1, 2: another p or a callable cost runs on the blocked
+    backend's torch tiles, with a warning (once per backend and cost) and blocked's result."""
+    import warnings
+
+    from otkernels import samples_loss
+    fn = (lambda a, b: ((a[:, :, None] - b[:, None]) ** 2).sum(-1) / 2) if cost else None  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 2, generator=g, dtype=torch.float64), torch.randn(20, 2, generator=g, dtype=torch.float64)
+    samples_loss._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"backend='native' has fused kernels for p=1 and p=2 only.*torch tiles"):
+        v = SamplesLoss(p=p, blur=0.4, cost=fn, backend="native")(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        SamplesLoss(p=p, blur=0.4, cost=fn, backend="native")(x, y)
+    torch.testing.assert_close(v, SamplesLoss(p=p, blur=0.4, cost=fn, backend="blocked")(x, y), rtol=1e-14, atol=0)
