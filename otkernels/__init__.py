@@ -11,13 +11,15 @@ from .samples_loss import SamplesLoss
 from .semidiscrete import SemiDiscreteOT
 
 __version__ = "0.1.0"
-__all__ = ["SamplesLoss", "backends", "metrics", "semidiscrete", "assign", "coupling", "plan", "__version__"]
+__all__ = ["SamplesLoss", "backends", "metrics", "semidiscrete", "assign", "coupling", "plan", "distributed",
+           "__version__"]
 
 
 def __getattr__(name):
     """``otkernels.metrics``, ``otkernels.semidiscrete``, ``otkernels.assign``,
-    ``otkernels.coupling``, ``otkernels.plan`` import on first use (metrics and coupling use scipy)."""
-    if name in ("metrics", "semidiscrete", "assign", "coupling", "plan"):
+    ``otkernels.coupling``, ``otkernels.plan``, ``otkernels.distributed`` import on first use
+    (metrics and coupling use scipy)."""
+    if name in ("metrics", "semidiscrete", "assign", "coupling", "plan", "distributed"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'otkernels' has no attribute {name!r}")

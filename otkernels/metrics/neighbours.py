@@ -64,8 +64,10 @@ def knn(x, y=None, k=3, *, dtype=None):
     return d2.sqrt(), idx
 
 
-def _knn_sq(x, y, k, exclude_self):
-    """Squared distances of the k nearest y_j to each x_i (ascending) and their indices."""
+def _knn_sq(x, y, k, exclude_self, row_offset=0):
+    """Squared distances of the k nearest y_j to each x_i (ascending) and their indices.
+    ``exclude_self``: row i is the point y_{row_offset + i} (x a block of rows of y: a shard
+    in :mod:`otkernels.distributed`), left out of its own neighbours."""
     N, M = x.shape[0], y.shape[0]
     bn, bm = _row_block(M)
     yy = (y * y).sum(1)
@@ -79,9 +81,10 @@ def _knn_sq(x, y, k, exclude_self):
             j1 = min(M, j0 + bm)
             # |y|² − 2⟨x, y⟩: the row constant |x|² does not change the order
             s = torch.addmm(yy[None, j0:j1], x[i0:i1], y[j0:j1].T, alpha=-2)
-            if exclude_self and j0 < i1 and i0 < j1:
-                r = torch.arange(max(i0, j0), min(i1, j1), device=x.device)
-                s[r - i0, r - j0] = float("inf")
+            a0, a1 = i0 + row_offset, i1 + row_offset  # the rows' own indices among the y's
+            if exclude_self and j0 < a1 and a0 < j1:
+                r = torch.arange(max(a0, j0), min(a1, j1), device=x.device)
+                s[r - a0, r - j0] = float("inf")
             kk = min(k, j1 - j0)
             v, i = torch.topk(s, kk, dim=1, largest=False, sorted=False)
             i += j0
@@ -145,26 +148,8 @@ def _prdc(real, fake, k, k_pr, k_dc, dtype, want):
     t_pr = d2_real[:, k_pr - 1] - xx if "precision" in want else None
     t_dc = d2_real[:, k_dc - 1] - xx if "density" in want else None
     rf2 = _knn_sq(ys, ys, k_pr, True)[0][:, -1] if "recall" in want else None
-
-    N, M = xs.shape[0], ys.shape[0]
-    bn, bm = _row_block(M)
-    count = torch.zeros(M, dtype=torch.int64, device=xs.device)  # real balls (k_dc) holding y_j
-    hit = torch.zeros(M, dtype=torch.bool, device=xs.device)  # y_j in some real ball (k_pr)
-    covered = torch.zeros(N, dtype=torch.bool, device=xs.device)
-    recalled = torch.zeros(N, dtype=torch.bool, device=xs.device)
     same_k = t_pr is not None and t_dc is not None and k_pr == k_dc
-    for i0 in range(0, N, bn):
-        i1 = min(N, i0 + bn)
-        for j0 in range(0, M, bm):
-            j1 = min(M, j0 + bm)
-            s = torch.addmm(yy[None, j0:j1], xs[i0:i1], ys[j0:j1].T, alpha=-2)
-            if t_dc is not None:
-                count[j0:j1] += (s < t_dc[i0:i1, None]).sum(0, dtype=torch.int32)
-                covered[i0:i1] |= s.amin(1) < t_dc[i0:i1]
-            if t_pr is not None and not same_k:
-                hit[j0:j1] |= (s < t_pr[i0:i1, None]).any(0)
-            if rf2 is not None:  # d² < r_j² ⟺ s − r_j² < −|x_i|²
-                recalled[i0:i1] |= (s - rf2[None, j0:j1]).amin(1) < -xx[i0:i1]
+    count, hit, covered, recalled = _ball_pass(xs, ys, xx, yy, t_dc, None if same_k else t_pr, rf2)
     if same_k:
         hit = count > 0
     out = {}
@@ -177,3 +162,31 @@ def _prdc(real, fake, k, k_pr, k_dc, dtype, want):
     if "coverage" in want:
         out["coverage"] = float(covered.double().mean())
     return out
+
+
+def _ball_pass(xs, ys, xx, yy, t_dc, t_pr, rf2):
+    """One blocked pass over the pairs (real x_i, fake y_j), s_ij = |y_j|² − 2⟨x_i, y_j⟩:
+    ``count`` (M,) real balls (thresholds ``t_dc`` (N,) on s) holding each y_j; ``hit`` (M,)
+    y_j in some ball of ``t_pr``; ``covered`` (N,) nearest y inside x_i's ``t_dc`` ball;
+    ``recalled`` (N,) x_i in some fake ball (squared radii ``rf2`` (M,)).  A None threshold
+    skips its counts.  The rows may be a block of the real set (:mod:`otkernels.distributed`
+    reduces the column counts over the blocks)."""
+    N, M = xs.shape[0], ys.shape[0]
+    bn, bm = _row_block(M)
+    count = torch.zeros(M, dtype=torch.int64, device=xs.device)
+    hit = torch.zeros(M, dtype=torch.bool, device=xs.device)
+    covered = torch.zeros(N, dtype=torch.bool, device=xs.device)
+    recalled = torch.zeros(N, dtype=torch.bool, device=xs.device)
+    for i0 in range(0, N, bn):
+        i1 = min(N, i0 + bn)
+        for j0 in range(0, M, bm):
+            j1 = min(M, j0 + bm)
+            s = torch.addmm(yy[None, j0:j1], xs[i0:i1], ys[j0:j1].T, alpha=-2)
+            if t_dc is not None:
+                count[j0:j1] += (s < t_dc[i0:i1, None]).sum(0, dtype=torch.int32)
+                covered[i0:i1] |= s.amin(1) < t_dc[i0:i1]
+            if t_pr is not None:
+                hit[j0:j1] |= (s < t_pr[i0:i1, None]).any(0)
+            if rf2 is not None:  # d² < r_j² ⟺ s − r_j² < −|x_i|²
+                recalled[i0:i1] |= (s - rf2[None, j0:j1]).amin(1) < -xx[i0:i1]
+    return count, hit, covered, recalled

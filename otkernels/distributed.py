@@ -1,0 +1,502 @@
+"""Exact sharded OT, MMD, metrics and assignment over ``torch.distributed`` (NCCL, gloo).
+
+Each rank holds a *shard* of the points: rows ``x_r`` (N_r,D) or (B,N_r,D) of α with weights
+``a_r``, rows ``y_r`` of β with ``b_r`` (any split, uneven or empty shards included; the
+global clouds are the shards concatenated in rank order).  The functions here return what
+the single-process functions return on the concatenated clouds, up to float round-off:
+
+* :class:`SamplesLoss` — ``otkernels.SamplesLoss`` with a ``process_group``: Sinkhorn
+  divergence / OT_ε (balanced or unbalanced, debiased or not, any p and backend, early
+  stopping) and the kernel losses (energy, gaussian, laplacian: ½·MMD²).  The value is the
+  global one on every rank; its gradient on a rank is the gradient with respect to *that
+  rank's* points and weights (backward on every rank, as with DDP); ``potentials=True``
+  returns each rank's rows of the potentials;
+* :func:`prdc`, :func:`fid`, :func:`feature_stats` — precision / recall / density / coverage
+  with both feature sets sharded, and the Fréchet distance from statistics merged across ranks;
+* :func:`argmax_inner`, :func:`argmin_sqdist` — the assignment reductions of
+  :mod:`otkernels.assign` with the *targets* sharded (queries replicated): global indices;
+* :func:`gather` — a rank-ordered all-gather of uneven shards (the helper the rest uses).
+
+How (one Sinkhorn loop, every backend's kernels).  The points of the other cloud are
+all-gathered once per call; on rank r the cost handle ``C(x_r, y)`` is the backend's own
+handle for rows x_r against all of y, and its ``softmin(ε, h_r)`` all-gathers the other
+cloud's (B, M_r) potential-plus-log-weight vector ``h`` and reduces the rank's rows locally.
+:func:`otkernels.sinkhorn.sinkhorn` then runs unchanged on these handles.  The ε-schedule's
+diameter comes from an all-reduced bounding box, the centring translation from an
+all-reduced mean, so every rank anneals the same way.  The value ``Σ_i a_i f_i + Σ_j b_j g_j``
+(and the unbalanced formula, also a sum over points) is reduced with one all-reduce.
+
+Communication per Sinkhorn iteration (B batches, N = ΣN_r, M = ΣM_r, element size s bytes):
+one all-gather of the B·(N+M) values of the two potentials for OT(α, β) (both half-updates
+in one collective), plus B·N and B·M for the two debias loops — 2·B·(N+M)·s bytes received
+by each rank per iteration with ``debias=True``, B·(N+M)·s without (gloo and NCCL gather
+equal-size buffers: shards are padded to the largest, so it is W·max_r(n_r) per cloud).
+Once per call: the points, B·(N+M)·D·s, and a few scalars.  Compute per rank: (N_r·M +
+M_r·N + N_r·N + M_r·M)·B cost entries per pass, i.e. 1/W of the single-process work.
+Memory per rank: the gathered clouds O(B·(N+M)·D) plus the backend's cost cache for the
+rank's rows (within :func:`otkernels.backends.cache_budget`).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+
+from . import _precision, backends
+from ._checks import check_finite, check_same_device, check_tensor, check_weights
+from .costs import Kernel
+from .kernel_losses import CallableKernel
+from .samples_loss import SamplesLoss as _SamplesLoss
+from .samples_loss import _unit
+from .sinkhorn import Stopping, epsilon_schedule, scal, sinkhorn
+
+__all__ = ["SamplesLoss", "prdc", "fid", "feature_stats", "argmax_inner", "argmin_sqdist", "gather",
+           "world", "is_sharded"]
+
+
+# ----------------------------------------------------------------------------- communication
+def world(group=None):
+    """``(rank, world size)`` in ``group`` (None: the default group); ``(0, 1)`` when
+    torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def is_sharded(group=None) -> bool:
+    """Whether ``group`` has more than one rank (the functions here then communicate)."""
+    return world(group)[1] > 1
+
+
+class _Comm:
+    """Collectives of one process group on tensors of one device."""
+
+    def __init__(self, group, device):
+        self.group, self.device = group, device
+        self.rank, self.size = world(group)
+
+    def all_gather(self, t):
+        """Every rank's ``t`` (same shape on all ranks), in rank order: a list."""
+        t = t.detach().contiguous()
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(out, t, group=self.group)
+        return out
+
+    def sizes(self, *ints):
+        """Every rank's tuple of ints ``ints``: a list (rank order) of tuples."""
+        t = torch.tensor(ints, dtype=torch.int64, device=self.device)
+        return [tuple(int(v) for v in r) for r in self.all_gather(t)]
+
+    def cat(self, t, sizes, dim=1):
+        """The rank-ordered concatenation along ``dim`` of every rank's ``t`` (``sizes[r]``
+        long along ``dim``), padded to the largest shard for the collective; no gradient."""
+        t = t.detach()
+        pad = max(sizes) - t.shape[dim]
+        if pad:
+            shape = list(t.shape)
+            shape[dim] = pad
+            t = torch.cat([t, t.new_zeros(shape)], dim)
+        parts = self.all_gather(t)
+        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+
+    def reduce(self, t, op="sum"):
+        """All-reduce of a detached copy of ``t``: ``"sum"``, ``"min"`` or ``"max"``."""
+        t = t.detach().clone()
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                               "max": dist.ReduceOp.MAX}[op], group=self.group)
+        return t
+
+
+def gather(t, dim=0, group=None):
+    """All-gather of uneven shards: the rank-ordered concatenation of every rank's ``t``
+    along ``dim`` (the other dimensions must agree), detached.  A plain ``t`` without a group."""
+    if not is_sharded(group):
+        return t.detach()
+    comm = _Comm(group, t.device)
+    sizes = [s[0] for s in comm.sizes(t.shape[dim])]
+    return comm.cat(t, sizes, dim)
+
+
+# ----------------------------------------------------------------------------- Sinkhorn handles
+class _ShardedCost:
+    """Cost handle ``C(x_r, z)`` of one rank: rows ``x_r`` (this rank's points, which get the
+    gradients) against the whole other cloud z (gathered).  ``softmin(ε, h_r)`` takes this
+    rank's part (B, m_r) of the column vector ``h`` and gathers the rest; ``local`` is the
+    backend's handle for (x_r, z) (None for an empty shard)."""
+
+    def __init__(self, local, x, comm, col_sizes):
+        self.local, self.x, self.comm, self.col_sizes = local, x, comm, col_sizes
+        self.partner = None  # C(y_r, x) for C(x_r, y): the two half-updates share a collective
+
+    def _rows(self, eps, H, grad):
+        if self.local is None:  # an empty shard: (B, 0), attached to x for a (B,0,D) gradient
+            return self.x.sum(-1) * 0 if grad and self.x.requires_grad else H.new_zeros(H.shape[0], 0)
+        return self.local.softmin_grad(eps, H) if grad else self.local.softmin(eps, H)
+
+    def softmin(self, eps, h):
+        return self._rows(eps, self.comm.cat(h, self.col_sizes), False)
+
+    def softmin_grad(self, eps, h):
+        return self._rows(eps, self.comm.cat(h.detach(), self.col_sizes), True)
+
+    def softmin_two(self, eps, h, h_t):
+        """Both half-updates of an OT(α, β) iteration with one all-gather of (h, h_t)."""
+        if self.partner is None:
+            return None
+        sizes = [m + n for m, n in zip(self.col_sizes, self.partner.col_sizes)]
+        both = self.comm.cat(torch.cat([h, h_t], 1), sizes)
+        H, Ht, k = [], [], 0
+        for m, n in zip(self.col_sizes, self.partner.col_sizes):
+            H.append(both[:, k:k + m])
+            Ht.append(both[:, k + m:k + m + n])
+            k += m + n
+        return self._rows(eps, torch.cat(H, 1), False), self.partner._rows(eps, torch.cat(Ht, 1), False)
+
+
+def _local_handles(backend, pairs, cost):
+    """The backend's handle for each (rows, columns) pair; the cost caches share the budget
+    (:func:`otkernels.backends.cache_plan`, in the order given)."""
+    takes_cache = "cache" in inspect.signature(backend.cost_handles).parameters
+    sizes = [u.shape[0] * u.shape[1] * v.shape[1] * u.element_size() for u, v in pairs]
+    plan = backends.cache_plan(sizes)
+    out = []
+    for (u, v), cached in zip(pairs, plan):
+        if u.shape[1] == 0:
+            out.append(None)
+            continue
+        kw = {"cache": cached} if takes_cache and u.device.type == "cpu" else {}
+        out.append(backend.cost_handles(u, v, cost, debias=False, **kw)[0])
+    return out
+
+
+class _GlobalStopping(Stopping):
+    """Early stopping on the largest marginal error over all ranks (every rank stops together)."""
+
+    def __init__(self, comm, *args):
+        super().__init__(*args)
+        self.comm = comm
+
+    def run(self, name, step, state):
+        def global_step(s):
+            s, e = step(s)
+            return s, self.comm.reduce(torch.as_tensor(e, dtype=torch.float64, device=self.comm.device), "max")
+        return super().run(name, global_step, state)
+
+
+# ----------------------------------------------------------------------------- SamplesLoss
+class SamplesLoss(_SamplesLoss):
+    """``otkernels.SamplesLoss`` on sharded point clouds: ``SamplesLoss(..., process_group=None)``.
+
+    Same constructor arguments (plus ``process_group``: the ranks that hold the shards; None:
+    the default group) and call forms ``L(x, y)``, ``L(a, x, b, y)`` with this rank's shards
+    x (N_r,D) or (B,N_r,D), a (N_r,) / (B,N_r) (and y, b); N_r may differ between ranks and
+    be 0.  Default weights are uniform over the *global* clouds (1/N).  Returns the global
+    value (scalar or (B,)) on every rank, whose gradient is the gradient of the global value
+    with respect to this rank's x, a, y, b — call ``backward()`` on every rank — or, with
+    ``potentials=True``, this rank's rows (F_r, G_r) of the potentials.  Without an
+    initialised process group (or with one rank) it is ``otkernels.SamplesLoss``.
+
+    Not sharded (``NotImplementedError``): ``loss="hausdorff"``, ragged batches, cluster
+    labels; early stopping (``tol``) needs non-empty shards.  Every rank must call with the
+    same B, D, dtype and options (a mismatch of B or D raises on every rank).
+    """
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.loss == "hausdorff":
+            raise NotImplementedError("otkernels.distributed.SamplesLoss: loss='hausdorff' is not sharded; "
+                                      "use 'sinkhorn' or a kernel loss")
+        self.process_group = process_group
+
+    def forward(self, *args, **kwargs):
+        if not is_sharded(self.process_group):
+            return super().forward(*args, **kwargs)
+        if kwargs or (args and isinstance(args[-1], (list, tuple))):
+            raise NotImplementedError("otkernels.distributed.SamplesLoss: ragged batches are not sharded")
+        with _precision.scope(self.precision):
+            return self._sharded(*args)
+
+    def _shard(self, a, x, b, y, comm):
+        """Checked shards (B,N_r,D), (B,M_r,D) and weights (B,N_r), (B,M_r); global sizes."""
+        check_tensor("x", x)
+        check_tensor("y", y)
+        if x.dim() not in (2, 3) or y.dim() != x.dim():
+            raise ValueError(f"x and y must both be (N,D) or both (B,N,D), got shapes {tuple(x.shape)} and "
+                             f"{tuple(y.shape)}")
+        if x.dtype != y.dtype:
+            raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+        if (a is None) != (b is None):
+            raise ValueError("give both weights a and b, or neither")
+        check_same_device(x=x, y=y, a=a, b=b)
+        batched = x.dim() == 3
+        xb, yb = (x, y) if batched else (x[None], y[None])
+        B, N_r, M_r, D = xb.shape[0], xb.shape[1], yb.shape[1], xb.shape[2]
+        sizes = comm.sizes(B, N_r, M_r, D, yb.shape[0], yb.shape[2])
+        if any(s[0] != B or s[3] != D or s[4] != B or s[5] != D for s in sizes):
+            raise ValueError("every rank must hold shards with the same batch size B and dimension D, got "
+                             + ", ".join(f"rank {r}: B={s[0]}/{s[4]}, D={s[3]}/{s[5]}" for r, s in enumerate(sizes)))
+        nx, ny = [s[1] for s in sizes], [s[2] for s in sizes]
+        N, M = sum(nx), sum(ny)
+        if N == 0 or M == 0:
+            raise ValueError(f"empty point cloud: x has {N} points over all ranks, y has {M}")
+        if D == 0:
+            raise ValueError("points have dimension D = 0")
+        shapes, weights = {}, []
+        for name, w, n, cloud in (("a", a, N_r, "x"), ("b", b, M_r, "y")):
+            if w is None:  # uniform over the global cloud
+                weights.append(torch.full((B, n), 1.0 / (N if name == "a" else M), dtype=x.dtype, device=x.device))
+                continue
+            check_tensor(name, w)
+            if w.dtype != x.dtype:
+                raise TypeError(f"{name} must have the dtype of the points ({x.dtype}), got {w.dtype}")
+            ok = w.shape in ((n,), (n, 1)) if not batched else w.shape in ((B, n), (B, n, 1))
+            if not ok:
+                raise ValueError(f"weights {name} have shape {tuple(w.shape)}, expected this rank's "
+                                 f"{'(B,' if batched else '('}{n}) to match {cloud}")
+            shapes[name] = w.shape
+            weights.append(w.reshape(B, n))
+        check_finite("x", x.detach())
+        check_finite("y", y.detach())
+        if a is not None:
+            for name, w in zip("ab", weights):
+                check_finite(name, w.detach())
+                if bool((w < 0).any()):
+                    check_weights(name, w)  # its message for negative weights
+            totals = comm.reduce(torch.stack([weights[0].detach().sum(1), weights[1].detach().sum(1)]))
+            if bool((totals <= 0).any()):
+                raise ValueError("a or b has a measure with all-zero weights over all ranks: total mass must be > 0")
+        return batched, shapes, weights[0], xb, weights[1], yb, nx, ny
+
+    def _sharded(self, *args):
+        l_x, a, x, l_y, b, y = self._parse(args)
+        if l_x is not None or l_y is not None:
+            raise NotImplementedError("otkernels.distributed.SamplesLoss: cluster labels are not sharded")
+        comm = _Comm(self.process_group, x.device if isinstance(x, torch.Tensor) else None)
+        batched, shapes, a, x, b, y, nx, ny = self._shard(a, x, b, y, comm)
+        B, D = x.shape[0], x.shape[2]
+        out_dtype = x.dtype
+        if x.dtype in (torch.float16, torch.bfloat16):
+            a, x, b, y = a.float(), x.float(), b.float(), y.float()
+        backend = self._backend(B, max(nx), sum(ny), D, x.device, False)
+        kernel_loss = self.loss in ("energy", "gaussian", "laplacian")
+        if self.sphere:
+            x, y = _unit("x", x), _unit("y", y)
+        if self.cost.builtin and (self.kernel is None or not kernel_loss):  # as SamplesLoss: translation invariant
+            x, y = _center(x, y, comm)
+        if kernel_loss:
+            values = self._kernel(backend, a, x, b, y, nx, ny, comm)
+        else:
+            values = self._sinkhorn(backend, a, x, b, y, nx, ny, comm)
+        if self.potentials:
+            F, G = values
+            F = F.to(out_dtype).reshape(shapes.get("a", F.shape if batched else F.shape[1:]))
+            G = G.to(out_dtype).reshape(shapes.get("b", G.shape if batched else G.shape[1:]))
+            return F, G
+        values = values.to(out_dtype)
+        return values if batched else values[0]
+
+    def _sinkhorn(self, backend, a, x, b, y, nx, ny, comm):
+        diameter = self.diameter if self.diameter is not None else _diameter(x, y, comm)
+        eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
+        rho = _rho(self.reach, self.p)
+        x_all, y_all = comm.cat(x, nx), comm.cat(y, ny)
+        pairs = [(x, y_all), (y, x_all)] + ([(x, x_all), (y, y_all)] if self.debias else [])
+        local = _local_handles(backend, pairs, self.cost)
+        sizes = [ny, nx, nx, ny]
+        handles = [_ShardedCost(h, u, comm, s) for h, (u, _), s in zip(local, pairs, sizes)]
+        handles[0].partner = handles[1]
+        handles += [None] * (4 - len(handles))
+        if self.verbose and comm.rank == 0:
+            print(f"otkernels.distributed: {backend.NAME} backend on {comm.size} ranks, {len(eps_list)} iterations")
+        stop = None
+        if self.tol is not None or self.max_iter is not None:
+            if min(nx) == 0 or min(ny) == 0:
+                raise NotImplementedError("early stopping (tol / max_iter) needs a non-empty shard of x and of y "
+                                          f"on every rank, got x shards {nx}, y shards {ny}")
+            stop = _GlobalStopping(comm, self.tol, self.max_iter, self.check_every)
+        out = sinkhorn(a, b, tuple(handles), eps_list, rho=rho, debias=self.debias,
+                       potentials=self.potentials, stop=stop)
+        self.last_info = {"annealing": len(eps_list), **(stop.info if stop is not None else {})}
+        if self.potentials:
+            return out
+        return _global(out, comm.reduce(out))
+
+    def _kernel(self, backend, a, x, b, y, nx, ny, comm):
+        """Rows of the kernel potentials F = K_xx a − K_xy b, G = K_yy b − K_yx a against the
+        gathered clouds; ⟨a_r, F_r⟩ + ⟨b_r, G_r⟩ summed over ranks is twice the loss, and its
+        gradient w.r.t. this rank's points and weights is exactly the loss's (the self terms
+        count both arguments: ½·2)."""
+        kernel = CallableKernel(self.kernel, self.blur) if self.kernel is not None else Kernel(self.loss, self.blur)
+        x_all, y_all, a_all, b_all = comm.cat(x, nx), comm.cat(y, ny), comm.cat(a, nx), comm.cat(b, ny)
+
+        def ks(u, v, w):
+            if u.shape[1] == 0:
+                return u.sum(-1) * 0
+            return backend.kernel_sum(u, v, w, kernel)
+        F = ks(x, x_all, a_all) - ks(x, y_all, b_all)
+        G = ks(y, y_all, b_all) - ks(y, x_all, a_all)
+        if self.potentials:
+            return F, G
+        s = scal(a, F) + scal(b, G)
+        return _global(s, 0.5 * comm.reduce(s))
+
+
+def _global(local, total):
+    """``total`` in value, with ``local``'s gradient (this rank's share of the global one)."""
+    return local + (total - local).detach()
+
+
+def _rho(reach, p):
+    if reach is None:
+        return None
+    if isinstance(reach, (tuple, list)):
+        return tuple(None if r is None else r ** p for r in reach)
+    return reach ** p
+
+
+def _center(x, y, comm):
+    """x, y translated by the common mean of all the points of all ranks (as SamplesLoss)."""
+    with torch.no_grad():
+        D = x.shape[-1]
+        pts = torch.cat([x.reshape(-1, D), y.reshape(-1, D)])
+        tot = comm.reduce(torch.cat([pts.sum(0), pts.new_tensor([pts.shape[0]])]))
+        c = tot[:D] / tot[D]
+    return x - c, y - c
+
+
+def _diameter(x, y, comm) -> float:
+    """Diagonal of the bounding box of all the points of all ranks (all batches)."""
+    with torch.no_grad():
+        D = x.shape[-1]
+        pts = torch.cat([x.reshape(-1, D), y.reshape(-1, D)])
+        inf = torch.full((D,), float("inf"), dtype=pts.dtype, device=pts.device)
+        lo = pts.min(0).values if pts.shape[0] else inf
+        hi = pts.max(0).values if pts.shape[0] else -inf
+        return (comm.reduce(hi, "max") - comm.reduce(lo, "min")).norm().item()
+
+
+# ----------------------------------------------------------------------------- assignment
+def argmax_inner(x, y, h=None, backend="auto", process_group=None):
+    """:func:`otkernels.assign.argmax_inner` with the targets y (M_r,D) / (B,M_r,D) and h
+    sharded over the ranks (the queries x the same on every rank): ``(max_j ⟨x_i, y_j⟩ + h_j,
+    global argmax j)`` on every rank; ties go to the first global index, as single-process."""
+    return _best(x, y, h, backend, process_group, True)
+
+
+def argmin_sqdist(x, y, h=None, backend="auto", process_group=None):
+    """:func:`otkernels.assign.argmin_sqdist` with the targets sharded (see :func:`argmax_inner`)."""
+    return _best(x, y, h, backend, process_group, False)
+
+
+@torch.no_grad()
+def _best(x, y, h, backend, group, maximize):
+    from . import assign
+
+    fn = assign.argmax_inner if maximize else assign.argmin_sqdist
+    if not is_sharded(group):
+        return fn(x, y, h, backend)
+    check_tensor("x", x)
+    check_tensor("y", y)
+    comm = _Comm(group, x.device)
+    sizes = comm.sizes(y.shape[-2], *x.shape)
+    if len({s[1:] for s in sizes}) != 1:
+        raise ValueError("the queries x must have the same shape on every rank (the targets are sharded), got "
+                         + ", ".join(str(s[1:]) for s in sizes))
+    M_r = [s[0] for s in sizes]
+    if sum(M_r) == 0:
+        raise ValueError("y must have at least one point over all ranks")
+    if y.shape[-2] > 0:
+        v, i = fn(x, y, h, backend)
+        i = i + sum(M_r[:comm.rank])
+    else:
+        v = torch.full(x.shape[:-1], float("-inf") if maximize else float("inf"), dtype=x.dtype, device=x.device)
+        i = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    V, I = torch.stack(comm.all_gather(v)), torch.stack(comm.all_gather(i))
+    r = (V.argmax(0) if maximize else V.argmin(0))[None]  # the first rank with the best value
+    return V.gather(0, r)[0], I.gather(0, r)[0]
+
+
+# ----------------------------------------------------------------------------- metrics
+def feature_stats(features, process_group=None):
+    """:class:`otkernels.metrics.FeatureStats` of the features of all ranks (each rank's
+    (n_r, D) shard, n_r ≥ 0), merged in rank order: the same on every rank."""
+    from .metrics import FeatureStats
+
+    stats = FeatureStats()
+    if features.shape[0]:
+        stats.update(features)
+    if not is_sharded(process_group):
+        return stats
+    comm = _Comm(process_group, features.device)
+    D = features.shape[1]
+    if len({s[0] for s in comm.sizes(D)}) != 1:
+        raise ValueError("features must have the same dimension D on every rank")
+    mean = stats._mean if stats.count else features.new_zeros(D, dtype=torch.float64)
+    m2 = stats._m2 if stats.count else features.new_zeros(D, D, dtype=torch.float64)
+    counts = [s[0] for s in comm.sizes(stats.count)]
+    out = FeatureStats(dim=D, device=mean.device)
+    for n, mu, s2 in zip(counts, comm.all_gather(mean), comm.all_gather(m2)):
+        part = FeatureStats(dim=D, device=mean.device)
+        part.count, part._mean, part._m2 = n, mu, s2
+        out.merge(part)
+    return out
+
+
+def fid(real, fake, *, method="eigh", process_group=None):
+    """:func:`otkernels.metrics.fid` of sharded real and fake features (each rank's rows)."""
+    from .metrics import fid as fid_
+
+    return fid_(feature_stats(real, process_group), feature_stats(fake, process_group), method=method)
+
+
+@torch.no_grad()
+def prdc(real, fake, k=None, *, k_pr=3, k_dc=5, dtype=None, process_group=None):
+    """:func:`otkernels.metrics.prdc` with both feature sets sharded (each rank's rows; the sets
+    are the rank-ordered concatenations) -> the same dict on every rank.
+
+    Each rank gathers the two sets, computes the k-NN radii of its own rows and one pass of its
+    real rows against all fake points; the ball counts of the fake points are all-reduced.
+    Work per rank: 1/W of the single-process passes; memory: the gathered sets."""
+    from .metrics import neighbours as nb
+    from .metrics._validate import check_int, compute_dtype
+
+    if not is_sharded(process_group):
+        return nb.prdc(real, fake, k, k_pr=k_pr, k_dc=k_dc, dtype=dtype)
+    if k is not None:
+        k_pr = k_dc = k
+    k_pr, k_dc = check_int("k_pr", k_pr), check_int("k_dc", k_dc)
+    for name, t in (("real", real), ("fake", fake)):
+        check_tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be a (n, D) shard of features, got shape {tuple(t.shape)}")
+        check_finite(name, t.detach())
+    comm = _Comm(process_group, real.device)
+    sizes = comm.sizes(real.shape[0], fake.shape[0], real.shape[1], fake.shape[1])
+    if len({s[2:] for s in sizes}) != 1 or sizes[0][2] != sizes[0][3]:
+        raise ValueError("real and fake must have the same feature dimension on every rank")
+    n_real, n_fake = [s[0] for s in sizes], [s[1] for s in sizes]
+    for name, n, kk in (("real", sum(n_real), max(k_pr, k_dc)), ("fake", sum(n_fake), k_pr)):
+        if n < kk + 1:
+            raise ValueError(f"{name} has {n} samples over all ranks: k-NN radii with k = {kk} need at least {kk + 1}")
+    dt = torch.promote_types(real.dtype, fake.dtype)
+    if dt in (torch.float16, torch.bfloat16):
+        dt = torch.float32
+    dt = compute_dtype(dtype, real.new_empty(0, dtype=dt))
+    xs, ys = nb._prepare(comm.cat(real.to(dt), n_real, 0), comm.cat(fake.to(dt), n_fake, 0), dt)
+    r0, f0 = sum(n_real[:comm.rank]), sum(n_fake[:comm.rank])
+    xr, yr = xs[r0:r0 + n_real[comm.rank]], ys[f0:f0 + n_fake[comm.rank]]
+    kr = max(k_pr, k_dc)
+    d2_real = nb._knn_sq(xr, xs, kr, True, row_offset=r0)[0] if len(xr) else xr.new_zeros(0, kr)
+    xx, yy = (xr * xr).sum(1), (ys * ys).sum(1)
+    t_pr, t_dc = d2_real[:, k_pr - 1] - xx, d2_real[:, k_dc - 1] - xx
+    rf2_r = nb._knn_sq(yr, ys, k_pr, True, row_offset=f0)[0][:, -1] if len(yr) else yr.new_zeros(0)
+    rf2 = comm.cat(rf2_r, n_fake, 0)
+    same_k = k_pr == k_dc
+    count, hit, covered, recalled = nb._ball_pass(xr, ys, xx, yy, t_dc, None if same_k else t_pr, rf2)
+    count = comm.reduce(count)
+    hit = count > 0 if same_k else comm.reduce(hit.to(torch.int64)) > 0
+    covered_n, recalled_n = comm.reduce(torch.stack([covered.sum(), recalled.sum()]).to(torch.int64)).tolist()
+    N, M = sum(n_real), sum(n_fake)
+    return {"precision": float(hit.double().mean()), "recall": recalled_n / N,
+            "density": float(count.double().mean()) / k_dc, "coverage": covered_n / N}

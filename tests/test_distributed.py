@@ -1,0 +1,281 @@
+"""otkernels.distributed on 2 and 3 CPU processes (gloo on 127.0.0.1), against the
+single-process functions on the concatenated clouds: values, potentials and every gradient
+within 1e-10 relative in float64.
+
+One ``torch.multiprocessing.spawn`` per world size runs every case (process start-up and
+imports dominate: ~3 s per spawn); each rank computes the single-process reference on the
+full data itself, compares its own shard, and writes its errors to a JSON file the tests read.
+Shards are uneven (N not divisible by the world size) and some cases give a rank no points.
+"""
+import json
+import os
+import socket
+import zlib
+from datetime import timedelta
+
+import pytest
+import torch
+
+TOL = 1e-10
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _split(n, world, rank, empty=False):
+    """Row range of ``rank``: rank 0 gets nothing with ``empty``, the rest as evenly as possible."""
+    owners = list(range(1, world)) if empty and world > 1 else list(range(world))
+    sizes = [0] * world
+    for k, r in enumerate(owners):
+        sizes[r] = n // len(owners) + (1 if k < n % len(owners) else 0)
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return float("inf")
+    if b.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _grads(ts):
+    return [torch.zeros_like(t) if t.grad is None else t.grad for t in ts]
+
+
+def _loss_case(rank, world, name, kw, B=None, weights=False, empty_x=False, empty_y=False, N=23, M=17, D=3,
+               potentials=False):
+    """The distributed loss on this rank's shards vs otkernels.SamplesLoss on everything."""
+    from otkernels import SamplesLoss
+    from otkernels import distributed as otd
+
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    shape = (lambda n: (B, n, D)) if B else (lambda n: (n, D))
+    x = torch.randn(shape(N), generator=g, dtype=torch.float64)
+    y = torch.randn(shape(M), generator=g, dtype=torch.float64) + 0.5
+    wshape = (lambda n: (B, n)) if B else (lambda n: (n,))
+    a = torch.rand(wshape(N), generator=g, dtype=torch.float64) + 0.1 if weights else None
+    b = torch.rand(wshape(M), generator=g, dtype=torch.float64) + 0.1 if weights else None
+    if weights:
+        a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    sx, sy = _split(N, world, rank, empty_x), _split(M, world, rank, empty_y)
+    cut = (lambda t, s: t[:, s]) if B else (lambda t, s: t[s])
+
+    def leaves(*ts):
+        return [None if t is None else t.clone().requires_grad_() for t in ts]
+
+    full = leaves(a, x, b, y)
+    shard = leaves(*(None if t is None else cut(t, s) for t, s in zip((a, x, b, y), (sx, sx, sy, sy))))
+    args = (lambda t: t if weights else (t[1], t[3]))
+    ref = SamplesLoss(**kw, potentials=potentials)(*args(full))
+    out = otd.SamplesLoss(**kw, potentials=potentials)(*args(shard))
+    errs = {}
+    if potentials:
+        errs["F"], errs["G"] = _rel(out[0], cut(ref[0], sx)), _rel(out[1], cut(ref[1], sy))
+        return errs
+    errs["value"] = _rel(out, ref)
+    ref.sum().backward()
+    out.sum().backward()
+    ts = [(n, f, s, sl) for n, f, s, sl in zip("axby", full, shard, (sx, sx, sy, sy)) if f is not None]
+    for n, f, s, sl in ts:
+        errs[f"grad_{n}"] = _rel(_grads([s])[0], cut(f.grad, sl))
+    return errs
+
+
+SINKHORN = {
+    "p2_debias": (dict(p=2, blur=0.3, backend="tensorized"), {}),
+    "p1_debias": (dict(p=1, blur=0.3, backend="tensorized"), {}),
+    "p2_no_debias": (dict(p=2, blur=0.3, debias=False, backend="tensorized"), {}),
+    "p1_no_debias_weighted": (dict(p=1, blur=0.3, debias=False, backend="tensorized"), dict(weights=True)),
+    "p2_batched_weighted": (dict(p=2, blur=0.2, backend="tensorized"), dict(B=2, weights=True)),
+    "p2_reach_debias": (dict(p=2, blur=0.3, reach=0.7, backend="tensorized"), dict(weights=True)),
+    "p1_reach_no_debias": (dict(p=1, blur=0.3, reach=0.7, debias=False, backend="tensorized"), dict(B=2)),
+    "p2_empty_x_shard": (dict(p=2, blur=0.3, backend="tensorized"), dict(empty_x=True, weights=True)),
+    "p1_empty_y_shard_batched": (dict(p=1, blur=0.3, backend="tensorized"), dict(empty_y=True, B=2)),
+    "p2_blocked": (dict(p=2, blur=0.1, backend="blocked"), dict(D=5)),
+    "p2_online_reach_empty": (dict(p=2, blur=0.2, reach=1.0, backend="online"), dict(empty_x=True)),
+    "p2_native": (dict(p=2, blur=0.1, backend="native"), dict(weights=True)),
+    "p2_auto_float64_large_blur": (dict(p=2, blur=2.0), dict(N=40, M=31)),
+    "p2_early_stopping": (dict(p=2, blur=0.1, tol=1e-9, backend="tensorized"), {}),
+    "p2_cosine": (dict(p=2, blur=0.3, cost="cosine", backend="tensorized"), dict(weights=True)),
+    "potentials_p2": (dict(p=2, blur=0.3, backend="tensorized"), dict(potentials=True, weights=True)),
+    "potentials_p1_no_debias_empty": (dict(p=1, blur=0.3, debias=False, backend="tensorized"),
+                                      dict(potentials=True, empty_x=True)),
+    "potentials_reach_batched": (dict(p=2, blur=0.3, reach=0.5, backend="blocked"), dict(potentials=True, B=2)),
+}
+KERNELS = {
+    "energy": (dict(loss="energy", backend="tensorized"), dict(weights=True)),
+    "gaussian_batched": (dict(loss="gaussian", blur=0.7, backend="tensorized"), dict(B=2)),
+    "laplacian_blocked_empty": (dict(loss="laplacian", blur=0.7, backend="blocked"), dict(empty_y=True, weights=True)),
+    "energy_native": (dict(loss="energy", backend="native"), dict(D=4)),
+    "gaussian_potentials": (dict(loss="gaussian", blur=0.7, backend="tensorized"), dict(potentials=True, empty_x=True)),
+}
+
+
+def _metric_cases(rank, world):
+    """prdc, fid and the sharded argmax / argmin vs the single-process functions."""
+    from otkernels import assign, metrics
+    from otkernels import distributed as otd
+
+    out = {}
+    g = torch.Generator().manual_seed(7)
+    real = torch.randn(61, 4, generator=g, dtype=torch.float64)
+    fake = torch.randn(47, 4, generator=g, dtype=torch.float64) * 1.2 + 0.3
+    for name, kw, empty in (("prdc_k3", dict(k=3), False), ("prdc_kpr3_kdc5_empty", dict(k_pr=3, k_dc=5), True)):
+        ref = metrics.prdc(real, fake, **kw)
+        got = otd.prdc(real[_split(61, world, rank, empty)], fake[_split(47, world, rank)], **kw)
+        out[name] = {k: abs(got[k] - ref[k]) for k in ref}
+        out[name]["keys"] = float(sorted(got) != sorted(ref))
+    ref = metrics.fid(real, fake)
+    got = otd.fid(real[_split(61, world, rank)], fake[_split(47, world, rank, True)])
+    out["fid"] = {"value": abs(got - ref) / abs(ref)}
+    # float32 features: the sharded prdc centres like the single-process one
+    r32, f32 = real.float() * 10 + 100, fake.float() * 10 + 100
+    ref = metrics.prdc(r32, f32, k=4)
+    got = otd.prdc(r32[_split(61, world, rank)], f32[_split(47, world, rank)], k=4)
+    out["prdc_float32"] = {k: abs(got[k] - ref[k]) for k in ref}
+    # assignment with the targets sharded (ties included: duplicated targets)
+    x = torch.randn(2, 50, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 29, 3, generator=g, dtype=torch.float64)
+    y[:, 20] = y[:, 3]
+    h = torch.randn(2, 29, generator=g, dtype=torch.float64)
+    h[:, 20] = h[:, 3]
+    for fn, name in ((assign.argmax_inner, "argmax_inner"), (assign.argmin_sqdist, "argmin_sqdist")):
+        for empty in (False, True):
+            s = _split(29, world, rank, empty)
+            for backend in ("torch", "native"):
+                rv, ri = fn(x, y, h, backend=backend)
+                gv, gi = getattr(otd, name)(x, y[:, s], h[:, s], backend=backend)
+                out[f"{name}_{backend}_{'empty' if empty else 'full'}"] = {
+                    "value": _rel(gv, rv), "index_mismatch": float((gi != ri).sum())}
+            rv, ri = fn(x[0], y[0])  # unbatched, no h
+            gv, gi = getattr(otd, name)(x[0], y[0, s])
+            out[f"{name}_unbatched_{'empty' if empty else 'full'}"] = {"value": _rel(gv, rv),
+                                                                         "index_mismatch": float((gi != ri).sum())}
+    # the gather helper: uneven shards, rank order
+    t = torch.arange(10.0).reshape(5, 2)
+    out["gather"] = {"error": float((otd.gather(t[_split(5, world, rank, True)], 0) != t).sum())}
+    return out
+
+
+def _errors(rank, world):
+    """Expected errors raised on every rank alike (no rank left waiting in a collective)."""
+    from otkernels import distributed as otd
+
+    out = {}
+    x = torch.randn(4 if rank else 0, 2, dtype=torch.float64)
+    y = torch.randn(3, 2, dtype=torch.float64)
+    try:
+        otd.SamplesLoss(p=2, blur=0.3, tol=1e-6)(x, y)
+        out["tol_empty_shard"] = "no error"
+    except NotImplementedError as e:
+        out["tol_empty_shard"] = str(e)
+    try:
+        otd.SamplesLoss(p=2)(torch.randn(3, 2 + (rank == 1), dtype=torch.float64),
+                             torch.randn(3, 2 + (rank == 1), dtype=torch.float64))
+        out["dimension_mismatch"] = "no error"
+    except ValueError as e:
+        out["dimension_mismatch"] = str(e)
+    try:
+        otd.SamplesLoss(p=2)(torch.randn(0, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+        out["all_empty"] = "no error"
+    except ValueError as e:
+        out["all_empty"] = str(e)
+    return out
+
+
+def _worker(rank, world, port, outdir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        res = {"sinkhorn": {}, "kernel": {}}
+        for group, cases in (("sinkhorn", SINKHORN), ("kernel", KERNELS)):
+            for name, (kw, opts) in cases.items():
+                res[group][name] = _loss_case(rank, world, name, kw, **opts)
+        res["metrics"] = _metric_cases(rank, world)
+        res["errors"] = _errors(rank, world)
+        with open(os.path.join(outdir, f"{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+_RESULTS = {}
+
+
+def _results(world, tmp_path_factory):
+    if world not in _RESULTS:
+        import torch.multiprocessing as mp
+
+        out = tmp_path_factory.mktemp(f"dist{world}")
+        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+        _RESULTS[world] = [json.load(open(out / f"{r}.json")) for r in range(world)]
+    return _RESULTS[world]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def results(request, tmp_path_factory):
+    return _results(request.param, tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", list(SINKHORN))
+def test_sinkhorn_matches_single_process(results, case):
+    for rank, res in enumerate(results):
+        errs = res["sinkhorn"][case]
+        assert errs, case
+        for what, e in errs.items():
+            assert e <= TOL, f"rank {rank}, {case}: {what} relative error {e:.3g}"
+        if "potentials" not in case:
+            assert "grad_x" in errs and "grad_y" in errs
+
+
+@pytest.mark.parametrize("case", list(KERNELS))
+def test_kernel_losses_match_single_process(results, case):
+    for rank, res in enumerate(results):
+        for what, e in res["kernel"][case].items():
+            assert e <= TOL, f"rank {rank}, {case}: {what} relative error {e:.3g}"
+
+
+def test_metrics_and_assignment_match_single_process(results):
+    for rank, res in enumerate(results):
+        m = res["metrics"]
+        for name in ("prdc_k3", "prdc_kpr3_kdc5_empty", "prdc_float32"):
+            assert set(m[name]) >= {"precision", "recall", "density", "coverage"}
+            for k, e in m[name].items():
+                assert e == 0.0, f"rank {rank}: {name} {k} differs by {e}"
+        assert m["fid"]["value"] <= 1e-10
+        argbest = [k for k in m if k.startswith("arg")]
+        assert len(argbest) == 12
+        for k in argbest:
+            assert m[k]["index_mismatch"] == 0 and m[k]["value"] <= TOL, (rank, k, m[k])
+        assert m["gather"]["error"] == 0
+
+
+def test_errors_raised_on_every_rank(results):
+    for res in results:
+        e = res["errors"]
+        assert "non-empty shard" in e["tol_empty_shard"]
+        assert "same batch size B and dimension D" in e["dimension_mismatch"]
+        assert "empty point cloud" in e["all_empty"]
+
+
+def test_single_process_fallback():
+    """Without a process group the distributed functions are the plain ones."""
+    from otkernels import SamplesLoss
+    from otkernels import distributed as otd
+
+    x, y = torch.randn(9, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    assert otd.world() == (0, 1) and not otd.is_sharded()
+    assert torch.equal(otd.SamplesLoss(p=2, blur=0.3)(x, y), SamplesLoss(p=2, blur=0.3)(x, y))
+    v, i = otd.argmax_inner(x, y)
+    assert i.shape == (9,) and torch.equal(otd.gather(x), x)
+    with pytest.raises(NotImplementedError, match="hausdorff"):
+        otd.SamplesLoss("hausdorff")
