@@ -2,6 +2,7 @@
 
     python -m diffusion train --preset digits                      # CPU, minutes
     python -m diffusion train --preset digits --resume             # continue runs/digits exactly
+    torchrun --standalone --nproc_per_node=2 -m diffusion train --preset digits-flow   # data parallel
     python -m diffusion train --preset digits --ot-lambda 0.1 --set ot_blur=0.35 --out-dir runs/digits-ot
     python -m diffusion sample --ckpt runs/digits/checkpoint.pt --sampler ddim --n 64 --out grid.png
     python -m diffusion evaluate --ckpt runs/digits/checkpoint.pt --ot-guidance --json ot.json
@@ -51,14 +52,20 @@ def _config(args) -> DiffusionConfig:
 
 
 def cmd_train(args) -> int:
+    from .ddp import init_from_env
     from .train import Trainer
 
     cfg = _config(args)
+    rank, _, device = init_from_env(cfg.device)  # under torchrun: the process group (NCCL / gloo)
+    if device != cfg.device:
+        cfg = cfg.replace(device=device)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=args.resume)
     hist = trainer.train()
     last = hist[-1] if hist else {}
     wall = time.perf_counter() - t0
+    if rank > 0:
+        return 0
     print(json.dumps({"out_dir": cfg.out_dir, "epochs": trainer.epoch, "steps": trainer.step,
                       "wall_seconds": round(wall, 1), **{k: v for k, v in last.items() if k != "epoch"}}, indent=1))
     return 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from otkernels import distributed as otd
 from otkernels.coupling import sample_pairs
 
 from .methods import COUPLINGS, EVALS_PER_STEP, SOLVERS  # noqa: F401  (re-exported names)
@@ -66,6 +67,17 @@ class FlowMatching:
             raise ValueError(f"T must be an int >= 2, got {T!r}")
         self.sigma_min, self.coupling, self.T = float(sigma_min), coupling, int(T)
         self.coupling_blur = float(coupling_blur)
+        # data-parallel training (set by the Trainer under torchrun): each rank passes its rows of
+        # the global batch; the coupling and the σ_min draws are those of the whole global batch
+        self.global_batch, self.process_group = False, None
+
+    def _sharded(self) -> bool:
+        return self.global_batch and otd.is_sharded(self.process_group)
+
+    def _rows(self, n: int, device) -> tuple:
+        """(this rank's first row in the global batch, the global batch size)."""
+        sizes = otd.gather(torch.tensor([n], device=device), 0, self.process_group).tolist()
+        return sum(sizes[:otd.world(self.process_group)[0]]), sum(sizes)
 
     def __repr__(self):
         return (f"FlowMatching(sigma_min={self.sigma_min}, coupling={self.coupling!r}, "
@@ -90,9 +102,16 @@ class FlowMatching:
         if self.coupling == "independent":
             return noise
         kw = {"blur": self.coupling_blur} if self.coupling == "sinkhorn" else {}
+        sharded, n = self._sharded(), len(x1)
+        if sharded:  # the coupling of the global batch: every rank computes it, keeps its rows
+            start, _ = self._rows(n, x1.device)
+            x1 = otd.gather(x1, 0, self.process_group)
+            noise = otd.gather(noise, 0, self.process_group)
         with torch.autocast(x1.device.type, enabled=False):
             _, j = sample_pairs(x1.detach().flatten(1).float(), noise.detach().flatten(1).float(), self.coupling,
                                 generator=generator, **kw)
+        if sharded:
+            j = j[start:start + n]
         return noise[j]
 
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None):
@@ -112,8 +131,9 @@ class FlowMatching:
         x0 = self.pair(x1, noise, generator)
         z = None
         if self.sigma_min > 0:
-            z = torch.randn(x1.shape, generator=generator, device="cpu" if generator is not None else x1.device)
-            z = z.to(device=x1.device, dtype=x1.dtype)
+            start, n = self._rows(len(x1), x1.device) if self._sharded() else (0, len(x1))  # the global batch's draws
+            z = torch.randn((n, *x1.shape[1:]), generator=generator, device="cpu" if generator is not None else x1.device)
+            z = z[start:start + len(x1)].to(device=x1.device, dtype=x1.dtype)
         s = self.flow_time(t)
         xt = self.interpolate(x0, x1, s, z)
         v = model(xt, t, y)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from otkernels import SamplesLoss
+from otkernels import distributed as otd
 
+from . import ddp
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DiffusionConfig
 from .data import ImageData, batches, load_data
@@ -145,10 +147,12 @@ class OTLoss:
     embedded by a frozen feature net (``"feature"``)."""
 
     def __init__(self, p: int = 2, blur: float = 0.35, space: str = "pixel", feature_net=None,
-                 squash: str = "clamp"):
+                 squash: str = "clamp", sharded: bool = False):
         if space == "feature" and feature_net is None:
             raise ValueError("ot_space='feature' needs a feature net")
-        self.loss = SamplesLoss("sinkhorn", p=p, blur=blur)
+        # sharded: each rank passes its rows of x̂0 and of the references; the value is the OT loss
+        # of the global batch (otkernels.distributed), its gradient this rank's share
+        self.loss = (otd.SamplesLoss if sharded else SamplesLoss)("sinkhorn", p=p, blur=blur)
         self.space, self.net, self.squash = space, feature_net, squash
 
     def _squash(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,14 +217,24 @@ class Trainer:
     ``checkpoint.pt`` (every ``ckpt_every`` epochs, atomic; with ``save_every``, also a series
     ``checkpoint_<epoch>.pt``), ``log.json``, ``log.csv``,
     ``curves.png``, ``samples_<epoch>.png``.  ``resume=True`` continues from the checkpoint
-    exactly (model, EMA, optimizer, step/epoch, torch/numpy/python/data-order RNG states)."""
+    exactly (model, EMA, optimizer, step/epoch, torch/numpy/python/data-order RNG states).
+
+    Data parallel (torchrun; the default process group initialised, e.g. by
+    :func:`diffusion.ddp.init_from_env`): ``cfg.batch_size`` is per rank, the global batch is
+    ``batch_size × world``; every rank draws the global batch's order, timesteps, noise and OT
+    references from the same streams and trains on its slice, the model is wrapped in
+    DistributedDataParallel, the flow-matching coupling and the OT loss are those of the
+    global batch (:mod:`otkernels.distributed`); rank 0 alone writes checkpoints, logs and
+    grids and runs the evaluations (see :mod:`diffusion.ddp`)."""
 
     def __init__(self, cfg: DiffusionConfig, data: ImageData | None = None, resume: bool = False, log=print):
-        self.cfg, self.log = cfg, log
+        self.rank, self.world = otd.world()
+        self.cfg, self.log = cfg, (log if self.rank == 0 else (lambda *a, **k: None))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         ts = cfg.seed if cfg.train_seed is None else cfg.train_seed  # init, batch order, noise, references
+        self.train_seed = ts
         torch.manual_seed(ts)
         np.random.seed(ts)
         random.seed(ts)
@@ -242,12 +256,18 @@ class Trainer:
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         if resume and os.path.exists(self.ckpt_path):
             self.load(self.ckpt_path)
-            log(f"resumed from {self.ckpt_path} at epoch {self.epoch} (step {self.step})")
+            self.log(f"resumed from {self.ckpt_path} at epoch {self.epoch} (step {self.step})")
         elif cfg.init_from:
             ck = load_checkpoint(cfg.init_from, map_location=self.device)
             self.model.load_state_dict(ck["model"])
             self.ema.load_state_dict(ck["ema"])
-            log(f"fine-tuning from {cfg.init_from} (epoch {ck['epoch']})")
+            self.log(f"fine-tuning from {cfg.init_from} (epoch {ck['epoch']})")
+        self.net = self.model  # what the training steps call: DDP's wrapper when data parallel
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ parts built on demand
     @property
@@ -255,8 +275,12 @@ class Trainer:
         """The guide feature net (``feature_net_for(role="guide")``): the OT loss's space with
         ``ot_space="feature"``.  Trained on first use with its own seed: the training RNG
         streams are untouched."""
-        if self._features is None:
+        if self._features is None:  # data parallel: rank 0 trains and caches it, the others load it
+            if self.rank > 0:
+                ddp.barrier(self.world)
             self._features = feature_net_for(self.cfg, self.data, self.device, role="guide")
+            if self.rank == 0:
+                ddp.barrier(self.world)
         return self._features
 
     @property
@@ -272,7 +296,7 @@ class Trainer:
         if self._ot_loss is None:
             c = self.cfg
             self._ot_loss = OTLoss(c.ot_p, c.ot_blur, c.ot_space, self.features if c.ot_space == "feature" else None,
-                                   c.ot_squash)
+                                   c.ot_squash, sharded=self.world > 1)
         return self._ot_loss
 
     @property
@@ -291,25 +315,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, idx: torch.Tensor) -> dict:
-        """One optimizer step on the training images ``idx``; returns the loss terms."""
+        """One optimizer step on the training images ``idx`` (the global batch: data parallel,
+        this rank trains on its slice); returns the loss terms (of the global batch)."""
         cfg, d, dev = self.cfg, self.data, self.device
-        x0 = d.x_train[idx].to(dev)
-        y = d.y_train[idx].to(dev) if cfg.class_cond else None
-        t = self.diffusion.sample_timesteps(len(idx), cfg.timestep_sampler, device=dev)
-        noise = torch.randn_like(x0)
+        rows = ddp.shard(len(idx), self.rank, self.world)  # everything: this rank's rows of the global draws
+        x0 = d.x_train[idx[rows]].to(dev)
+        y = d.y_train[idx[rows]].to(dev) if cfg.class_cond else None
+        t = self.diffusion.sample_timesteps(len(idx), cfg.timestep_sampler, device=dev)[rows]
+        noise = torch.randn((len(idx), *x0.shape[1:]), dtype=x0.dtype, device=dev)[rows]
         w = ot_weight(cfg, self.epoch + (self.step % self.steps_per_epoch) / self.steps_per_epoch)
+        model = self.net
+        if self.world > 1:  # the forward's own draws (dropout): a per-rank seed
+            model = ddp.RankRNG(self.net, self.train_seed + 7919 * (self.step * self.world + self.rank + 1), dev)
+        sharded = self.world > 1 and hasattr(self.diffusion, "global_batch")  # flow: global-batch coupling
         with self._autocast():
-            loss_eps, x0_hat = self.diffusion.training_loss(self.model, x0, t, noise, y)
+            if sharded:
+                self.diffusion.global_batch = True
+            try:
+                loss_eps, x0_hat = self.diffusion.training_loss(model, x0, t, noise, y)
+            finally:
+                if sharded:
+                    self.diffusion.global_batch = False
             loss, loss_ot = loss_eps, None
             if w > 0:
                 keep = t < (cfg.ot_max_t or cfg.timesteps)
-                if keep.sum() >= 2:
-                    pick = self.pool.draw(cfg.ot_ref_batch or cfg.batch_size, idx, self.ref_gen)
+                if ddp.total(keep.sum(), self.world) >= 2:
+                    pick = self.pool.draw(cfg.ot_ref_batch or self.global_batch_size, idx, self.ref_gen)
+                    pick = pick[ddp.shard(len(pick), self.rank, self.world)]
                     if cfg.ot_space == "feature":  # the frozen net's features of every training image, once
                         loss_ot = self.ot_loss(x0_hat[keep], ref_features=self.ref_features[pick.to(dev)])
                     else:
                         loss_ot = self.ot_loss(x0_hat[keep], d.x_train[pick].to(dev))
-                    loss = loss_eps + w * loss_ot
+                    # the global OT loss; DDP averages the ranks' gradients, whose OT parts add up
+                    # to the global gradient: scale by the world size
+                    loss = loss_eps + w * self.world * loss_ot
+        report = loss
+        if self.world > 1:  # the logs: the global batch's terms
+            loss_eps = ddp.mean(loss_eps, self.world)
+            report = loss_eps + (w * loss_ot.detach().float() if loss_ot is not None else 0.0)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -319,12 +362,17 @@ class Trainer:
         self.scaler.update()
         self.ema.update(self.model)
         self.step += 1
-        return {"loss": loss.item(), "loss_eps": loss_eps.item(),
+        return {"loss": report.item(), "loss_eps": loss_eps.item(),
                 "loss_ot": None if loss_ot is None else loss_ot.item(), "ot_weight": w}
 
     @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step: ``batch_size`` × the number of ranks."""
+        return self.cfg.batch_size * self.world
+
+    @property
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.data.x_train) // self.cfg.batch_size)
+        return max(1, len(self.data.x_train) // self.global_batch_size)
 
     def train(self) -> list:
         """Run the remaining epochs; returns the per-epoch history."""
@@ -332,12 +380,12 @@ class Trainer:
 
         cfg = self.cfg
         os.makedirs(cfg.out_dir, exist_ok=True)
-        bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.step, disable=not cfg.progress,
+        bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.step, disable=not cfg.progress or self.rank > 0,
                    desc="train", dynamic_ncols=True)
         while self.epoch < cfg.epochs:
             self.model.train()
             t0, terms = time.perf_counter(), []
-            for idx in batches(len(self.data.x_train), cfg.batch_size, self.order_gen):
+            for idx in batches(len(self.data.x_train), self.global_batch_size, self.order_gen):
                 terms.append(self.train_step(idx))
                 bar.update(1)
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{terms[-1]['loss']:.4f}")
@@ -347,14 +395,16 @@ class Trainer:
                    "loss_ot": mean("loss_ot"), "ot_weight": mean("ot_weight"), "epoch_time": time.perf_counter() - t0}
             rec["val_loss"] = self.validation_loss()
             last = self.epoch == cfg.epochs
-            if (last and cfg.eval_final) or (cfg.eval_every and self.epoch % cfg.eval_every == 0):
+            if self.rank == 0 and ((last and cfg.eval_final) or (cfg.eval_every and self.epoch % cfg.eval_every == 0)):
                 rec.update(self.evaluate(cfg.eval_n, grid_path=os.path.join(cfg.out_dir, f"samples_{self.epoch:04d}.png")))
             self.history.append(rec)
-            self.write_logs(plot=last or "ot_train" in rec)
-            if last or self.epoch % cfg.ckpt_every == 0:
-                self.save(self.ckpt_path)
-            if cfg.save_every and self.epoch % cfg.save_every == 0:  # the series (passive `epochs`)
-                self.save(os.path.join(cfg.out_dir, f"checkpoint_{self.epoch:04d}.pt"))
+            if self.rank == 0:  # data parallel: rank 0 writes (every rank holds the same state)
+                self.write_logs(plot=last or "ot_train" in rec)
+                if last or self.epoch % cfg.ckpt_every == 0:
+                    self.save(self.ckpt_path)
+                if cfg.save_every and self.epoch % cfg.save_every == 0:  # the series (passive `epochs`)
+                    self.save(os.path.join(cfg.out_dir, f"checkpoint_{self.epoch:04d}.pt"))
+            ddp.barrier(self.world)
             if rec.get("ot_train") is not None:
                 bar.write(f"epoch {self.epoch}: loss {rec['loss']:.4f} val {rec['val_loss']:.4f} "
                           f"OT(gen,train) {rec['ot_train']:.3f} OT(gen,test) {rec['ot_test']:.3f}")

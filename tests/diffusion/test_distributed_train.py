@@ -1,0 +1,142 @@
+"""The Trainer under data parallelism (2 CPU processes, gloo on 127.0.0.1) equals one process
+with the doubled batch: the same per-step losses (flow-matching loss with the global-batch
+exact OT coupling, and the global-batch Sinkhorn OT loss), the same weights; rank 0's
+checkpoint resumes exactly; the global-batch couplings equal the single-process couplings
+on the concatenated batch."""
+import json
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+
+from diffusion.config import preset
+
+PER_RANK = 8
+WORLD = 2
+
+
+def _cfg(out_dir, batch_size, epochs=2):
+    """The digits-flow preset, shrunk: 64 training images, 4 global steps of 16 per epoch; the OT
+    loss on from the first step."""
+    return preset("digits-flow", n_train=64, n_test=32, n_val=32, val_n=32, epochs=epochs, batch_size=batch_size,
+                  timesteps=50, eval_every=0, eval_final=False, ot_lambda=0.5, ot_blur=0.5, ot_pool_size=0,
+                  device="cpu", threads=1, progress=False, out_dir=str(out_dir))
+
+
+def _record(trainer):
+    steps = []
+    step = trainer.train_step
+
+    def recorded(idx):
+        out = step(idx)
+        steps.append(out)
+        return out
+    trainer.train_step = recorded
+    return steps
+
+
+def _params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def _couplings(rank, world):
+    """Global-batch couplings on this rank's rows vs the single-process ones."""
+    from diffusion.ddp import shard
+    from diffusion.flow import FlowMatching
+
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randn(2 * PER_RANK + 1, 1, 8, 8, generator=g)  # 17 rows: uneven shards
+    noise = torch.randn(2 * PER_RANK + 1, 1, 8, 8, generator=g)
+    rows = shard(len(x1), rank, world)
+    out = {}
+    for coupling, kw in (("exact", {}), ("sinkhorn", {"coupling_blur": 0.5})):
+        single, shared = FlowMatching(coupling=coupling, **kw), FlowMatching(coupling=coupling, **kw)
+        ref = single.pair(x1, noise, torch.Generator().manual_seed(5))[rows]
+        shared.global_batch = True
+        got = shared.pair(x1[rows], noise[rows], torch.Generator().manual_seed(5))
+        out[coupling] = bool(torch.equal(got, ref))
+        out[coupling + "_is_a_coupling"] = bool(got.shape == x1[rows].shape)
+    return out
+
+
+def _worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    from diffusion.train import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        res = {"couplings": _couplings(rank, world)}
+        first = Trainer(_cfg(os.path.join(out_dir, "run"), PER_RANK, epochs=1))
+        steps = _record(first)
+        first.train()
+        res["global_batch"] = first.global_batch_size
+        del first
+        resumed = Trainer(_cfg(os.path.join(out_dir, "run"), PER_RANK), resume=True)  # rank 0's checkpoint
+        res["resumed_epoch"] = resumed.epoch
+        later = _record(resumed)
+        resumed.train()
+        res["steps"] = steps + later
+        torch.save({"model": _params(resumed.model), "ema": _params(resumed.ema.model)},
+                   os.path.join(out_dir, f"params{rank}.pt"))
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(per-rank results of the 2-process run (1 epoch, then resumed for the 2nd), the
+    one-process run with the doubled batch (2 epochs straight), its params)."""
+    import torch.multiprocessing as mp
+
+    from diffusion.train import Trainer
+
+    out = tmp_path_factory.mktemp("ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(WORLD, port, str(out)), nprocs=WORLD, join=True)
+    ranks = [json.load(open(out / f"{r}.json")) for r in range(WORLD)]
+    params = [torch.load(out / f"params{r}.pt") for r in range(WORLD)]
+    single = Trainer(_cfg(out / "single", WORLD * PER_RANK))
+    steps = _record(single)
+    single.train()
+    return ranks, params, steps, single, out
+
+
+def test_two_ranks_equal_one_process_with_the_doubled_batch(runs):
+    ranks, params, steps, single, _ = runs
+    assert ranks[0]["global_batch"] == single.global_batch_size == WORLD * PER_RANK
+    assert ranks[0]["resumed_epoch"] == 1
+    assert len(steps) == 8 and all(len(r["steps"]) == 8 for r in ranks)
+    assert all(s["loss_ot"] is not None for s in steps)  # the OT term ran at every step
+    for r in ranks:
+        for a, b in zip(r["steps"], steps):
+            for k in ("loss", "loss_eps", "loss_ot"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (k, r["steps"], steps)  # measured: <= 2e-7
+    assert torch.equal(params[0]["model"], params[1]["model"])  # DDP keeps the ranks in step
+    assert torch.allclose(params[0]["model"], _params(single.model), rtol=1e-3, atol=1e-4)
+    assert torch.allclose(params[0]["ema"], _params(single.ema.model), rtol=1e-3, atol=1e-4)
+
+
+def test_rank0_checkpoint_and_logs(runs):
+    out = runs[-1]
+    run = out / "run"
+    assert (run / "checkpoint.pt").exists() and (run / "log.json").exists()
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp") or f.startswith("tmp")]
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["step"] == 8
+    assert [h["epoch"] for h in json.load(open(run / "log.json"))["history"]] == [1, 2]
+
+
+def test_global_batch_coupling_equals_single_process(runs):
+    for r in runs[0]:
+        c = r["couplings"]
+        assert c["exact"] and c["sinkhorn"], c
+        assert c["exact_is_a_coupling"] and c["sinkhorn_is_a_coupling"]
