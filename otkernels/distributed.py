@@ -17,24 +17,36 @@ the single-process functions return on the concatenated clouds, up to float roun
   :mod:`otkernels.assign` with the *targets* sharded (queries replicated): global indices;
 * :func:`gather` — a rank-ordered all-gather of uneven shards (the helper the rest uses).
 
-How (one Sinkhorn loop, every backend's kernels).  The points of the other cloud are
-all-gathered once per call; on rank r the cost handle ``C(x_r, y)`` is the backend's own
-handle for rows x_r against all of y, and its ``softmin(ε, h_r)`` all-gathers the other
-cloud's (B, M_r) potential-plus-log-weight vector ``h`` and reduces the rank's rows locally.
-:func:`otkernels.sinkhorn.sinkhorn` then runs unchanged on these handles.  The ε-schedule's
-diameter comes from an all-reduced bounding box, the centring translation from an
-all-reduced mean, so every rank anneals the same way.  The value ``Σ_i a_i f_i + Σ_j b_j g_j``
-(and the unbalanced formula, also a sum over points) is reduced with one all-reduce.
+How (one Sinkhorn loop, every backend's kernels).  The points of both clouds are
+all-gathered once per call.  :func:`otkernels.sinkhorn.sinkhorn` runs unchanged on four
+*sharded cost handles* built from the backend's own handles on blocks of the cost matrix:
 
-Communication per Sinkhorn iteration (B batches, N = ΣN_r, M = ΣM_r, element size s bytes):
-one all-gather of the B·(N+M) values of the two potentials for OT(α, β) (both half-updates
-in one collective), plus B·N and B·M for the two debias loops — 2·B·(N+M)·s bytes received
-by each rank per iteration with ``debias=True``, B·(N+M)·s without (gloo and NCCL gather
-equal-size buffers: shards are padded to the largest, so it is W·max_r(n_r) per cloud).
-Once per call: the points, B·(N+M)·D·s, and a few scalars.  Compute per rank: (N_r·M +
-M_r·N + N_r·N + M_r·M)·B cost entries per pass, i.e. 1/W of the single-process work.
-Memory per rank: the gathered clouds O(B·(N+M)·D) plus the backend's cost cache for the
-rank's rows (within :func:`otkernels.backends.cache_budget`).
+* OT(α, β): rank r holds the block C(x_r, y).  One pass (the backend's fused
+  ``softmin_two`` where it has one) gives the rank's complete row softmins f_r (the column
+  vector h = log b + g/ε is all-gathered first) and *partial* column softmins of every y_j
+  over x_r only; those are merged exactly across ranks (all-gather of the (B, M) partials and
+  a log-sum-exp: −ε log Σ_r exp(−p_rj/ε)).  Work N_r·M per iteration: 1/W of one process's.
+* the debias loops OT(α, α), OT(β, β): the symmetric matrix is cut so that every unordered
+  pair of points is computed once over all ranks (rank r: its diagonal block, the first half
+  of each later rank's columns, the second half of its own rows against each earlier rank);
+  each block's row and column softmins are partials, merged the same way.  Work ≈ N·N_r/2.
+* the final extrapolation (the only step with gradients) uses the rank's rows against the
+  whole other cloud, C(x_r, y), C(y_r, x), C(x_r, x), C(y_r, y), so the backward is local
+  (``softmin_grad`` differentiates the first argument only); the three not cached above are
+  computed once, uncached.
+
+The blocks are cached within :func:`otkernels.backends.cache_budget` per process (pair block
+first), so W processes cache W budgets' worth.  The ε-schedule's diameter comes from an
+all-reduced bounding box, the centring translation from an all-reduced mean, so every rank
+anneals the same way.  The value ``Σ_i a_i f_i + Σ_j b_j g_j`` (and the unbalanced formula,
+also a sum over points) is reduced with one all-reduce and returned as
+``local + (global − local).detach()``: global in value, this rank's share in gradient.
+
+Communication per Sinkhorn iteration (B batches, N = ΣN_r, M = ΣM_r, W ranks, s bytes per
+element), received by each rank: OT(α, β) all-gathers the B·M values of h and the W·B·M
+partial column softmins; the debias loops B·N + W·B·N and B·M + W·B·M: in all
+**(W + 1)·B·(N + 2M)·s** with ``debias=True``, (W + 1)·B·M·s without (the gathers of h pad
+the shards to the largest).  Once per call: the points, B·(N + M)·D·s.
 """
 from __future__ import annotations
 
@@ -119,55 +131,189 @@ def gather(t, dim=0, group=None):
 
 
 # ----------------------------------------------------------------------------- Sinkhorn handles
-class _ShardedCost:
-    """Cost handle ``C(x_r, z)`` of one rank: rows ``x_r`` (this rank's points, which get the
-    gradients) against the whole other cloud z (gathered).  ``softmin(ε, h_r)`` takes this
-    rank's part (B, m_r) of the column vector ``h`` and gathers the rest; ``local`` is the
-    backend's handle for (x_r, z) (None for an empty shard)."""
+def _merge(a, b, eps):
+    """Softmins over two disjoint column sets merged: ``−ε log(e^{−a/ε} + e^{−b/ε})`` (+inf: empty)."""
+    return -eps * torch.logaddexp(-a / eps, -b / eps)
 
-    def __init__(self, local, x, comm, col_sizes):
-        self.local, self.x, self.comm, self.col_sizes = local, x, comm, col_sizes
-        self.partner = None  # C(y_r, x) for C(x_r, y): the two half-updates share a collective
 
-    def _rows(self, eps, H, grad):
-        if self.local is None:  # an empty shard: (B, 0), attached to x for a (B,0,D) gradient
-            return self.x.sum(-1) * 0 if grad and self.x.requires_grad else H.new_zeros(H.shape[0], 0)
-        return self.local.softmin_grad(eps, H) if grad else self.local.softmin(eps, H)
+def _two(C, Ct, eps, h_cols, h_rows):
+    """Row softmin (over the block's columns, h_cols) and column softmin (over its rows, h_rows)
+    of one block: one pass where the backend fuses them (``softmin_two``), else two."""
+    two = C.softmin_two(eps, h_cols, h_rows) if hasattr(C, "softmin_two") else None
+    return two if two is not None else (C.softmin(eps, h_cols), Ct.softmin(eps, h_rows))
+
+
+def _empty_rows(x, H, grad):
+    """The softmin of an empty shard, (B, 0); attached to x for a (B,0,D) gradient."""
+    return x.sum(-1) * 0 if grad and x.requires_grad else H.new_zeros(H.shape[0], 0)
+
+
+class _Shards:
+    """The shards of one cloud: sizes, this rank's offset, the gathered points."""
+
+    def __init__(self, local, sizes, comm):
+        self.local, self.sizes, self.comm = local, sizes, comm
+        self.start = sum(sizes[:comm.rank])
+        self.n = sizes[comm.rank]
+        self.all = comm.cat(local, sizes)
+
+    def gather(self, h):
+        return self.comm.cat(h.detach(), self.sizes)
+
+    def mine(self, partial, eps):
+        """Merge every rank's partial softmins (B, total) and keep this rank's entries."""
+        P = torch.stack(self.comm.all_gather(partial))
+        return (-eps * torch.logsumexp(-P / eps, 0))[:, self.start:self.start + self.n]
+
+
+class _Pair:
+    """OT(α, β) on rank r: the block ``C(x_r, y)`` (this rank's rows of x against all of y).
+    One pass gives this rank's complete row softmins (f_r) and the column softmins of y over
+    x_r only; the latter are merged across ranks (an all-gather of (B, M) partial softmins and
+    a log-sum-exp): N_r·M cost entries per iteration, 1/W of the single-process work, one
+    block in the cache.  The gradient of g w.r.t. y_r (final extrapolation only) uses a
+    second, uncached handle ``C(y_r, x)``."""
+
+    def __init__(self, xs, ys, cached, make):
+        self.xs, self.ys, self.make = xs, ys, make
+        self.C = self.Ct = self.Cy = None
+        if xs.n:
+            self.C, self.Ct = make(xs.local, ys.all, cached)
+
+    def rows(self, eps, hb, grad=False):
+        """f_r from the whole column vector hb (B, M)."""
+        if self.C is None:
+            return _empty_rows(self.xs.local, hb, grad)
+        return self.C.softmin_grad(eps, hb) if grad else self.C.softmin(eps, hb)
+
+    def cols(self, eps, ha_r):
+        """g_r: the column softmins over x_r, merged over the ranks."""
+        part = (self.Ct.softmin(eps, ha_r) if self.Ct is not None
+                else ha_r.new_full((ha_r.shape[0], self.ys.all.shape[1]), float("inf")))
+        return self.ys.mine(part, eps)
+
+    def both(self, eps, hb_r, ha_r):
+        hb = self.ys.gather(hb_r)
+        if self.C is None:
+            f, part = _empty_rows(self.xs.local, hb, False), hb.new_full(hb.shape, float("inf"))
+        else:
+            f, part = _two(self.C, self.Ct, eps, hb, ha_r)
+        return f, self.ys.mine(part, eps)
+
+    def cols_grad(self, eps, ha):
+        """g_r differentiable w.r.t. y_r, from the whole row vector ha (B, N)."""
+        if not self.ys.n:
+            return _empty_rows(self.ys.local, ha, True)
+        if self.Cy is None:
+            self.Cy = self.make(self.ys.local, self.xs.all, False)[0]
+        return self.Cy.softmin_grad(eps, ha)
+
+
+class _Rows:
+    """C_xy for the loop: this rank's rows (f_r) of OT(α, β); the two half-updates together."""
+
+    def __init__(self, pair):
+        self.pair = pair
 
     def softmin(self, eps, h):
-        return self._rows(eps, self.comm.cat(h, self.col_sizes), False)
+        return self.pair.rows(eps, self.pair.ys.gather(h))
 
     def softmin_grad(self, eps, h):
-        return self._rows(eps, self.comm.cat(h.detach(), self.col_sizes), True)
+        return self.pair.rows(eps, self.pair.ys.gather(h), grad=True)
 
     def softmin_two(self, eps, h, h_t):
-        """Both half-updates of an OT(α, β) iteration with one all-gather of (h, h_t)."""
-        if self.partner is None:
-            return None
-        sizes = [m + n for m, n in zip(self.col_sizes, self.partner.col_sizes)]
-        both = self.comm.cat(torch.cat([h, h_t], 1), sizes)
-        H, Ht, k = [], [], 0
-        for m, n in zip(self.col_sizes, self.partner.col_sizes):
-            H.append(both[:, k:k + m])
-            Ht.append(both[:, k + m:k + m + n])
-            k += m + n
-        return self._rows(eps, torch.cat(H, 1), False), self.partner._rows(eps, torch.cat(Ht, 1), False)
+        return self.pair.both(eps, h, h_t)
 
 
-def _local_handles(backend, pairs, cost):
-    """The backend's handle for each (rows, columns) pair; the cost caches share the budget
-    (:func:`otkernels.backends.cache_plan`, in the order given)."""
+class _Cols:
+    """C_yx for the loop: this rank's entries (g_r) of OT(α, β)'s column softmins."""
+
+    def __init__(self, pair):
+        self.pair = pair
+
+    def softmin(self, eps, h):
+        return self.pair.cols(eps, h)
+
+    def softmin_grad(self, eps, h):
+        return self.pair.cols_grad(eps, self.pair.xs.gather(h))
+
+
+class _Self:
+    """C(x, x) for the debias loop, symmetric: the pairs of shards (r, s) are split so that each
+    unordered pair of points is computed once over all ranks — rank r holds its diagonal block
+    C(x_r, x_r), for s > r the block C(x_r, first half of x_s), for s < r the block C(second
+    half of x_r, x_s) — and each block's row and column softmins are partial softmins of the
+    points on either side, merged across ranks (all-gather of (B, N) and a log-sum-exp).  Work
+    per rank ≈ N·N_r/2 cost entries per iteration (the single-process loop: N²/2 with its
+    symmetric tiles).  The gradient (final extrapolation) uses an uncached handle C(x_r, x)."""
+
+    def __init__(self, xs, cached, make):
+        self.xs, self.make, self.Cg = xs, make, None
+        sizes, r = xs.sizes, xs.comm.rank
+        starts = [sum(sizes[:s]) for s in range(len(sizes))]
+        spans = []
+        if sizes[r]:
+            spans.append(((starts[r], starts[r] + sizes[r]), None))
+        for s in range(len(sizes)):
+            if s == r:
+                continue
+            if s > r:
+                u, v = (starts[r], starts[r] + sizes[r]), (starts[s], starts[s] + sizes[s] // 2)
+            else:
+                u, v = (starts[r] + sizes[r] // 2, starts[r] + sizes[r]), (starts[s], starts[s] + sizes[s])
+            if u[1] > u[0] and v[1] > v[0]:
+                spans.append((u, v))
+        self.blocks = []
+        for (u, v), c in zip(spans, cached):
+            pu = xs.all[:, u[0]:u[1]]
+            if v is None:  # the diagonal block: one symmetric handle
+                self.blocks.append((u, u, make(pu, pu, c)[0], None))
+            else:
+                self.blocks.append((u, v, *make(pu, xs.all[:, v[0]:v[1]], c)))
+
+    @staticmethod
+    def spans_sizes(sizes, rank, B, item):
+        """Bytes of this rank's blocks (for the cache plan), in the order __init__ builds them."""
+        out = [B * sizes[rank] ** 2 * item] if sizes[rank] else []
+        for s in range(len(sizes)):
+            if s == rank:
+                continue
+            nu = sizes[rank] if s > rank else sizes[rank] - sizes[rank] // 2
+            nv = sizes[s] // 2 if s > rank else sizes[s]
+            if nu and nv:
+                out.append(B * nu * nv * item)
+        return out
+
+    def softmin(self, eps, h_r):
+        H = self.xs.gather(h_r)
+        part = torch.full_like(H, float("inf"))
+        for (u0, u1), (v0, v1), C, Ct in self.blocks:
+            if Ct is None:
+                part[:, u0:u1] = _merge(part[:, u0:u1], C.softmin(eps, H[:, v0:v1]), eps)
+                continue
+            rows, cols = _two(C, Ct, eps, H[:, v0:v1], H[:, u0:u1])
+            part[:, u0:u1] = _merge(part[:, u0:u1], rows, eps)
+            part[:, v0:v1] = _merge(part[:, v0:v1], cols, eps)
+        return self.xs.mine(part, eps)
+
+    def softmin_grad(self, eps, h_r):
+        H = self.xs.gather(h_r)
+        if not self.xs.n:
+            return _empty_rows(self.xs.local, H, True)
+        if self.Cg is None:
+            self.Cg = self.make(self.xs.local, self.xs.all, False)[0]
+        return self.Cg.softmin_grad(eps, H)
+
+
+def _maker(backend, cost, device):
+    """``make(u, v, cached) -> (C(u, v), C(v, u))``: the backend's handles for one block (the
+    second reads the first's cache transposed on the caching backends)."""
     takes_cache = "cache" in inspect.signature(backend.cost_handles).parameters
-    sizes = [u.shape[0] * u.shape[1] * v.shape[1] * u.element_size() for u, v in pairs]
-    plan = backends.cache_plan(sizes)
-    out = []
-    for (u, v), cached in zip(pairs, plan):
-        if u.shape[1] == 0:
-            out.append(None)
-            continue
-        kw = {"cache": cached} if takes_cache and u.device.type == "cpu" else {}
-        out.append(backend.cost_handles(u, v, cost, debias=False, **kw)[0])
-    return out
+
+    def make(u, v, cached):
+        kw = {"cache": bool(cached)} if takes_cache and device.type == "cpu" else {}
+        return backend.cost_handles(u, v, cost, debias=False, **kw)[:2]
+    return make
 
 
 class _GlobalStopping(Stopping):
@@ -300,13 +446,16 @@ class SamplesLoss(_SamplesLoss):
         diameter = self.diameter if self.diameter is not None else _diameter(x, y, comm)
         eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
         rho = _rho(self.reach, self.p)
-        x_all, y_all = comm.cat(x, nx), comm.cat(y, ny)
-        pairs = [(x, y_all), (y, x_all)] + ([(x, x_all), (y, y_all)] if self.debias else [])
-        local = _local_handles(backend, pairs, self.cost)
-        sizes = [ny, nx, nx, ny]
-        handles = [_ShardedCost(h, u, comm, s) for h, (u, _), s in zip(local, pairs, sizes)]
-        handles[0].partner = handles[1]
-        handles += [None] * (4 - len(handles))
+        xs, ys = _Shards(x, nx, comm), _Shards(y, ny, comm)
+        make = _maker(backend, self.cost, x.device)
+        B, item = x.shape[0], x.element_size()
+        sx = _Self.spans_sizes(nx, comm.rank, B, item) if self.debias else []
+        sy = _Self.spans_sizes(ny, comm.rank, B, item) if self.debias else []
+        plan = backends.cache_plan([B * xs.n * sum(ny) * item] + sx + sy)  # the pair's block first
+        pair = _Pair(xs, ys, plan[0], make)
+        handles = [_Rows(pair), _Cols(pair), None, None]
+        if self.debias:
+            handles[2:] = _Self(xs, plan[1:1 + len(sx)], make), _Self(ys, plan[1 + len(sx):], make)
         if self.verbose and comm.rank == 0:
             print(f"otkernels.distributed: {backend.NAME} backend on {comm.size} ranks, {len(eps_list)} iterations")
         stop = None

@@ -148,7 +148,7 @@ def _metric_cases(rank, world):
     for fn, name in ((assign.argmax_inner, "argmax_inner"), (assign.argmin_sqdist, "argmin_sqdist")):
         for empty in (False, True):
             s = _split(29, world, rank, empty)
-            for backend in ("torch", "native"):
+            for backend in ("torch", "native") if _native_ok() else ("torch",):
                 rv, ri = fn(x, y, h, backend=backend)
                 gv, gi = getattr(otd, name)(x, y[:, s], h[:, s], backend=backend)
                 out[f"{name}_{backend}_{'empty' if empty else 'full'}"] = {
@@ -189,6 +189,12 @@ def _errors(rank, world):
     return out
 
 
+def _native_ok():
+    from otkernels import backends
+
+    return bool(backends.available()["native"][0])
+
+
 def _worker(rank, world, port, outdir):
     import torch.distributed as dist
 
@@ -197,9 +203,11 @@ def _worker(rank, world, port, outdir):
                             timeout=timedelta(seconds=120))
     try:
         res = {"sinkhorn": {}, "kernel": {}}
+        native = _native_ok()
         for group, cases in (("sinkhorn", SINKHORN), ("kernel", KERNELS)):
             for name, (kw, opts) in cases.items():
-                res[group][name] = _loss_case(rank, world, name, kw, **opts)
+                skip = kw.get("backend") == "native" and not native  # the same on every rank
+                res[group][name] = None if skip else _loss_case(rank, world, name, kw, **opts)
         res["metrics"] = _metric_cases(rank, world)
         res["errors"] = _errors(rank, world)
         with open(os.path.join(outdir, f"{rank}.json"), "w") as f:
@@ -228,6 +236,8 @@ def results(request, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(SINKHORN))
 def test_sinkhorn_matches_single_process(results, case):
+    if results[0]["sinkhorn"][case] is None:
+        pytest.skip("the native backend is not available here")
     for rank, res in enumerate(results):
         errs = res["sinkhorn"][case]
         assert errs, case
@@ -239,6 +249,8 @@ def test_sinkhorn_matches_single_process(results, case):
 
 @pytest.mark.parametrize("case", list(KERNELS))
 def test_kernel_losses_match_single_process(results, case):
+    if results[0]["kernel"][case] is None:
+        pytest.skip("the native backend is not available here")
     for rank, res in enumerate(results):
         for what, e in res["kernel"][case].items():
             assert e <= TOL, f"rank {rank}, {case}: {what} relative error {e:.3g}"
@@ -253,7 +265,7 @@ def test_metrics_and_assignment_match_single_process(results):
                 assert e == 0.0, f"rank {rank}: {name} {k} differs by {e}"
         assert m["fid"]["value"] <= 1e-10
         argbest = [k for k in m if k.startswith("arg")]
-        assert len(argbest) == 12
+        assert len(argbest) >= 8  # 12 with the native backend
         for k in argbest:
             assert m[k]["index_mismatch"] == 0 and m[k]["value"] <= TOL, (rank, k, m[k])
         assert m["gather"]["error"] == 0

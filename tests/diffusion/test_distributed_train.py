@@ -105,6 +105,7 @@ def runs(tmp_path_factory):
     ranks = [json.load(open(out / f"{r}.json")) for r in range(WORLD)]
     params = [torch.load(out / f"params{r}.pt") for r in range(WORLD)]
     single = Trainer(_cfg(out / "single", WORLD * PER_RANK))
+    single.init = _params(single.model)
     steps = _record(single)
     single.train()
     return ranks, params, steps, single, out
@@ -121,8 +122,10 @@ def test_two_ranks_equal_one_process_with_the_doubled_batch(runs):
             for k in ("loss", "loss_eps", "loss_ot"):
                 assert a[k] == pytest.approx(b[k], rel=1e-5), (k, r["steps"], steps)  # measured: <= 2e-7
     assert torch.equal(params[0]["model"], params[1]["model"])  # DDP keeps the ranks in step
-    assert torch.allclose(params[0]["model"], _params(single.model), rtol=1e-3, atol=1e-4)
-    assert torch.allclose(params[0]["ema"], _params(single.ema.model), rtol=1e-3, atol=1e-4)
+    # Adam normalises each coordinate, so a float32 difference in a near-zero gradient moves that
+    # coordinate by up to lr: compare the whole update (measured: 8e-5 of its norm)
+    for key, ref in (("model", _params(single.model)), ("ema", _params(single.ema.model))):
+        assert (params[0][key] - ref).norm() <= 1e-3 * (ref - single.init).norm(), key
 
 
 def test_rank0_checkpoint_and_logs(runs):
