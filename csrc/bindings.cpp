@@ -192,6 +192,30 @@ at::Tensor softmin_cached(const at::Tensor& C, double cscale, bool transpose, co
   return out;
 }
 
+std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, const at::Tensor& hr,
+                                           const at::Tensor& hc, double eps, bool sym) {
+  auto dt = compute_type(hr);
+  check_cache(C, dt);
+  const i64 B = C.size(0), N = C.size(1), M = C.size(2);
+  TORCH_CHECK(!sym || N == M, "otkernels native: sym needs a square cache, got ", C.sizes());
+  check_vec(hr, "hr", dt, B, M);
+  if (!sym) check_vec(hc, "hc", dt, B, N);
+  TORCH_CHECK(eps > 0, "otkernels native: eps must be > 0");
+  at::Tensor out_r = at::empty({B, N}, hr.options());
+  at::Tensor out_c = at::empty({B, sym ? 0 : M}, hr.options());
+  const int nt = threads();
+  {
+    pybind11::gil_scoped_release nogil;
+    dispatch_cache(dt, C, [&](auto t, auto cptr) {
+      typedef decltype(t) T;
+      typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
+      otk::softmin_cached_two<T, S>(cptr, T(cscale), ptr<T>(hr), sym ? ptr<T>(hr) : ptr<T>(hc), mptr<T>(out_r),
+                                    mptr<T>(out_c), B, N, M, eps, sym, nt);
+    });
+  }
+  return {out_r, out_c};
+}
+
 at::Tensor softmin_online(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h, double eps, int64_t p) {
   auto dt = compute_type(x);
   check_points(x, "x", dt);
@@ -413,6 +437,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_pool_limit", &set_pool_limit, "bytes of released caches kept for reuse; returns the pooled bytes");
   m.def("cost_matrix", &cost_matrix, "fill a (B,N,M) cost cache");
   m.def("softmin_cached", &softmin_cached, "log Σ exp(h − C/ε) over the rows (or columns) of a cached C");
+  m.def("softmin_cached_two", &softmin_cached_two,
+        "both log-sum-exps of a Sinkhorn iteration (rows with hr, columns with hc) from one read of a cached C; "
+        "sym: C symmetric, upper triangle only");
   m.def("softmin_online", &softmin_online, "log Σ_j exp(h_j − C(x_i, y_j)/ε), C computed on the fly");
   m.def("softmin_online_two", &softmin_online_two,
         "rows and columns log-sum-exp of one Sinkhorn iteration from shared GEMM tiles (sym: y = x, triangle)");

@@ -331,6 +331,12 @@ void cost_matrix(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, int p
 template <typename T, typename S>
 void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i64 B, i64 N, i64 M,
                     double eps, int nt);
+// both reductions of one Sinkhorn iteration from one read of a cached C (B,N,M): out_r (B,N)
+// over the rows with hr (B,M), out_c (B,M) over the columns with hc (B,N); sym: C symmetric
+// (N = M, stored whole), hc = hr, out_c unused, only the upper triangle is read.
+template <typename T, typename S>
+void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                        double eps, bool sym, int nt);
 // the same with C(x_i, y_j) computed on the fly: out (B,N) = log Σ_j exp(h_j − C_ij/ε), h (B,M).
 template <typename T>
 void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i64 M, i64 D, int p,

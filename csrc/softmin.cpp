@@ -179,7 +179,9 @@ inline void cols_tile(const L* ld, const T* hc, i64 w, T inv, T* mm, T* ss) {
     const vec<T> mn = vmax(mo, mx);
     // so = 0 where mo = −inf, so the clamped exp(−inf) is harmless; lanes with mn = −inf
     // (every h = −inf so far) must not add exp(−inf − (−inf)) = exp(nan)
-    so *= vexp_le0(select(mo > ninf, mo - mn, ninf));
+    // exp(0) must be exactly 1 where the max holds: the float polynomial gives 1 + 2^-23, a
+    // drift of one ulp per row block that reached 2e-6 in a 37-row column sum (issue 23)
+    so *= select(mo == mn, vset(T(1)), vexp_le0(select(mo > ninf, mo - mn, ninf)));
     vec<T> acc = vset(T(0));
 #pragma GCC unroll 16
     for (int r = 0; r < RB; ++r) acc += vexp_le0(t[r] - mn);
@@ -383,10 +385,70 @@ void softmin_online_two(const T* x, const T* y, const T* hr, const T* hc, T* out
   else softmin_online_two_p<T, 2>(x, y, hr, hc, out_r, out_c, B, N, M, D, eps, sym, nt);
 }
 
+// ----------------------------------------------------------------------------- cached, two ways
+// Both reductions of a Sinkhorn iteration from one read of a cached C (B,N,M): out_r (B,N) =
+// log Σ_j exp(hr_j − C_ij/ε) and out_c (B,M) = log Σ_i exp(hc_i − C_ij/ε).  A task owns a
+// block of rows; it walks the block's row segments in chunks of CW columns: each row's running
+// log-sum-exp takes the chunk from memory, then the chunk (now in L2) updates the thread's
+// column states.  sym (C = C(x, x) stored whole, hc = hr, out_c unused): only the chunks on
+// and right of the diagonal block are read — half the bytes — and the mirrored half reaches
+// the rows through the column states, merged at the end (as softmin_online_two).
+template <typename T, typename S>
+static void softmin_cached_two_t(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N,
+                                 i64 M, double eps, bool sym, int nt) {
+  constexpr int CW = 1024;
+  const T inv = T(1.0 / eps);
+  const i64 R = rows_per_task(B, N, nt, 64), nblk = ceil_div(N, R), ntask = B * nblk;
+  const int threads = int(std::max<i64>(1, std::min<i64>(num_threads_or(nt), ntask)));
+  const size_t len = size_t(B * M);
+  std::vector<T> cm(size_t(threads) * len, neg_inf<T>()), cs(size_t(threads) * len, T(0));
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals fd;
+    const int tid = omp_get_thread_num();
+    T* mt = cm.data() + size_t(tid) * len;
+    T* st_ = cs.data() + size_t(tid) * len;
+    std::vector<RowLse<T>> st(static_cast<size_t>(R));
+#pragma omp for schedule(dynamic, 1)
+    for (i64 task = 0; task < ntask; ++task) {
+      const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
+      const S* Cq = C + q * N * M;
+      const T* hrq = hr + q * M;
+      const T* hcq = hc + q * N;
+      for (i64 i = i0; i < i1; ++i) st[size_t(i - i0)] = RowLse<T>();
+      for (i64 j0 = sym ? i0 : 0; j0 < M; j0 += CW) {
+        const i64 W = std::min<i64>(CW, M - j0);
+        for (i64 i = i0; i < i1; ++i)
+          lse_update(CachedRow<T, S, true>{Cq + i * M + j0, cscale}, W, hrq + j0, inv, st[size_t(i - i0)]);
+        const i64 c0 = sym ? std::max<i64>(0, i1 - j0) : 0;  // sym: the diagonal block is rows only
+        if (c0 >= W) continue;
+        T* mq = mt + q * M + j0 + c0;
+        T* sq = st_ + q * M + j0 + c0;
+        i64 r = i0;
+        for (; r + 16 <= i1; r += 16) cols_block<16>(Cq, M, r, j0 + c0, W - c0, hcq, inv, cscale, mq, sq);
+        for (; r < i1; ++r) cols_block<1>(Cq, M, r, j0 + c0, W - c0, hcq, inv, cscale, mq, sq);
+      }
+      for (i64 i = i0; i < i1; ++i) out_r[q * N + i] = lse_out(st[size_t(i - i0)]);
+    }
+  }
+  if (sym) {
+    for (i64 k = 0; k < B * N; ++k) out_r[k] = merge_lse(out_r[k], cm, cs, size_t(k), len, threads);
+  } else {
+    for (i64 k = 0; k < B * M; ++k) out_c[k] = merge_lse(neg_inf<T>(), cm, cs, size_t(k), len, threads);
+  }
+}
+
+template <typename T, typename S>
+void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                        double eps, bool sym, int nt) {
+  softmin_cached_two_t<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nt);
+}
+
 // ----------------------------------------------------------------------------- instances
 #define OTK_SOFTMIN_CACHED(T, S)                                                                        \
   template void cost_matrix<T, S>(const T*, const T*, S*, i64, i64, i64, i64, int, T, int);            \
-  template void softmin_cached<T, S>(const S*, T, bool, const T*, T*, i64, i64, i64, double, int);
+  template void softmin_cached<T, S>(const S*, T, bool, const T*, T*, i64, i64, i64, double, int);            \
+  template void softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, int);
 OTK_SOFTMIN_CACHED(float, float)
 OTK_SOFTMIN_CACHED(float, bf16_t)
 OTK_SOFTMIN_CACHED(float, f16_t)

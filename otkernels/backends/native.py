@@ -309,7 +309,10 @@ def _vec(name, t, B, n, dtype):
 # ----------------------------------------------------------------------------- raw ops
 def cost_matrix(x, y, p, dtype=None):
     """Dense cost ``C(x_i, y_j)`` (B,N,M) for p = 1, 2, stored as ``dtype`` (default: x's dtype;
-    bfloat16/float16 for a float32 problem).  Returns ``(C, scale)``: cost = stored × scale."""
+    bfloat16/float16 for a float32 problem).  Returns ``(C, scale)``: cost = stored × scale.
+    ``y is x``: C(x_i, x_i) is set exactly (0, or the clamped 1e-4 for p = 1; a float32 GEMM
+    leaves ~√ulp·|x| there for p = 1)."""
+    sym = y is x
     x, y = _pair(x, y)
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
@@ -328,6 +331,8 @@ def cost_matrix(x, y, p, dtype=None):
     ext = _ext()
     C = ext.alloc_cache(x.shape[0], x.shape[1], y.shape[1], dtype)
     ext.cost_matrix(x, y, p, C, 1.0 / scale)
+    if sym and x.shape[-1] > DIRECT_MAX_D:  # the direct (D ≤ 8) distances are exact already
+        C.diagonal(dim1=1, dim2=2).fill_((1e-4 if p == 1 else 0.0) / scale)  # p=1: geomloss's clamp √1e-8
     return C, scale
 
 
@@ -338,6 +343,25 @@ def lse_cached(C, scale, transpose, h, eps):
     dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
     h = _vec("h", h, B, N if transpose else M, dtype)
     return _ext().softmin_cached(C, float(scale), bool(transpose), h, float(eps))
+
+
+CACHED_TWO = os.environ.get("OTKERNELS_NATIVE_CACHED_TWO", "1") != "0"  # 0: the two-pass reads (benchmarks)
+
+
+def lse_cached_two(C, scale, hr, hc, eps, sym=False):
+    """Both log-sum-exps of a Sinkhorn iteration from one read of a cached C (B,N,M):
+    ``(log Σ_j exp(hr_j − C_ij/ε) (B,N), log Σ_i exp(hc_i − C_ij/ε) (B,M))``; ``sym`` (C
+    symmetric, hc = hr): the first only, reading the upper triangle (half the bytes).  None
+    when the extension has no such kernel (an older build) or ``CACHED_TWO`` is off."""
+    ext = _ext()
+    if not CACHED_TWO or not hasattr(ext, "softmin_cached_two"):
+        return None
+    B, N, M = C.shape
+    dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
+    hr = _vec("hr", hr, B, M, dtype)
+    hc = hr if sym else _vec("hc", hc, B, N, dtype)
+    out_r, out_c = ext.softmin_cached_two(C, float(scale), hr, hc, float(eps), bool(sym))
+    return (out_r, None) if sym else (out_r, out_c)
 
 
 def lse_online(x, y, h, eps, p):
@@ -460,6 +484,10 @@ class NativeCost:
                 if two is not None:
                     return two[0]
             return lse_online(self.xd, self.y, h, eps, self.p)
+        if self.sym:  # C(x, x): the upper triangle of the cache, half the bytes
+            two = lse_cached_two(self.cache, self.scale, h, None, eps, sym=True)
+            if two is not None:
+                return two[0]
         return lse_cached(self.cache, self.scale, self.transpose, h, eps)
 
     def softmin(self, eps, h):
@@ -468,10 +496,14 @@ class NativeCost:
 
     def softmin_two(self, eps, h, h_t):
         """This softmin (h (B,M) -> (B,N)) and its transpose's (h_t (B,N) -> (B,M)) from one
-        set of GEMM tiles, or None (cached cost, D ≤ 8): Sinkhorn's two updates of an iteration."""
-        if self.cache is not None or self.sym:
+        set of GEMM tiles or one read of the cache, or None (D ≤ 8 uncached): Sinkhorn's two
+        updates of an iteration."""
+        if self.sym or self.transpose:
             return None
-        two = lse_online_two(self.xd, self.y, h, h_t, eps, self.p)
+        if self.cache is not None:
+            two = lse_cached_two(self.cache, self.scale, h, h_t, eps)
+        else:
+            two = lse_online_two(self.xd, self.y, h, h_t, eps, self.p)
         if two is None:
             return None
         return two[0].mul_(-float(eps)), two[1].mul_(-float(eps))
@@ -539,7 +571,8 @@ class PartialCost(NativeCost):
         if self.transpose:
             return None
         R, K, s = self.rows, self.cache, self.scale
-        r1, c1 = lse_cached(K, s, False, h, eps), lse_cached(K, s, True, h_t[:, :R], eps)
+        two = lse_cached_two(K, s, h, h_t[:, :R], eps)
+        r1, c1 = two if two is not None else (lse_cached(K, s, False, h, eps), lse_cached(K, s, True, h_t[:, :R], eps))
         ht = h_t[:, R:].contiguous()
         two = lse_online_two(self.tail, self.y, h, ht, eps, self.p)
         r2, c2 = two if two is not None else (lse_online(self.tail, self.y, h, eps, self.p),

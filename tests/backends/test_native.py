@@ -181,6 +181,88 @@ def test_softmin_two(shape, dtype, p, threads):
         assert_rel(-eps * got, -eps * ref, tol(dtype), f"softmin two {what}")
 
 
+CACHED_TWO_SHAPES = TWO_SHAPES + [(2, 37, 53, 1), (1, 1, 7, 3), (1, 9, 1, 2), (1, 130, 2100, 3)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", CACHED_TWO_SHAPES, ids=[f"B{b}N{n}M{m}D{d}" for b, n, m, d in CACHED_TWO_SHAPES])
+def test_softmin_cached_two(shape, dtype, p, threads):
+    """Rows and columns from one read of a cached C(x, y), and the upper triangle of a cached
+    C(x, x), vs the dense float64 log-sum-exp (issue 23): any D (the cache has no GEMM tile
+    limit), row blocks not multiples of 16, more than one 1,024-column chunk, zero weights."""
+    B, N, M, D = shape
+    x, y = make(B, N, M, D, dtype)
+    hr, hc = log_weights(B, M, dtype), log_weights(B, N, dtype, seed=2)
+    eps = eps_for(D)
+    C = exact_cost(x, y, p)
+    ref_r = (hr.double()[:, None, :] - C / eps).logsumexp(2)
+    ref_c = (hc.double()[:, :, None] - C / eps).logsumexp(1)
+    ref_s = (hc.double()[:, None, :] - exact_cost(x, x, p) / eps).logsumexp(2)
+    K, sc = native.cost_matrix(x, y, p)
+    Kx, sx = native.cost_matrix(x, x, p)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        r, c = native.lse_cached_two(K, sc, hr, hc, eps)
+        s, none = native.lse_cached_two(Kx, sx, hc, None, eps, sym=True)
+    finally:
+        torch.set_num_threads(old)
+    assert none is None and r.dtype == c.dtype == s.dtype == dtype
+    t = tol(dtype) if (dtype == torch.float64 or D <= 8) else 1e-4  # float32 GEMM-built cache
+    for what, got, ref in (("rows", r, ref_r), ("columns", c, ref_c), ("sym", s, ref_s)):
+        assert_rel(-eps * got, -eps * ref, t, f"cached two {what}")
+    # the same numbers as the one-way cached passes (the read order differs, not the terms)
+    assert_rel(r, native.lse_cached(K, sc, False, hr, eps), 1e-12 if dtype == torch.float64 else 2e-6, "vs rows")
+    assert_rel(c, native.lse_cached(K, sc, True, hc, eps), 1e-12 if dtype == torch.float64 else 2e-6, "vs cols")
+
+
+@pytest.mark.parametrize("store", [torch.bfloat16, torch.float16])
+def test_softmin_cached_two_16bit(store):
+    x, y = make(2, 45, 1100, 3, torch.float32, scale=30.0)
+    K, sc = native.cost_matrix(x, y, 2, dtype=store)
+    hr, hc = log_weights(2, 1100, torch.float32), log_weights(2, 45, torch.float32, seed=2)
+    r, c = native.lse_cached_two(K, sc, hr, hc, 2.0)
+    assert_rel(r, native.lse_cached(K, sc, False, hr, 2.0), 2e-6, "16-bit rows")
+    assert_rel(c, native.lse_cached(K, sc, True, hc, 2.0), 2e-6, "16-bit cols")
+
+
+def test_column_sums_do_not_drift():
+    """The column log-sum-exps rescale their running sums once per block of rows; exp(0) must
+    be exactly 1 there (the float polynomial's 1 + 2^-23 drifted by one ulp per block: 2e-6 on
+    37 rows, ~1e-4 on 10k).  4,000 rows, every term alike (large ε), float32 vs float64."""
+    x, y = make(1, 4000, 7, 20, torch.float32)
+    h = torch.full((1, 4000), -8.29, dtype=torch.float32)  # log(1/4000)
+    hr = torch.full((1, 7), -1.95, dtype=torch.float32)
+    eps = 500.0
+    K, s = native.cost_matrix(x, y, 2)
+    ref = (h.double()[:, :, None] - K.double() / eps).logsumexp(1)
+    outs = {"cached columns": native.lse_cached(K, s, True, h, eps),
+            "cached two columns": native.lse_cached_two(K, s, hr, h, eps)[1],
+            "online two columns": native.lse_online_two(x, y, hr, h, eps, 2)[1]}
+    for what, out in outs.items():
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 1e-6, f"{what}: {err:.1e}"  # torch float32 logsumexp: 4.4e-7; the drift: ~3e-5
+
+
+def test_cached_handles_use_one_read(monkeypatch):
+    """The cached C_xy handle answers softmin_two (one read for both updates), C_xx reads its
+    triangle; with CACHED_TWO off the loop takes the two-pass reads: same divergence."""
+    x, y = make(1, 300, 250, 5, torch.float64)
+    x, y = x[0], y[0]
+    L = otkernels.SamplesLoss("sinkhorn", blur=0.3, backend="native")
+    monkeypatch.setattr(backends, "_budget", 1 << 30)
+    C_xy, _, C_xx, _ = native.cost_handles(x[None], y[None], Cost(2))
+    assert C_xy.cache is not None and C_xx.cache is not None
+    h, ht = torch.zeros(1, 250, dtype=torch.float64), torch.zeros(1, 300, dtype=torch.float64)
+    assert C_xy.softmin_two(0.1, h, ht) is not None
+    one = L(x, y)
+    monkeypatch.setattr(native, "CACHED_TWO", False)
+    assert C_xy.softmin_two(0.1, h, ht) is None
+    assert_rel(L(x, y), one, 1e-13, "one read vs two")
+
+
 def test_softmin_two_small_d_declines():
     """D ≤ 8 computes distances directly: no shared-tile kernel, the caller makes two passes."""
     x, y = make(1, 20, 30, 8, torch.float64)
