@@ -266,8 +266,9 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                               if self.device.type == "cuda" else None)
+            cuda = self.device.type == "cuda"
+            index = self.device.index if self.device.index is not None else (torch.cuda.current_device() if cuda else None)
+            self.net = DistributedDataParallel(self.model, device_ids=[index] if cuda else None)
 
     # ------------------------------------------------------------------ parts built on demand
     @property

@@ -11,6 +11,7 @@ the single-process functions return on the concatenated clouds, up to float roun
   global one on every rank; its gradient on a rank is the gradient with respect to *that
   rank's* points and weights (backward on every rank, as with DDP); ``potentials=True``
   returns each rank's rows of the potentials;
+* :func:`mmd2` — :func:`otkernels.metrics.mmd2` (biased) of sharded feature sets;
 * :func:`prdc`, :func:`fid`, :func:`feature_stats` — precision / recall / density / coverage
   with both feature sets sharded, and the Fréchet distance from statistics merged across ranks;
 * :func:`argmax_inner`, :func:`argmin_sqdist` — the assignment reductions of
@@ -63,7 +64,7 @@ from .samples_loss import SamplesLoss as _SamplesLoss
 from .samples_loss import _unit
 from .sinkhorn import Stopping, epsilon_schedule, scal, sinkhorn
 
-__all__ = ["SamplesLoss", "prdc", "fid", "feature_stats", "argmax_inner", "argmin_sqdist", "gather",
+__all__ = ["SamplesLoss", "mmd2", "prdc", "fid", "feature_stats", "argmax_inner", "argmin_sqdist", "gather",
            "world", "is_sharded"]
 
 
@@ -523,6 +524,28 @@ def _diameter(x, y, comm) -> float:
         lo = pts.min(0).values if pts.shape[0] else inf
         hi = pts.max(0).values if pts.shape[0] else -inf
         return (comm.reduce(hi, "max") - comm.reduce(lo, "min")).norm().item()
+
+
+def mmd2(x, y, kernel="gaussian", bandwidth=1.0, *, unbiased=False, backend="auto", process_group=None):
+    """:func:`otkernels.metrics.mmd2` (the biased estimate) of sharded feature sets: each rank's
+    rows x_r (N_r, D), y_r (M_r, D) -> the global 0-dim value on every rank, differentiable
+    w.r.t. this rank's rows (2 × the sharded kernel loss, summed over the bandwidths).
+    ``unbiased=True``, ``bandwidth="median"`` and ``kernel="polynomial"`` are not sharded."""
+    from .metrics import mmd2 as mmd2_
+
+    if not is_sharded(process_group):
+        return mmd2_(x, y, kernel, bandwidth, unbiased=unbiased, backend=backend)
+    if kernel not in ("gaussian", "laplacian", "energy"):
+        raise ValueError(f"kernel={kernel!r}: the sharded mmd2 takes 'gaussian', 'laplacian' or 'energy'")
+    if unbiased or (isinstance(bandwidth, str) and kernel != "energy"):
+        raise NotImplementedError("otkernels.distributed.mmd2: only the biased estimate with numeric bandwidths "
+                                  "of the gaussian, laplacian and energy kernels is sharded")
+    sigmas = [1.0] if kernel == "energy" else list(bandwidth) if isinstance(bandwidth, (list, tuple)) else [bandwidth]
+    total = None
+    for s in sigmas:
+        v = 2 * SamplesLoss(kernel, blur=s, backend=backend, process_group=process_group)(x, y)
+        total = v if total is None else total + v
+    return total
 
 
 # ----------------------------------------------------------------------------- assignment

@@ -131,6 +131,16 @@ def _metric_cases(rank, world):
         got = otd.prdc(real[_split(61, world, rank, empty)], fake[_split(47, world, rank)], **kw)
         out[name] = {k: abs(got[k] - ref[k]) for k in ref}
         out[name]["keys"] = float(sorted(got) != sorted(ref))
+    for kernel, bw in (("gaussian", [0.5, 1.5]), ("energy", 1.0), ("laplacian", 0.8)):
+        xr, yr = real.clone().requires_grad_(), fake.clone().requires_grad_()
+        ref = metrics.mmd2(xr, yr, kernel, bw)
+        ref.backward()
+        sx, sy = _split(61, world, rank, kernel == "energy"), _split(47, world, rank)
+        xs, ys = real[sx].clone().requires_grad_(), fake[sy].clone().requires_grad_()
+        got = otd.mmd2(xs, ys, kernel, bw)
+        got.backward()
+        out[f"mmd2_{kernel}"] = {"value": _rel(got, ref), "grad_x": _rel(xs.grad, xr.grad[sx]),
+                                 "grad_y": _rel(ys.grad, yr.grad[sy])}
     ref = metrics.fid(real, fake)
     got = otd.fid(real[_split(61, world, rank)], fake[_split(47, world, rank, True)])
     out["fid"] = {"value": abs(got - ref) / abs(ref)}
@@ -264,6 +274,10 @@ def test_metrics_and_assignment_match_single_process(results):
             for k, e in m[name].items():
                 assert e == 0.0, f"rank {rank}: {name} {k} differs by {e}"
         assert m["fid"]["value"] <= 1e-10
+        for kernel in ("gaussian", "energy", "laplacian"):
+            assert set(m[f"mmd2_{kernel}"]) == {"value", "grad_x", "grad_y"}
+            for what, e in m[f"mmd2_{kernel}"].items():
+                assert e <= TOL, f"rank {rank}: mmd2 {kernel} {what} relative error {e:.3g}"
         argbest = [k for k in m if k.startswith("arg")]
         assert len(argbest) >= 8  # 12 with the native backend
         for k in argbest:
