@@ -143,3 +143,23 @@ def test_global_batch_coupling_equals_single_process(runs):
         c = r["couplings"]
         assert c["exact"] and c["sinkhorn"], c
         assert c["exact_is_a_coupling"] and c["sinkhorn_is_a_coupling"]
+
+
+def test_torchrun_cli(tmp_path):
+    """``torchrun --nproc_per_node=2 -m diffusion train``: the process group from the environment,
+    a global batch of 2 × batch_size, one summary (rank 0's), rank 0's checkpoint."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "diffusion", "train", "--preset", "digits-flow", "--epochs", "1", "--n-train", "64",
+           "--n-test", "32", "--batch-size", "8", "--timesteps", "50", "--eval-every", "0", "--eval-final", "false",
+           "--progress", "false", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('"out_dir"') == 1  # rank 0 alone reports
+    summary = json.loads(out.stdout[out.stdout.index("{\n"):])
+    assert summary["steps"] == 64 // (2 * 8) and summary["epochs"] == 1
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
