@@ -185,3 +185,17 @@ def test_torchrun_cli(tmp_path):
     summary = json.loads(out.stdout[out.stdout.index("{\n"):])
     assert summary["steps"] == 64 // (2 * 8) and summary["epochs"] == 1
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_rank_rng_and_shards():
+    """The per-rank forward RNG: seeded (same seed, same dropout mask; another rank's seed,
+    another mask) and forked (the shared stream is untouched); the global batch's slices."""
+    from diffusion.ddp import RankRNG, shard
+
+    net, x, cpu = torch.nn.Dropout(0.5), torch.ones(1000), torch.device("cpu")
+    state = torch.get_rng_state()
+    a, b, c = RankRNG(net, 1, cpu)(x), RankRNG(net, 1, cpu)(x), RankRNG(net, 2, cpu)(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [shard(10, r, 3) for r in range(3)] == [slice(0, 4), slice(4, 7), slice(7, 10)]
+    assert [shard(16, r, 2) for r in range(2)] == [slice(0, 8), slice(8, 16)]
