@@ -103,6 +103,7 @@ SINKHORN = {
     "p2_auto_float64_large_blur": (dict(p=2, blur=2.0), dict(N=40, M=31)),
     "p2_early_stopping": (dict(p=2, blur=0.1, tol=1e-9, backend="tensorized"), {}),
     "p2_cosine": (dict(p=2, blur=0.3, cost="cosine", backend="tensorized"), dict(weights=True)),
+    "p1.5_general_blocked": (dict(p=1.5, blur=0.3, backend="blocked"), dict(empty_y=True)),
     "potentials_p2": (dict(p=2, blur=0.3, backend="tensorized"), dict(potentials=True, weights=True)),
     "potentials_p1_no_debias_empty": (dict(p=1, blur=0.3, debias=False, backend="tensorized"),
                                       dict(potentials=True, empty_x=True)),
