@@ -17,7 +17,11 @@ MODE:
   for the Sinkhorn divergence and the gaussian MMD (``tensorized``: on this CPU geomloss's
   KeOps ``online`` backend is several times slower, see docs/benchmarks.md);
 * ``reference64``: the ``reference`` computation on the same data converted to float64 (not
-  timed): the values every competitor is checked against.
+  timed): the values every competitor is checked against;
+* ``otkernels-inception`` / ``reference-inception`` (issue 23): FID, KID (100 subsets of 1,000)
+  and precision/recall (k=3) / density/coverage (k=5) on float32 features generated in float32
+  (``inception_data``), by ``evaluate`` or by scipy (FID), torchmetrics' ``poly_mmd`` (KID)
+  and prdc's functions (once for both k).
 """
 import json
 import os
@@ -116,6 +120,62 @@ def run_reference64(x, y, sigma, rule):
     return out, seconds, times, [seconds]
 
 
+INCEPTION = ("fid", "kid", "prdc")  # issue 23's Inception-scale set (Sinkhorn optional: left out)
+
+
+def inception_data(N, D):
+    """float32 features generated in float32 (no float64 transient in the peak RSS): real ~
+    N(0, I), fake ~ 1.1·N(0, I) + 0.05 (seed 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=g), torch.randn(N, D, generator=g).mul_(1.1).add_(0.05)
+
+
+def run_otkernels_inception(x, y, sigma, rule):
+    from otkernels import metrics
+
+    metrics.evaluate(x[:300], y[:300], metrics=INCEPTION, kid_subset_size=100)
+    out, seconds, rounds = measure_plain(
+        lambda: metrics.evaluate(x, y, metrics=INCEPTION, k_pr=K_PR, k_dc=K_DC, timings=True), rule)
+    times = {k[5:]: out.pop(k) for k in list(out) if k.startswith("time_")}
+    return out, seconds, times, rounds
+
+
+def kid_reference(x, y, subsets=100, subset_size=1000, seed=0):
+    """torchmetrics' KID: poly_mmd on ``subsets`` random subsets of ``subset_size`` (its compute())."""
+    import torch
+    from torchmetrics.image.kid import poly_mmd
+
+    g = torch.Generator().manual_seed(seed)
+    m = min(subset_size, x.shape[0], y.shape[0])
+    vals = [poly_mmd(x[torch.randperm(x.shape[0], generator=g)[:m]].double(),
+                     y[torch.randperm(y.shape[0], generator=g)[:m]].double()) for _ in range(subsets)]
+    v = torch.stack(vals)
+    return float(v.mean()), float(v.std(unbiased=False))
+
+
+def reference_inception(x, y):
+    xn, yn = x.numpy(), y.numpy()
+    out, times = {}, {}
+    t = time.perf_counter()
+    out["fid"] = fid_reference(xn, yn)
+    times["fid"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out["kid_mean"], out["kid_std"] = kid_reference(x, y)
+    times["kid"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out.update(prdc_once(xn, yn))
+    times["prdc"] = time.perf_counter() - t
+    return out, times
+
+
+def run_reference_inception(x, y, sigma, rule):
+    reference_inception(x[:300], y[:300])
+    (out, times), seconds, rounds = measure_plain(lambda: reference_inception(x, y), rule)
+    return out, seconds, times, rounds
+
+
 def _budget():
     """The cost-cache budget the otkernels run used (bytes)."""
     from otkernels import backends
@@ -126,9 +186,10 @@ def main(mode, N, D, sigma, warmup=0, rounds=1):
     import torch
 
     set_threads()
-    x, y = make_data(N, N, D)
+    x, y = inception_data(N, D) if mode.endswith("-inception") else make_data(N, N, D)
     rss0 = _status_kb("VmRSS")
-    fn = {"otkernels": run_otkernels, "reference": run_reference, "reference64": run_reference64}[mode]
+    fn = {"otkernels": run_otkernels, "reference": run_reference, "reference64": run_reference64,
+          "otkernels-inception": run_otkernels_inception, "reference-inception": run_reference_inception}[mode]
     out, seconds, times, all_rounds = fn(x, y, sigma, Rounds(warmup, rounds))
     print(json.dumps(dict(mode=mode, N=N, D=D, values=out, seconds=seconds, metric_seconds=times,
                           warmup_rounds=warmup, rounds=rounds, round_seconds=all_rounds,

@@ -50,6 +50,7 @@ def feats(N, D, seed=0, shift=0.0, dtype=torch.float64, scale=None):
 def small_tiles(monkeypatch):
     """Tiles of 64×… elements: several row and column blocks even on small sets."""
     monkeypatch.setattr(neighbours, "TILE", 64 * 50)
+    monkeypatch.setattr(neighbours, "CENTERED_COLS", 50)  # float32: tiles centred on the fly
 
 
 def quiet_prdc(real, fake, k):
@@ -348,6 +349,22 @@ def test_prdc_split_k_and_float32():
     g32 = metrics.prdc(real.float(), fake.float(), 3)
     for n in r32:
         assert abs(g32[n] - float(r32[n])) <= 1.0 / 450, (n, g32[n], r32[n])
+
+
+@needs_prdc
+@pytest.mark.parametrize("tiles", ["one", "small"])
+def test_prdc_float32_far_from_the_origin(tiles, request):
+    """float32 features whose mean is far from the origin (post-ReLU Inception features are):
+    the tiles are centred on the fly (no centred copy of the sets), so the decisions match
+    prdc's float64 computation on the same float32 data."""
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    real, fake = feats(400, 16, 25) + 300.0, feats(350, 16, 26, shift=0.3) + 300.0
+    r32, f32 = real.float(), fake.float()
+    ref = quiet_prdc(r32.double().numpy(), f32.double().numpy(), 3)
+    got = metrics.prdc(r32, f32, 3)
+    for n in ref:
+        assert abs(got[n] - float(ref[n])) <= 2.0 / 350, (n, got[n], ref[n])
 
 
 @needs_prdc

@@ -231,7 +231,9 @@ def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef
         ir = torch.randperm(x.shape[0], generator=g)[:m]
         iff = torch.randperm(y.shape[0], generator=g)[:m]
         idx.append((ir, iff))
-    chunk = max(1, TILE // (m * m))  # subsets per batched matmul
+    # subsets per batched matmul: kernel tiles ≤ TILE entries, gathered features ≤ 2^23 entries
+    # (at m = 1000, D = 2048: 4 subsets, 32 MB per copy — 67 subsets were 0.5 GB per copy)
+    chunk = max(1, min(TILE // (m * m), (1 << 23) // (m * (x.shape[1] + 1))))
     scores = []
     for c0 in range(0, subsets, chunk):
         sel = idx[c0:c0 + chunk]

@@ -64,23 +64,50 @@ def knn(x, y=None, k=3, *, dtype=None):
     return d2.sqrt(), idx
 
 
-def _knn_sq(x, y, k, exclude_self, row_offset=0):
+CENTERED_COLS = 4096  # column block when tiles are centred on the fly (the copy per tile stays small)
+
+
+def _center(x, y):
+    """The common mean of x and y (float64 sums, no concatenated copy), in x's dtype."""
+    n = x.shape[0] + y.shape[0]
+    return ((x.sum(0, dtype=torch.float64) + y.sum(0, dtype=torch.float64)) / n).to(x.dtype)
+
+
+def _sqnorms(x, center=None, rows=8192):
+    """|x_i − center|² (N,), a block of rows at a time (no centred copy of x)."""
+    if center is None:
+        return (x * x).sum(1)
+    return torch.cat([((x[i:i + rows] - center) ** 2).sum(1) for i in range(0, x.shape[0], rows)]) \
+        if x.shape[0] else x.new_zeros(0)
+
+
+def _blocks(M, center):
+    return _row_block(M, TILE) if center is None else (max(1, TILE // min(M, CENTERED_COLS)), min(M, CENTERED_COLS))
+
+
+def _tile(z, a, b, center):
+    return z[a:b] if center is None else z[a:b] - center
+
+
+def _knn_sq(x, y, k, exclude_self, row_offset=0, center=None):
     """Squared distances of the k nearest y_j to each x_i (ascending) and their indices.
     ``exclude_self``: row i is the point y_{row_offset + i} (x a block of rows of y: a shard
-    in :mod:`otkernels.distributed`), left out of its own neighbours."""
+    in :mod:`otkernels.distributed`), left out of its own neighbours.  ``center``: the tiles
+    are translated by it on the fly (float32 accuracy without a centred copy of x and y)."""
     N, M = x.shape[0], y.shape[0]
-    bn, bm = _row_block(M)
-    yy = (y * y).sum(1)
-    xx = (x * x).sum(1)
+    bn, bm = _blocks(M, center)
+    yy = _sqnorms(y, center)
+    xx = _sqnorms(x, center)
     out_v = torch.empty(N, k, dtype=x.dtype, device=x.device)
     out_i = torch.empty(N, k, dtype=torch.long, device=x.device)
     for i0 in range(0, N, bn):
         i1 = min(N, i0 + bn)
         best_v = best_i = None
+        xb = _tile(x, i0, i1, center)
         for j0 in range(0, M, bm):
             j1 = min(M, j0 + bm)
             # |y|² − 2⟨x, y⟩: the row constant |x|² does not change the order
-            s = torch.addmm(yy[None, j0:j1], x[i0:i1], y[j0:j1].T, alpha=-2)
+            s = torch.addmm(yy[None, j0:j1], xb, _tile(y, j0, j1, center).T, alpha=-2)
             a0, a1 = i0 + row_offset, i1 + row_offset  # the rows' own indices among the y's
             if exclude_self and j0 < a1 and a0 < j1:
                 r = torch.arange(max(a0, j0), min(a1, j1), device=x.device)
@@ -141,15 +168,18 @@ def _prdc(real, fake, k, k_pr, k_dc, dtype, want):
             raise ValueError(f"{name} has {n} samples: k-NN radii with k = {kk} need at least "
                              f"k + 1 = {kk + 1} (each point's own distance is excluded)")
     dt = compute_dtype(dtype, x)
-    xs, ys = _prepare(x, y, dt)
-    d2_real = _knn_sq(xs, xs, max(ks_real), True)[0]
-    xx, yy = (xs * xs).sum(1), (ys * ys).sum(1)
+    # below float64 the tiles are translated by the common mean (less cancellation), on the
+    # fly: memory stays O((N + M)·k + tiles) beyond the features themselves
+    xs, ys = x.detach().to(dt), y.detach().to(dt)
+    c = _center(xs, ys) if dt != torch.float64 else None
+    d2_real = _knn_sq(xs, xs, max(ks_real), True, center=c)[0]
+    xx, yy = _sqnorms(xs, c), _sqnorms(ys, c)
     # thresholds on s = |y|² − 2⟨x, y⟩ = d² − |x|² for a row x_i
     t_pr = d2_real[:, k_pr - 1] - xx if "precision" in want else None
     t_dc = d2_real[:, k_dc - 1] - xx if "density" in want else None
-    rf2 = _knn_sq(ys, ys, k_pr, True)[0][:, -1] if "recall" in want else None
+    rf2 = _knn_sq(ys, ys, k_pr, True, center=c)[0][:, -1] if "recall" in want else None
     same_k = t_pr is not None and t_dc is not None and k_pr == k_dc
-    count, hit, covered, recalled = _ball_pass(xs, ys, xx, yy, t_dc, None if same_k else t_pr, rf2)
+    count, hit, covered, recalled = _ball_pass(xs, ys, xx, yy, t_dc, None if same_k else t_pr, rf2, center=c)
     if same_k:
         hit = count > 0
     out = {}
@@ -164,24 +194,26 @@ def _prdc(real, fake, k, k_pr, k_dc, dtype, want):
     return out
 
 
-def _ball_pass(xs, ys, xx, yy, t_dc, t_pr, rf2):
+def _ball_pass(xs, ys, xx, yy, t_dc, t_pr, rf2, center=None):
     """One blocked pass over the pairs (real x_i, fake y_j), s_ij = |y_j|² − 2⟨x_i, y_j⟩:
     ``count`` (M,) real balls (thresholds ``t_dc`` (N,) on s) holding each y_j; ``hit`` (M,)
     y_j in some ball of ``t_pr``; ``covered`` (N,) nearest y inside x_i's ``t_dc`` ball;
     ``recalled`` (N,) x_i in some fake ball (squared radii ``rf2`` (M,)).  A None threshold
     skips its counts.  The rows may be a block of the real set (:mod:`otkernels.distributed`
-    reduces the column counts over the blocks)."""
+    reduces the column counts over the blocks).  ``center``: tiles translated on the fly
+    (xx, yy are then the centred squared norms)."""
     N, M = xs.shape[0], ys.shape[0]
-    bn, bm = _row_block(M)
+    bn, bm = _blocks(M, center)
     count = torch.zeros(M, dtype=torch.int64, device=xs.device)
     hit = torch.zeros(M, dtype=torch.bool, device=xs.device)
     covered = torch.zeros(N, dtype=torch.bool, device=xs.device)
     recalled = torch.zeros(N, dtype=torch.bool, device=xs.device)
     for i0 in range(0, N, bn):
         i1 = min(N, i0 + bn)
+        xb = _tile(xs, i0, i1, center)
         for j0 in range(0, M, bm):
             j1 = min(M, j0 + bm)
-            s = torch.addmm(yy[None, j0:j1], xs[i0:i1], ys[j0:j1].T, alpha=-2)
+            s = torch.addmm(yy[None, j0:j1], xb, _tile(ys, j0, j1, center).T, alpha=-2)
             if t_dc is not None:
                 count[j0:j1] += (s < t_dc[i0:i1, None]).sum(0, dtype=torch.int32)
                 covered[i0:i1] |= s.amin(1) < t_dc[i0:i1]
