@@ -61,7 +61,7 @@ from ._checks import check_finite, check_same_device, check_tensor, check_weight
 from .costs import Kernel
 from .kernel_losses import CallableKernel
 from .samples_loss import SamplesLoss as _SamplesLoss
-from .samples_loss import _unit
+from .samples_loss import _outputs, _unit
 from .sinkhorn import Stopping, epsilon_schedule, scal, sinkhorn
 
 __all__ = ["SamplesLoss", "mmd2", "prdc", "fid", "feature_stats", "argmax_inner", "argmin_sqdist", "gather",
@@ -435,13 +435,7 @@ class SamplesLoss(_SamplesLoss):
             values = self._kernel(backend, a, x, b, y, nx, ny, comm)
         else:
             values = self._sinkhorn(backend, a, x, b, y, nx, ny, comm)
-        if self.potentials:
-            F, G = values
-            F = F.to(out_dtype).reshape(shapes.get("a", F.shape if batched else F.shape[1:]))
-            G = G.to(out_dtype).reshape(shapes.get("b", G.shape if batched else G.shape[1:]))
-            return F, G
-        values = values.to(out_dtype)
-        return values if batched else values[0]
+        return _outputs(values, self.potentials, shapes, batched, out_dtype)
 
     def _sinkhorn(self, backend, a, x, b, y, nx, ny, comm):
         diameter = self.diameter if self.diameter is not None else _diameter(x, y, comm)

@@ -305,17 +305,22 @@ class SamplesLoss(Module):
                     print(f"otkernels: early stopping at ε = {eps_list[-1]:.3g}: {stop.info}")
             else:
                 values = hausdorff(handles, a, x, b, y, eps_list, potentials=self.potentials)
-        if self.potentials:
-            F, G = values
-            F = F.to(out_dtype).reshape(shapes.get("a", F.shape if batched else F.shape[1:]))
-            G = G.to(out_dtype).reshape(shapes.get("b", G.shape if batched else G.shape[1:]))
-            return F, G
-        values = values.to(out_dtype)
-        return values if batched else values[0]
+        return _outputs(values, self.potentials, shapes, batched, out_dtype)
 
     def extra_repr(self):
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"scaling={self.scaling}, debias={self.debias}, backend={self.backend!r}")
+
+
+def _outputs(values, potentials, shapes, batched, out_dtype):
+    """The loop's (B,) values, or (F, G) potentials, in the caller's dtype and layout."""
+    if potentials:
+        F, G = values
+        F = F.to(out_dtype).reshape(shapes.get("a", F.shape if batched else F.shape[1:]))
+        G = G.to(out_dtype).reshape(shapes.get("b", G.shape if batched else G.shape[1:]))
+        return F, G
+    values = values.to(out_dtype)
+    return values if batched else values[0]
 
 
 _WARNED = set()

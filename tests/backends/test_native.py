@@ -149,6 +149,19 @@ def test_softmin_columns(shape, dtype, p):
     assert_rel(out, ref, tol(dtype), "softmin columns")
 
 
+def _two_case(shape, dtype, p):
+    """Points, row/column log-weights, ε and the dense float64 references (rows of C(x, y),
+    its columns, rows of C(x, x)) of the two-way reductions."""
+    B, N, M, D = shape
+    x, y = make(B, N, M, D, dtype)
+    hr, hc = log_weights(B, M, dtype), log_weights(B, N, dtype, seed=2)
+    eps = eps_for(D)
+    C = exact_cost(x, y, p)
+    refs = ((hr.double()[:, None, :] - C / eps).logsumexp(2), (hc.double()[:, :, None] - C / eps).logsumexp(1),
+            (hc.double()[:, None, :] - exact_cost(x, x, p) / eps).logsumexp(2))
+    return x, y, hr, hc, eps, refs
+
+
 TWO_SHAPES = [(1, 64, 513, 20), (2, 33, 1030, 9), (1, 300, 257, 17), (3, 70, 70, 128), (1, 517, 517, 10)]
 
 
@@ -161,14 +174,7 @@ def test_softmin_two(shape, dtype, p, threads):
     float64 log-sum-exp; several tasks per thread, ragged tiles, zero weights.  The symmetric
     kernel sets C(x_i, x_i) exactly (a float32 GEMM leaves √ulp·|x| ≈ 1e-3 on the diagonal
     for p=1: 2–6e-4 relative error in the log-sum-exp before)."""
-    B, N, M, D = shape
-    x, y = make(B, N, M, D, dtype)
-    hr, hc = log_weights(B, M, dtype), log_weights(B, N, dtype, seed=2)
-    eps = eps_for(D)
-    C = exact_cost(x, y, p)
-    ref_r = (hr.double()[:, None, :] - C / eps).logsumexp(2)
-    ref_c = (hc.double()[:, :, None] - C / eps).logsumexp(1)
-    ref_s = (hc.double()[:, None, :] - exact_cost(x, x, p) / eps).logsumexp(2)
+    x, y, hr, hc, eps, refs = _two_case(shape, dtype, p)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -177,7 +183,7 @@ def test_softmin_two(shape, dtype, p, threads):
     finally:
         torch.set_num_threads(old)
     assert none is None and r.dtype == c.dtype == s.dtype == dtype
-    for what, got, ref in (("rows", r, ref_r), ("columns", c, ref_c), ("sym", s, ref_s)):
+    for what, got, ref in zip(("rows", "columns", "sym"), (r, c, s), refs):
         assert_rel(-eps * got, -eps * ref, tol(dtype), f"softmin two {what}")
 
 
@@ -192,14 +198,7 @@ def test_softmin_cached_two(shape, dtype, p, threads):
     """Rows and columns from one read of a cached C(x, y), and the upper triangle of a cached
     C(x, x), vs the dense float64 log-sum-exp (issue 23): any D (the cache has no GEMM tile
     limit), row blocks not multiples of 16, more than one 1,024-column chunk, zero weights."""
-    B, N, M, D = shape
-    x, y = make(B, N, M, D, dtype)
-    hr, hc = log_weights(B, M, dtype), log_weights(B, N, dtype, seed=2)
-    eps = eps_for(D)
-    C = exact_cost(x, y, p)
-    ref_r = (hr.double()[:, None, :] - C / eps).logsumexp(2)
-    ref_c = (hc.double()[:, :, None] - C / eps).logsumexp(1)
-    ref_s = (hc.double()[:, None, :] - exact_cost(x, x, p) / eps).logsumexp(2)
+    x, y, hr, hc, eps, refs = _two_case(shape, dtype, p)
     K, sc = native.cost_matrix(x, y, p)
     Kx, sx = native.cost_matrix(x, x, p)
     old = torch.get_num_threads()
@@ -210,8 +209,8 @@ def test_softmin_cached_two(shape, dtype, p, threads):
     finally:
         torch.set_num_threads(old)
     assert none is None and r.dtype == c.dtype == s.dtype == dtype
-    t = tol(dtype) if (dtype == torch.float64 or D <= 8) else 1e-4  # float32 GEMM-built cache
-    for what, got, ref in (("rows", r, ref_r), ("columns", c, ref_c), ("sym", s, ref_s)):
+    t = tol(dtype) if (dtype == torch.float64 or shape[3] <= 8) else 1e-4  # float32 GEMM-built cache
+    for what, got, ref in zip(("rows", "columns", "sym"), (r, c, s), refs):
         assert_rel(-eps * got, -eps * ref, t, f"cached two {what}")
     # the same numbers as the one-way cached passes (the read order differs, not the terms)
     assert_rel(r, native.lse_cached(K, sc, False, hr, eps), 1e-12 if dtype == torch.float64 else 2e-6, "vs rows")
