@@ -33,6 +33,10 @@ def check_tensor(name, t, *, floating=True):
 
 
 def check_finite(name, t):
+    if t.is_contiguous() and t.numel() > 1 << 22:  # large feature sets: no N×D mask at once
+        for part in t.reshape(-1).split(1 << 22):
+            check_finite(name, part)
+        return
     if not bool(torch.isfinite(t).all()):
         bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise ValueError(f"{name} contains {bad} values")
