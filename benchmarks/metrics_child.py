@@ -36,15 +36,22 @@ SINKHORN = dict(p=2, blur=0.05, scaling=0.5)
 K_PR, K_DC = 3, 5
 
 
-def run_otkernels(x, y, sigma, rule):
+def _evaluate(x, y, rule, names, **kw):
+    """``metrics.evaluate`` timed under ``rule`` after an untimed 300-point call (modules, the
+    native extension); returns (values, seconds, seconds per metric, every round)."""
     from otkernels import metrics
 
-    metrics.evaluate(x[:300], y[:300], metrics=("sinkhorn", "mmd", "fid", "prdc"),
-                     mmd_bandwidth=sigma)  # loads the modules and the native extension
+    metrics.evaluate(x[:300], y[:300], metrics=names, **{k: v for k, v in kw.items() if k == "mmd_bandwidth"},
+                     kid_subset_size=100)
     out, seconds, rounds = measure_plain(
-        lambda: metrics.evaluate(x, y, metrics=("sinkhorn", "mmd", "fid", "prdc"), mmd_bandwidth=sigma,
-                                 k_pr=K_PR, k_dc=K_DC, timings=True, **SINKHORN), rule)
+        lambda: metrics.evaluate(x, y, metrics=names, k_pr=K_PR, k_dc=K_DC, timings=True, **kw), rule)
     times = {k[5:]: out.pop(k) for k in list(out) if k.startswith("time_")}
+    return out, seconds, times, rounds
+
+
+def run_otkernels(x, y, sigma, rule):
+    out, seconds, times, rounds = _evaluate(x, y, rule, ("sinkhorn", "mmd", "fid", "prdc"), mmd_bandwidth=sigma,
+                                            **SINKHORN)
     out.pop("mmd2", None)  # the reference (geomloss) gives the biased estimate only
     return out, seconds, times, rounds
 
@@ -133,13 +140,7 @@ def inception_data(N, D):
 
 
 def run_otkernels_inception(x, y, sigma, rule):
-    from otkernels import metrics
-
-    metrics.evaluate(x[:300], y[:300], metrics=INCEPTION, kid_subset_size=100)
-    out, seconds, rounds = measure_plain(
-        lambda: metrics.evaluate(x, y, metrics=INCEPTION, k_pr=K_PR, k_dc=K_DC, timings=True), rule)
-    times = {k[5:]: out.pop(k) for k in list(out) if k.startswith("time_")}
-    return out, seconds, times, rounds
+    return _evaluate(x, y, rule, INCEPTION)
 
 
 def kid_reference(x, y, subsets=100, subset_size=1000, seed=0):

@@ -394,7 +394,7 @@ void softmin_online_two(const T* x, const T* y, const T* hr, const T* hc, T* out
 // and right of the diagonal block are read — half the bytes — and the mirrored half reaches
 // the rows through the column states, merged at the end (as softmin_online_two).
 template <typename T, typename S>
-static void softmin_cached_two_t(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N,
+void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N,
                                  i64 M, double eps, bool sym, int nt) {
   constexpr int CW = 1024;
   const T inv = T(1.0 / eps);
@@ -436,12 +436,6 @@ static void softmin_cached_two_t(const S* C, T cscale, const T* hr, const T* hc,
   } else {
     for (i64 k = 0; k < B * M; ++k) out_c[k] = merge_lse(neg_inf<T>(), cm, cs, size_t(k), len, threads);
   }
-}
-
-template <typename T, typename S>
-void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
-                        double eps, bool sym, int nt) {
-  softmin_cached_two_t<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nt);
 }
 
 // ----------------------------------------------------------------------------- instances

@@ -74,17 +74,13 @@ def _(x, y, a, b, config, need_grad):
 
 
 def _setup(ctx, inputs, output):
-    ctx.batched = inputs[0].dim() == 3
     ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, g_value, *_):
-    gx, gy, ga, gb = ctx.saved_tensors
-    if ctx.batched:
-        w = g_value[:, None]
-        return w[..., None] * gx, w[..., None] * gy, w.reshape(-1, *[1] * (ga.dim() - 1)) * ga, \
-            w.reshape(-1, *[1] * (gb.dim() - 1)) * gb, None, None
-    return g_value * gx, g_value * gy, g_value * ga, g_value * gb, None, None
+    """The saved gradients of x, y, a, b times the incoming (B,) or () gradient, broadcast."""
+    return (*(g_value.reshape(g_value.shape + (1,) * (t.dim() - g_value.dim())) * t for t in ctx.saved_tensors),
+            None, None)
 
 
 samples_loss.register_autograd(_backward, setup_context=_setup)

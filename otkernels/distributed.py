@@ -61,7 +61,7 @@ from ._checks import check_finite, check_same_device, check_tensor, check_weight
 from .costs import Kernel
 from .kernel_losses import CallableKernel
 from .samples_loss import SamplesLoss as _SamplesLoss
-from .samples_loss import _outputs, _unit
+from .samples_loss import _outputs, _rho, _unit
 from .sinkhorn import Stopping, epsilon_schedule, scal, sinkhorn
 
 __all__ = ["SamplesLoss", "mmd2", "prdc", "fid", "feature_stats", "argmax_inner", "argmin_sqdist", "gather",
@@ -489,14 +489,6 @@ class SamplesLoss(_SamplesLoss):
 def _global(local, total):
     """``total`` in value, with ``local``'s gradient (this rank's share of the global one)."""
     return local + (total - local).detach()
-
-
-def _rho(reach, p):
-    if reach is None:
-        return None
-    if isinstance(reach, (tuple, list)):
-        return tuple(None if r is None else r ** p for r in reach)
-    return reach ** p
 
 
 def _center(x, y, comm):

@@ -37,7 +37,7 @@ def _prepare(x, y, dtype):
     """Cast to the compute dtype; translate by the common mean below float64."""
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     if dtype != torch.float64:
-        c = torch.cat([x, y]).mean(0) if y is not x else x.mean(0)
+        c = _center(x, y)
         x, y = (x - c, y - c) if y is not x else (x - c,) * 2
     return x, y
 
