@@ -7,11 +7,13 @@ the single-process functions return on the concatenated clouds, up to float roun
 
 * :class:`SamplesLoss` — ``otkernels.SamplesLoss`` with a ``process_group``: Sinkhorn
   divergence / OT_ε (balanced or unbalanced, debiased or not, any p and backend, early
-  stopping) and the kernel losses (energy, gaussian, laplacian: ½·MMD²).  The value is the
-  global one on every rank; its gradient on a rank is the gradient with respect to *that
-  rank's* points and weights (backward on every rank, as with DDP); ``potentials=True``
-  returns each rank's rows of the potentials;
-* :func:`mmd2` — :func:`otkernels.metrics.mmd2` (biased) of sharded feature sets;
+  stopping), the ε-Hausdorff divergence and the kernel losses (energy, gaussian, laplacian:
+  ½·MMD²).  The value is the global one on every rank; its gradient on a rank is the
+  gradient with respect to *that rank's* points and weights (backward on every rank, as with
+  DDP); ``potentials=True`` returns each rank's rows of the potentials;
+* :func:`mmd2`, :func:`polynomial_mmd2`, :func:`kid` — :mod:`otkernels.metrics`' MMD²
+  (biased or unbiased, radial or polynomial kernels, the median bandwidth) and KID (the same
+  subsets) of sharded feature sets;
 * :func:`prdc`, :func:`fid`, :func:`feature_stats` — precision / recall / density / coverage
   with both feature sets sharded, and the Fréchet distance from statistics merged across ranks;
 * :func:`argmax_inner`, :func:`argmin_sqdist` — the assignment reductions of
@@ -60,12 +62,13 @@ from . import _precision, backends
 from ._checks import check_finite, check_same_device, check_tensor, check_weights
 from .costs import Kernel
 from .kernel_losses import CallableKernel
+from .hausdorff import hausdorff
 from .samples_loss import SamplesLoss as _SamplesLoss
 from .samples_loss import _outputs, _rho, _unit
 from .sinkhorn import Stopping, epsilon_schedule, scal, sinkhorn
 
-__all__ = ["SamplesLoss", "mmd2", "prdc", "fid", "feature_stats", "argmax_inner", "argmin_sqdist", "gather",
-           "world", "is_sharded"]
+__all__ = ["SamplesLoss", "mmd2", "polynomial_mmd2", "kid", "prdc", "fid", "feature_stats", "argmax_inner",
+           "argmin_sqdist", "gather", "world", "is_sharded"]
 
 
 # ----------------------------------------------------------------------------- communication
@@ -160,6 +163,16 @@ class _Shards:
 
     def gather(self, h):
         return self.comm.cat(h.detach(), self.sizes)
+
+    def splice(self, t, gathered=None):
+        """The gathered (B, total, ...) tensor with this rank's rows replaced by ``t`` itself
+        (attached: gradients reach this rank's t only)."""
+        G = self.gather(t) if gathered is None else gathered
+        return torch.cat([G[:, :self.start], t, G[:, self.start + self.n:]], 1)
+
+    def rows(self, t):
+        """This rank's entries of a (B, total, ...) tensor."""
+        return t[:, self.start:self.start + self.n]
 
     def mine(self, partial, eps):
         """Merge every rank's partial softmins (B, total) and keep this rank's entries."""
@@ -306,6 +319,33 @@ class _Self:
         return self.Cg.softmin_grad(eps, H)
 
 
+class _RowBlock:
+    """C(u, v) as a handle on *global* vectors (ε-Hausdorff): rank r computes the rows of its
+    shard u_r against the gathered cloud v (the backend's handle ``C(u_r, v)``) and the rows are
+    all-gathered, so every rank holds the same (B, N) results and any loop over them (with its
+    convergence tests) runs identically on every rank.  ``softmin_grad`` keeps this rank's rows
+    attached (the first argument, as in one process); ``grad_x`` is gathered by rows."""
+
+    def __init__(self, us, v, cached, make):
+        self.us = us
+        self.C = make(us.local, v, cached)[0] if us.n else None
+
+    def softmin(self, eps, h):
+        local = self.C.softmin(eps, h) if self.C is not None else h.new_zeros(h.shape[0], 0)
+        return self.us.gather(local)
+
+    def softmin_grad(self, eps, h):
+        local = self.C.softmin_grad(eps, h) if self.C is not None else _empty_rows(self.us.local, h, True)
+        return self.us.splice(local)
+
+    def grad_x(self, eps, h, f, g, s=None):
+        if self.C is None:
+            local = h.new_zeros(h.shape[0], 0, self.us.local.shape[2])
+        else:
+            local = self.C.grad_x(eps, h, self.us.rows(f), self.us.rows(g), s)
+        return self.us.gather(local)
+
+
 def _maker(backend, cost, device):
     """``make(u, v, cached) -> (C(u, v), C(v, u))``: the backend's handles for one block (the
     second reads the first's cache transposed on the caching backends)."""
@@ -344,16 +384,13 @@ class SamplesLoss(_SamplesLoss):
     ``potentials=True``, this rank's rows (F_r, G_r) of the potentials.  Without an
     initialised process group (or with one rank) it is ``otkernels.SamplesLoss``.
 
-    Not sharded (``NotImplementedError``): ``loss="hausdorff"``, ragged batches, cluster
-    labels; early stopping (``tol``) needs non-empty shards.  Every rank must call with the
+    Not sharded (``NotImplementedError``): ragged batches, cluster labels; early stopping
+    (``tol``) needs non-empty shards.  Every rank must call with the
     same B, D, dtype and options (a mismatch of B or D raises on every rank).
     """
 
     def __init__(self, *args, process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.loss == "hausdorff":
-            raise NotImplementedError("otkernels.distributed.SamplesLoss: loss='hausdorff' is not sharded; "
-                                      "use 'sinkhorn' or a kernel loss")
         self.process_group = process_group
 
     def forward(self, *args, **kwargs):
@@ -433,6 +470,8 @@ class SamplesLoss(_SamplesLoss):
             x, y = _center(x, y, comm)
         if kernel_loss:
             values = self._kernel(backend, a, x, b, y, nx, ny, comm)
+        elif self.loss == "hausdorff":
+            values = self._hausdorff(backend, a, x, b, y, nx, ny, comm)
         else:
             values = self._sinkhorn(backend, a, x, b, y, nx, ny, comm)
         return _outputs(values, self.potentials, shapes, batched, out_dtype)
@@ -466,24 +505,51 @@ class SamplesLoss(_SamplesLoss):
             return out
         return _global(out, comm.reduce(out))
 
+    def _hausdorff(self, backend, a, x, b, y, nx, ny, comm):
+        """:func:`otkernels.hausdorff.hausdorff` unchanged on the global vectors: its four handles
+        are :class:`_RowBlock` (this rank's rows, all-gathered: work N_r·(N + M) per pass for
+        each cloud's rows), its points and weights the gathered clouds with this rank's rows
+        attached, so the value (the same on every rank) has this rank's share of the gradient."""
+        diameter = self.diameter if self.diameter is not None else _diameter(x, y, comm)
+        eps_list = epsilon_schedule(self.p, diameter, self.blur, self.scaling)
+        xs, ys = _Shards(x, nx, comm), _Shards(y, ny, comm)
+        make = _maker(backend, self.cost, x.device)
+        B, item, N, M = x.shape[0], x.element_size(), sum(nx), sum(ny)
+        plan = backends.cache_plan([B * xs.n * M * item, B * ys.n * N * item, B * xs.n * N * item,
+                                    B * ys.n * M * item])
+        blocks = [(xs, ys), (ys, xs), (xs, xs), (ys, ys)]
+        handles = tuple(_RowBlock(u, v.all, c, make) for (u, v), c in zip(blocks, plan))
+        X, Y = xs.splice(x, xs.all), ys.splice(y, ys.all)
+        A, Bw = xs.splice(a), ys.splice(b)
+        grad = [t.requires_grad for t in (x, y, a, b)]
+        if bool(comm.reduce(torch.tensor(float(any(grad)), device=x.device), "max")) and not any(grad):
+            X = X.detach().requires_grad_()  # the adjoint pass runs on every rank or on none
+        out = hausdorff(handles, A, X, Bw, Y, eps_list, potentials=self.potentials)
+        if self.potentials:
+            return xs.rows(out[0]), ys.rows(out[1])
+        return out
+
     def _kernel(self, backend, a, x, b, y, nx, ny, comm):
         """Rows of the kernel potentials F = K_xx a − K_xy b, G = K_yy b − K_yx a against the
         gathered clouds; ⟨a_r, F_r⟩ + ⟨b_r, G_r⟩ summed over ranks is twice the loss, and its
         gradient w.r.t. this rank's points and weights is exactly the loss's (the self terms
         count both arguments: ½·2)."""
         kernel = CallableKernel(self.kernel, self.blur) if self.kernel is not None else Kernel(self.loss, self.blur)
-        x_all, y_all, a_all, b_all = comm.cat(x, nx), comm.cat(y, ny), comm.cat(a, nx), comm.cat(b, ny)
-
-        def ks(u, v, w):
-            if u.shape[1] == 0:
-                return u.sum(-1) * 0
-            return backend.kernel_sum(u, v, w, kernel)
-        F = ks(x, x_all, a_all) - ks(x, y_all, b_all)
-        G = ks(y, y_all, b_all) - ks(y, x_all, a_all)
+        kxx, kxy, kyy, kyx = _kernel_rows(backend, kernel, x, y, comm.cat(x, nx), comm.cat(y, ny),
+                                          comm.cat(a, nx), comm.cat(b, ny))
+        F, G = kxx - kxy, kyy - kyx
         if self.potentials:
             return F, G
         s = scal(a, F) + scal(b, G)
         return _global(s, 0.5 * comm.reduce(s))
+
+
+def _kernel_rows(backend, kernel, x, y, X, Y, A, B):
+    """``K(x_r, X)A, K(x_r, Y)B, K(y_r, Y)B, K(y_r, X)A``: this rank's rows x_r (B,N_r,D), y_r
+    against the gathered clouds X, Y with weights A, B; differentiable w.r.t. x_r, y_r only."""
+    def ks(u, v, w):
+        return u.sum(-1) * 0 if u.shape[1] == 0 else backend.kernel_sum(u, v, w, kernel)
+    return ks(x, X, A), ks(x, Y, B), ks(y, Y, B), ks(y, X, A)
 
 
 def _global(local, total):
@@ -512,26 +578,140 @@ def _diameter(x, y, comm) -> float:
         return (comm.reduce(hi, "max") - comm.reduce(lo, "min")).norm().item()
 
 
+def _feature_shards(comm, x, y, names, min_samples):
+    """This rank's feature shards (n_r, D) checked as the metrics check them (empty shards
+    allowed) and every rank's row counts; a mismatch of D or dtype between ranks, or too few
+    samples over all ranks, raises the same ValueError on every rank."""
+    from .metrics._validate import as_pair
+
+    x, y = as_pair(x, y, min_samples=0, names=names)
+    sizes = comm.sizes(x.shape[0], y.shape[0], x.shape[1], x.element_size())
+    if len({s[2:] for s in sizes}) != 1:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension and dtype on every "
+                         "rank, got (D, bytes per element) " + ", ".join(str(s[2:]) for s in sizes))
+    nx, ny = [s[0] for s in sizes], [s[1] for s in sizes]
+    for name, n in zip(names, (sum(nx), sum(ny))):
+        if n < min_samples:
+            raise ValueError(f"{name} has {n} samples over all ranks, this metric needs at least {min_samples}")
+    return x, y, nx, ny
+
+
+def _pair_sums(local, comm, self_terms=2):
+    """Global sums Σ_{ij} of the kernel over (x, x), (y, y), (x, y) from this rank's row sums
+    ``local = (x_r·X, y_r·Y, x_r·Y + y_r·X, *extra row terms)`` (one all-reduce): each with this
+    rank's share of the gradient — the self sums count both arguments (× 2), the cross sum's
+    two local halves are its two arguments (total / 2); extra terms are plain sums."""
+    s = torch.stack(local)
+    t = comm.reduce(s)
+    return [_global(2 * s[0], t[0]), _global(2 * s[1], t[1]), _global(s[2], t[2] / 2),
+            *(_global(s[k], t[k]) for k in range(3, len(local)))]
+
+
 def mmd2(x, y, kernel="gaussian", bandwidth=1.0, *, unbiased=False, backend="auto", process_group=None):
-    """:func:`otkernels.metrics.mmd2` (the biased estimate) of sharded feature sets: each rank's
-    rows x_r (N_r, D), y_r (M_r, D) -> the global 0-dim value on every rank, differentiable
-    w.r.t. this rank's rows (2 × the sharded kernel loss, summed over the bandwidths).
-    ``unbiased=True``, ``bandwidth="median"`` and ``kernel="polynomial"`` are not sharded."""
-    from .metrics import mmd2 as mmd2_
+    """:func:`otkernels.metrics.mmd2` of sharded feature sets: each rank's rows x_r (N_r, D),
+    y_r (M_r, D) -> the global 0-dim value on every rank (biased or ``unbiased``, every
+    kernel, ``bandwidth="median"``), differentiable w.r.t. this rank's rows.
+
+    The feature sets are all-gathered once; rank r sums the kernel over its rows against
+    them (1/W of the single-process work) and one all-reduce per bandwidth merges the three
+    sums.  ``"median"``: :func:`otkernels.metrics.median_bandwidth` of the gathered sets, on
+    every rank (exact: the same pooled set, the same subsample when it exceeds ``max_points``).
+    ``kernel="polynomial"``: :func:`polynomial_mmd2`."""
+    from .metrics import mmd as m
 
     if not is_sharded(process_group):
-        return mmd2_(x, y, kernel, bandwidth, unbiased=unbiased, backend=backend)
-    if kernel not in ("gaussian", "laplacian", "energy"):
-        raise ValueError(f"kernel={kernel!r}: the sharded mmd2 takes 'gaussian', 'laplacian' or 'energy'")
-    if unbiased or (isinstance(bandwidth, str) and kernel != "energy"):
-        raise NotImplementedError("otkernels.distributed.mmd2: only the biased estimate with numeric bandwidths "
-                                  "of the gaussian, laplacian and energy kernels is sharded")
-    sigmas = [1.0] if kernel == "energy" else list(bandwidth) if isinstance(bandwidth, (list, tuple)) else [bandwidth]
+        return m.mmd2(x, y, kernel, bandwidth, unbiased=unbiased, backend=backend)
+    if kernel == "polynomial":
+        return polynomial_mmd2(x, y, unbiased=unbiased, process_group=process_group)
+    if kernel not in m.RADIAL:
+        raise ValueError(f"kernel={kernel!r} is unknown: expected one of {m.RADIAL + ('polynomial',)}")
+    comm = _Comm(process_group, getattr(x, "device", None))
+    x, y, nx, ny = _feature_shards(comm, x, y, ("x", "y"), 2 if unbiased else 1)
+    N, M, D = sum(nx), sum(ny), x.shape[1]
+    X, Y = comm.cat(x, nx, 0), comm.cat(y, ny, 0)
+    sigmas = m._bandwidths(bandwidth, kernel, X, Y)
+    be = m._backend(backend, N, M, D, x.device)
+    c = torch.cat([X, Y]).mean(0)  # as metrics.kernel_means: centred on the pooled mean
+    xc, yc, Xc, Yc = (x - c)[None], (y - c)[None], (X - c)[None], (Y - c)[None]
+    a, b = X.new_full((1, N), 1.0 / N), X.new_full((1, M), 1.0 / M)
+    z = X.new_zeros(1, 1, D)
     total = None
     for s in sigmas:
-        v = 2 * SamplesLoss(kernel, blur=s, backend=backend, process_group=process_group)(x, y)
+        k = Kernel(kernel, s)
+        kxx, kxy, kyy, kyx = _kernel_rows(be, k, xc, yc, Xc, Yc, a, b)
+        ar, br = a[:, :x.shape[0]], b[:, :y.shape[0]]
+        mxx, myy, mxy = _pair_sums([scal(ar, kxx)[0], scal(br, kyy)[0], (scal(ar, kxy) + scal(br, kyx))[0]], comm)
+        v = m._combine(mxx, myy, mxy, k(z, z).reshape(()), N, M, unbiased)
         total = v if total is None else total + v
     return total
+
+
+def polynomial_mmd2(x, y, *, degree=3, gamma=None, coef0=1.0, unbiased=True, process_group=None):
+    """:func:`otkernels.metrics.polynomial_mmd2` of sharded feature sets (KID's kernel
+    ``(γ⟨x, y⟩ + c)^d``): the global 0-dim value on every rank, differentiable w.r.t. this
+    rank's rows; the sets are all-gathered once, rank r's GEMM tiles are its rows against them."""
+    from .metrics import mmd as m
+
+    if not is_sharded(process_group):
+        return m.polynomial_mmd2(x, y, degree=degree, gamma=gamma, coef0=coef0, unbiased=unbiased)
+    comm = _Comm(process_group, getattr(x, "device", None))
+    x, y, nx, ny = _feature_shards(comm, x, y, ("x", "y"), 2 if unbiased else 1)
+    N, M = sum(nx), sum(ny)
+    degree, gamma, coef0 = m._poly_params(degree, gamma, coef0, x.shape[1])
+    X, Y = comm.cat(x, nx, 0), comm.cat(y, ny, 0)
+
+    def ps(u, v):
+        return m._PolySum.apply(u, v, degree, gamma, coef0)
+
+    def diag(u):  # the diagonal terms, as the single-process function computes them
+        return ((u * u).sum(1) * gamma + coef0).pow(degree).sum()
+    sxx, syy, sxy, dx, dy = _pair_sums([ps(x, X), ps(y, Y), ps(x, Y) + ps(y, X), diag(x), diag(y)], comm)
+    u = float(unbiased)  # metrics.mmd._combine with k(0) = 0: the (varying) diagonals leave the sums
+    return m._combine((sxx - u * dx) / N ** 2, (syy - u * dy) / M ** 2, sxy / (N * M), 0.0, N, M, unbiased)
+
+
+@torch.no_grad()
+def kid(real, fake, *, subsets=100, subset_size=1000, degree=3, gamma=None, coef0=1.0, seed=0, generator=None,
+        process_group=None):
+    """:func:`otkernels.metrics.kid` of sharded real and fake features -> the same ``(mean,
+    std)`` on every rank, with the same subsets: every rank draws the single-process index
+    sequence (``seed`` or ``generator``, which must be in the same state on every rank and is
+    left as the single-process call leaves it); rank r scores the contiguous range of subsets
+    ``[S·r/W, S·(r+1)/W)`` with :func:`otkernels.metrics.kid` on the gathered sets, from the
+    generator state at its first subset, and the ranks' (count, mean, variance) are merged
+    exactly (one all-gather of 3 numbers).  Memory: the gathered sets on every rank."""
+    from .metrics import mmd as m
+    from .metrics._validate import check_int
+
+    if not is_sharded(process_group):
+        return m.kid(real, fake, subsets=subsets, subset_size=subset_size, degree=degree, gamma=gamma, coef0=coef0,
+                     seed=seed, generator=generator)
+    comm = _Comm(process_group, getattr(real, "device", None))
+    x, y, nx, ny = _feature_shards(comm, real, fake, ("real", "fake"), 2)
+    N, M = sum(nx), sum(ny)
+    subsets, size = check_int("subsets", subsets, minimum=1), check_int("subset_size", subset_size, minimum=2)
+    if size > N or size > M:  # checked here too: a rank with no subset does not call metrics.kid
+        raise ValueError(f"subset_size={size} exceeds the number of samples (real {N}, fake {M})")
+    m._poly_params(degree, gamma, coef0, x.shape[1])
+    X, Y = comm.cat(x, nx, 0), comm.cat(y, ny, 0)
+    g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    s0, s1 = subsets * comm.rank // comm.size, subsets * (comm.rank + 1) // comm.size
+    state = g.get_state()
+    for s in range(subsets):  # metrics.kid's draws: randperm(N), then randperm(M), per subset
+        if s == s0:
+            state = g.get_state()
+        torch.randperm(N, generator=g)
+        torch.randperm(M, generator=g)
+    part = [0.0, 0.0, 0.0]
+    if s1 > s0:
+        mine = torch.Generator(device=g.device)
+        mine.set_state(state)
+        mean, std = m.kid(X, Y, subsets=s1 - s0, subset_size=size, degree=degree, gamma=gamma, coef0=coef0,
+                          generator=mine)
+        part = [float(s1 - s0), mean, std * std]
+    n, mu, var = torch.stack(comm.all_gather(torch.tensor(part, dtype=torch.float64, device=x.device))).T
+    mean = (n * mu).sum() / subsets
+    return float(mean), float(((n * (var + (mu - mean) ** 2)).sum() / subsets).sqrt())
 
 
 # ----------------------------------------------------------------------------- assignment

@@ -1,6 +1,7 @@
-"""otkernels.distributed on 2 and 3 CPU processes (gloo on 127.0.0.1), against the
-single-process functions on the concatenated clouds: values, potentials and every gradient
-within 1e-10 relative in float64.
+"""otkernels.distributed (Sinkhorn, ε-Hausdorff and kernel losses, MMD², KID, prdc, FID,
+assignment) on 2 and 3 CPU processes (gloo on 127.0.0.1), against the single-process
+functions on the concatenated clouds: values, potentials and every gradient within 1e-10
+relative in float64.
 
 One ``torch.multiprocessing.spawn`` per world size runs every case (process start-up and
 imports dominate: ~3 s per spawn); each rank computes the single-process reference on the
@@ -118,6 +119,75 @@ KERNELS = {
 }
 
 
+HAUSDORFF = {
+    "p2": (dict(loss="hausdorff", p=2, blur=0.3, backend="tensorized"), {}),
+    "p1_weighted_empty_x": (dict(loss="hausdorff", p=1, blur=0.3, backend="tensorized"),
+                            dict(weights=True, empty_x=True)),
+    "p2_batched_blocked_empty_y": (dict(loss="hausdorff", p=2, blur=0.2, backend="blocked"), dict(B=2, empty_y=True)),
+    "p2_native": (dict(loss="hausdorff", p=2, blur=0.1, backend="native"), dict(weights=True, D=5)),
+    "p2_online_cosine": (dict(loss="hausdorff", p=2, blur=0.3, cost="cosine", backend="online"), {}),
+    "potentials": (dict(loss="hausdorff", p=2, blur=0.3, backend="tensorized"), dict(potentials=True, empty_x=True)),
+}
+
+
+def _mmd_cases(rank, world):
+    """The sharded mmd2 (biased, unbiased, median bandwidth, polynomial) and KID."""
+    from otkernels import metrics
+    from otkernels import distributed as otd
+
+    out = {}
+    g = torch.Generator().manual_seed(11)
+    real = torch.randn(61, 4, generator=g, dtype=torch.float64)
+    fake = torch.randn(47, 4, generator=g, dtype=torch.float64) * 1.2 + 0.3
+    big_r = torch.randn(620, 3, generator=g, dtype=torch.float64)  # pooled > max_points: the subsample
+    big_f = torch.randn(450, 3, generator=g, dtype=torch.float64) + 0.2
+    cases = [("gaussian_biased", "gaussian", [0.5, 1.5], False, False, real, fake),
+             ("energy_biased_empty", "energy", 1.0, False, True, real, fake),
+             ("laplacian_biased", "laplacian", 0.8, False, False, real, fake),
+             ("gaussian_unbiased", "gaussian", 0.7, True, False, real, fake),
+             ("laplacian_unbiased_median_empty", "laplacian", "median", True, True, real, fake),
+             ("energy_unbiased", "energy", "median", True, False, real, fake),
+             ("gaussian_median_subsampled", "gaussian", "median", True, False, big_r, big_f),
+             ("polynomial_unbiased_empty", "polynomial", None, True, True, real, fake),
+             ("polynomial_biased", "polynomial", None, False, False, real, fake)]
+    for name, kernel, bw, unbiased, empty, r, f in cases:
+        n, m = r.shape[0], f.shape[0]
+        xr, yr = r.clone().requires_grad_(), f.clone().requires_grad_()
+        ref = metrics.mmd2(xr, yr, kernel, bw, unbiased=unbiased)
+        ref.backward()
+        sx, sy = _split(n, world, rank, empty), _split(m, world, rank)
+        xs, ys = r[sx].clone().requires_grad_(), f[sy].clone().requires_grad_()
+        got = otd.mmd2(xs, ys, kernel, bw, unbiased=unbiased)
+        got.backward()
+        out[name] = {"value": _rel(got, ref), "grad_x": _rel(xs.grad, xr.grad[sx]),
+                     "grad_y": _rel(ys.grad, yr.grad[sy])}
+    xr, yr = real.clone().requires_grad_(), fake.clone().requires_grad_()
+    ref = metrics.polynomial_mmd2(xr, yr, degree=2, gamma=0.3, coef0=0.5)
+    ref.backward()
+    sx, sy = _split(61, world, rank), _split(47, world, rank, True)
+    xs, ys = real[sx].clone().requires_grad_(), fake[sy].clone().requires_grad_()
+    got = otd.polynomial_mmd2(xs, ys, degree=2, gamma=0.3, coef0=0.5)
+    got.backward()
+    out["polynomial_degree2"] = {"value": _rel(got, ref), "grad_x": _rel(xs.grad, xr.grad[sx]),
+                                 "grad_y": _rel(ys.grad, yr.grad[sy])}
+    # KID: the same subsets (seeded, or a generator left in the single-process state), S not divisible
+    # by the world size, S < world size (a rank without subsets), an empty shard
+    for name, kw, empty in (("kid_7", dict(subsets=7, subset_size=20), False),
+                            ("kid_2_empty", dict(subsets=2, subset_size=30, seed=5), True),
+                            ("kid_5_float32", dict(subsets=5, subset_size=15, degree=2), False)):
+        r, f = (real.float(), fake.float()) if "float32" in name else (real, fake)
+        ref = metrics.kid(r, f, **kw)
+        got = otd.kid(r[_split(61, world, rank, empty)], f[_split(47, world, rank)], **kw)
+        out[name] = {"mean": abs(got[0] - ref[0]) / abs(ref[0]), "std": abs(got[1] - ref[1]) / abs(ref[1])}
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ref = metrics.kid(real, fake, subsets=4, subset_size=10, generator=g1)
+    got = otd.kid(real[_split(61, world, rank)], fake[_split(47, world, rank)], subsets=4, subset_size=10,
+                  generator=g2)
+    out["kid_generator"] = {"mean": abs(got[0] - ref[0]) / abs(ref[0]), "std": abs(got[1] - ref[1]) / abs(ref[1]),
+                            "state": float(not torch.equal(g1.get_state(), g2.get_state()))}
+    return out
+
+
 def _metric_cases(rank, world):
     """prdc, fid and the sharded argmax / argmin vs the single-process functions."""
     from otkernels import assign, metrics
@@ -132,16 +202,6 @@ def _metric_cases(rank, world):
         got = otd.prdc(real[_split(61, world, rank, empty)], fake[_split(47, world, rank)], **kw)
         out[name] = {k: abs(got[k] - ref[k]) for k in ref}
         out[name]["keys"] = float(sorted(got) != sorted(ref))
-    for kernel, bw in (("gaussian", [0.5, 1.5]), ("energy", 1.0), ("laplacian", 0.8)):
-        xr, yr = real.clone().requires_grad_(), fake.clone().requires_grad_()
-        ref = metrics.mmd2(xr, yr, kernel, bw)
-        ref.backward()
-        sx, sy = _split(61, world, rank, kernel == "energy"), _split(47, world, rank)
-        xs, ys = real[sx].clone().requires_grad_(), fake[sy].clone().requires_grad_()
-        got = otd.mmd2(xs, ys, kernel, bw)
-        got.backward()
-        out[f"mmd2_{kernel}"] = {"value": _rel(got, ref), "grad_x": _rel(xs.grad, xr.grad[sx]),
-                                 "grad_y": _rel(ys.grad, yr.grad[sy])}
     ref = metrics.fid(real, fake)
     got = otd.fid(real[_split(61, world, rank)], fake[_split(47, world, rank, True)])
     out["fid"] = {"value": abs(got - ref) / abs(ref)}
@@ -197,6 +257,17 @@ def _errors(rank, world):
         out["all_empty"] = "no error"
     except ValueError as e:
         out["all_empty"] = str(e)
+    feats = torch.randn(5 if rank else 0, 2, dtype=torch.float64)
+    try:  # rank 0 draws no subset (2 subsets on 2-3 ranks) but raises too
+        otd.kid(feats, feats, subsets=2, subset_size=11)
+        out["kid_subset_size"] = "no error"
+    except ValueError as e:
+        out["kid_subset_size"] = str(e)
+    try:
+        otd.mmd2(feats[:1] if rank == 1 else feats[:0], feats, unbiased=True)  # 1 point of x
+        out["mmd2_too_few"] = "no error"
+    except ValueError as e:
+        out["mmd2_too_few"] = str(e)
     return out
 
 
@@ -213,13 +284,14 @@ def _worker(rank, world, port, outdir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
-        res = {"sinkhorn": {}, "kernel": {}}
+        res = {"sinkhorn": {}, "kernel": {}, "hausdorff": {}}
         native = _native_ok()
-        for group, cases in (("sinkhorn", SINKHORN), ("kernel", KERNELS)):
+        for group, cases in (("sinkhorn", SINKHORN), ("kernel", KERNELS), ("hausdorff", HAUSDORFF)):
             for name, (kw, opts) in cases.items():
                 skip = kw.get("backend") == "native" and not native  # the same on every rank
                 res[group][name] = None if skip else _loss_case(rank, world, name, kw, **opts)
         res["metrics"] = _metric_cases(rank, world)
+        res["mmd"] = _mmd_cases(rank, world)
         res["errors"] = _errors(rank, world)
         with open(os.path.join(outdir, f"{rank}.json"), "w") as f:
             json.dump(res, f)
@@ -275,15 +347,38 @@ def test_metrics_and_assignment_match_single_process(results):
             for k, e in m[name].items():
                 assert e == 0.0, f"rank {rank}: {name} {k} differs by {e}"
         assert m["fid"]["value"] <= 1e-10
-        for kernel in ("gaussian", "energy", "laplacian"):
-            assert set(m[f"mmd2_{kernel}"]) == {"value", "grad_x", "grad_y"}
-            for what, e in m[f"mmd2_{kernel}"].items():
-                assert e <= TOL, f"rank {rank}: mmd2 {kernel} {what} relative error {e:.3g}"
         argbest = [k for k in m if k.startswith("arg")]
         assert len(argbest) >= 8  # 12 with the native backend
         for k in argbest:
             assert m[k]["index_mismatch"] == 0 and m[k]["value"] <= TOL, (rank, k, m[k])
         assert m["gather"]["error"] == 0
+
+
+@pytest.mark.parametrize("case", list(HAUSDORFF))
+def test_hausdorff_matches_single_process(results, case):
+    if results[0]["hausdorff"][case] is None:
+        pytest.skip("the native backend is not available here")
+    for rank, res in enumerate(results):
+        errs = res["hausdorff"][case]
+        assert errs
+        for what, e in errs.items():
+            assert e <= TOL, f"rank {rank}, {case}: {what} relative error {e:.3g}"
+        if "potentials" not in case:
+            assert "grad_x" in errs and "grad_y" in errs
+
+
+def test_mmd_and_kid_match_single_process(results):
+    for rank, res in enumerate(results):
+        m = res["mmd"]
+        assert len(m) == 14
+        for name, errs in m.items():
+            if name.startswith("kid"):
+                assert errs.get("state", 0.0) == 0.0, f"rank {rank}: {name}: generator state differs"
+                assert errs["mean"] <= TOL and errs["std"] <= TOL, (rank, name, errs)
+                continue
+            assert set(errs) == {"value", "grad_x", "grad_y"}
+            for what, e in errs.items():
+                assert e <= TOL, f"rank {rank}: mmd2 {name} {what} relative error {e:.3g}"
 
 
 def test_errors_raised_on_every_rank(results):
@@ -292,11 +387,13 @@ def test_errors_raised_on_every_rank(results):
         assert "non-empty shard" in e["tol_empty_shard"]
         assert "same batch size B and dimension D" in e["dimension_mismatch"]
         assert "empty point cloud" in e["all_empty"]
+        assert "subset_size=11 exceeds" in e["kid_subset_size"]
+        assert "needs at least 2" in e["mmd2_too_few"]
 
 
 def test_single_process_fallback():
     """Without a process group the distributed functions are the plain ones."""
-    from otkernels import SamplesLoss
+    from otkernels import SamplesLoss, metrics
     from otkernels import distributed as otd
 
     x, y = torch.randn(9, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
@@ -304,5 +401,7 @@ def test_single_process_fallback():
     assert torch.equal(otd.SamplesLoss(p=2, blur=0.3)(x, y), SamplesLoss(p=2, blur=0.3)(x, y))
     v, i = otd.argmax_inner(x, y)
     assert i.shape == (9,) and torch.equal(otd.gather(x), x)
-    with pytest.raises(NotImplementedError, match="hausdorff"):
-        otd.SamplesLoss("hausdorff")
+    assert torch.equal(otd.SamplesLoss("hausdorff", blur=0.3)(x, y), SamplesLoss("hausdorff", blur=0.3)(x, y))
+    assert otd.kid(x, y, subsets=3, subset_size=5) == metrics.kid(x, y, subsets=3, subset_size=5)
+    assert torch.equal(otd.mmd2(x, y, unbiased=True, bandwidth="median"),
+                       metrics.mmd2(x, y, unbiased=True, bandwidth="median"))
