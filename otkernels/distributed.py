@@ -396,10 +396,51 @@ class SamplesLoss(_SamplesLoss):
     def forward(self, *args, **kwargs):
         if not is_sharded(self.process_group):
             return super().forward(*args, **kwargs)
-        if kwargs or (args and isinstance(args[-1], (list, tuple))):
-            raise NotImplementedError("otkernels.distributed.SamplesLoss: ragged batches are not sharded")
         with _precision.scope(self.precision):
+            if kwargs or (args and isinstance(args[-1], (list, tuple))):
+                return self._sharded_ragged(args, **kwargs)
             return self._sharded(*args)
+
+    def _sharded_ragged(self, args, x_batch=None, y_batch=None, x_offsets=None, y_offsets=None):
+        """Ragged batches: each rank holds its shard of every segment (any of them may be empty
+        on a rank): lists of S clouds (the same S on every rank), or (N_r, D) rows with sorted
+        segment ids ``x_batch`` (a rank's ids may skip segments) or non-decreasing ``x_offsets``
+        (S+1,).  Segment k of the global problem is the rank-ordered concatenation of the
+        ranks' segments k; the segments are solved one after the other, as in one process."""
+        if len(args) not in (2, 4):
+            raise ValueError("ragged batches take (x, y) or (a, x, b, y)")
+        a, x, b, y = (None, args[0], None, args[1]) if len(args) == 2 else args
+        listed = isinstance(x, (list, tuple))
+        err, segs = "", {}
+        try:
+            for name, pts, w, batch, offsets in (("x", x, a, x_batch, x_offsets), ("y", y, b, y_batch, y_offsets)):
+                segs[name] = _segments(name, pts, w, batch, offsets, listed)
+        except (TypeError, ValueError) as e:
+            err = str(e)
+        first = x[0] if listed and x else x
+        comm = _Comm(self.process_group, first.device if isinstance(first, torch.Tensor) else None)
+        sizes = comm.sizes(bool(err), *(len(segs[n][0]) if not err else 0 for n in "xy"),
+                           *(int(segs[n][2]) if not err else 0 for n in "xy"))
+        if err or any(s[0] for s in sizes):
+            raise ValueError("ragged batches: " + (err or "invalid input on rank "
+                                                   + ", ".join(str(r) for r, s in enumerate(sizes) if s[0])))
+        S = max(max(s[1], s[2]) for s in sizes)
+        if S == 0 or any(s[k] != S for s in sizes for k in (1, 2) if s[k + 2] or listed):  # lists, offsets: S
+            raise ValueError("ragged batches: every rank must give the same number (> 0) of segments for x and y, "
+                             "got " + ", ".join(f"rank {r}: {s[1]}, {s[2]}" for r, s in enumerate(sizes)))
+        if not listed:  # segment ids: this rank's trailing segments may be absent (empty)
+            for name, t, w in (("x", x, a), ("y", y, b)):
+                pts, ws, _ = segs[name]
+                pts += [t[:0]] * (S - len(pts))
+                if ws is not None:
+                    ws += [w[:0]] * (S - len(ws))
+        (xs, as_, _), (ys, bs_, _) = segs["x"], segs["y"]
+        outs = [self._sharded(xk, yk) if as_ is None else self._sharded(as_[k], xk, bs_[k], yk)
+                for k, (xk, yk) in enumerate(zip(xs, ys))]
+        if not self.potentials:
+            return torch.stack(outs)
+        F, G = [o[0] for o in outs], [o[1] for o in outs]
+        return (F, G) if listed else (torch.cat(F), torch.cat(G))
 
     def _shard(self, a, x, b, y, comm):
         """Checked shards (B,N_r,D), (B,M_r,D) and weights (B,N_r), (B,M_r); global sizes."""
@@ -550,6 +591,39 @@ def _kernel_rows(backend, kernel, x, y, X, Y, A, B):
     def ks(u, v, w):
         return u.sum(-1) * 0 if u.shape[1] == 0 else backend.kernel_sum(u, v, w, kernel)
     return ks(x, X, A), ks(x, Y, B), ks(y, Y, B), ks(y, X, A)
+
+
+def _segments(name, x, w, batch, offsets, listed):
+    """This rank's segments of one ragged cloud: ``(clouds, weights or None, from offsets)``;
+    empty segments allowed (another rank may hold that segment's points)."""
+    if listed:
+        if not isinstance(x, (list, tuple)) or batch is not None or offsets is not None:
+            raise ValueError("give lists of clouds for x and y (and no batch vectors or offsets), or neither")
+        ws = None if w is None else list(w)
+        if ws is not None and len(ws) != len(x):
+            raise ValueError(f"one weight vector per cloud of {name}")
+        return list(x), ws, False
+    check_tensor(name, x)
+    if x.dim() != 2:
+        raise ValueError(f"ragged batches: {name} must be (N, D) (all segments stacked), got {tuple(x.shape)}")
+    N = x.shape[0]
+    if (batch is None) == (offsets is None):
+        raise ValueError(f"give exactly one of {name}_batch and {name}_offsets")
+    if batch is not None:
+        if (not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.int32, torch.int64)
+                or tuple(batch.shape) != (N,)):
+            raise ValueError(f"{name}_batch must be an integer tensor of shape ({N},): one segment id per point")
+        batch = batch.cpu()
+        if N and (bool((batch[1:] < batch[:-1]).any()) or int(batch[0]) < 0):
+            raise ValueError(f"{name}_batch must be sorted non-negative segment ids")
+        o = [0] + torch.cumsum(torch.bincount(batch), 0).tolist()
+    else:
+        o = torch.as_tensor(offsets).cpu()
+        if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool((o[1:] < o[:-1]).any()):
+            raise ValueError(f"{name}_offsets must be non-decreasing (S+1,) boundaries from 0 to {N}")
+        o = o.tolist()
+    cut = list(zip(o[:-1], o[1:]))
+    return [x[i:j] for i, j in cut], None if w is None else [w[i:j] for i, j in cut], offsets is not None
 
 
 def _global(local, total):

@@ -130,6 +130,67 @@ HAUSDORFF = {
 }
 
 
+RAGGED = {  # S = 3 segments; form: batch ids, offsets or lists of clouds
+    "batch_ids": (dict(p=2, blur=0.3, backend="tensorized"), dict(form="batch")),
+    "offsets_weighted_empty": (dict(p=1, blur=0.3, backend="tensorized"), dict(form="offsets", weights=True,
+                                                                               empty=True)),
+    "lists_hausdorff": (dict(loss="hausdorff", p=2, blur=0.3, backend="blocked"), dict(form="list")),
+    "batch_ids_empty_potentials": (dict(p=2, blur=0.3, backend="tensorized"), dict(form="batch", empty=True,
+                                                                                   potentials=True)),
+    "lists_potentials": (dict(loss="gaussian", blur=0.7, backend="tensorized"), dict(form="list", potentials=True)),
+}
+
+
+def _ragged_case(rank, world, name, kw, form, weights=False, empty=False, potentials=False):
+    """A ragged batch (segments of 9, 4 and 13 points of x; 7, 11, 5 of y) whose every segment
+    is split over the ranks (rank 0 holds nothing of segments 1, 2 with ``empty``) vs the
+    single-process ragged call on everything."""
+    from otkernels import SamplesLoss
+    from otkernels import distributed as otd
+
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    nx, ny = [9, 4, 13], [7, 11, 5]
+    x = torch.randn(sum(nx), 3, generator=g, dtype=torch.float64)
+    y = torch.randn(sum(ny), 3, generator=g, dtype=torch.float64) + 0.5
+    ids = [torch.repeat_interleave(torch.arange(3), torch.tensor(ns)) for ns in (nx, ny)]
+    a, b = (torch.rand(sum(ns), generator=g, dtype=torch.float64) + 0.1 for ns in (nx, ny))
+    a, b = (w / torch.zeros(3, dtype=w.dtype).index_add(0, i, w)[i] for w, i in zip((a, b), ids))  # mass 1 each
+
+    def rows(ns):  # this rank's global rows of each segment
+        starts = [sum(ns[:k]) for k in range(len(ns))]
+        return [torch.arange(n)[_split(n, world, rank, empty and k >= 1)] + s0
+                for k, (n, s0) in enumerate(zip(ns, starts))]
+    rx, ry = rows(nx), rows(ny)
+    ix, iy = torch.cat(rx), torch.cat(ry)
+    full = [t.clone().requires_grad_() for t in (a, x, b, y)]
+    shard = [t[i].clone().requires_grad_() for t, i in zip((a, x, b, y), (ix, ix, iy, iy))]
+    ref_kw = dict(x_batch=ids[0], y_batch=ids[1])
+    args_full = full if weights else [full[1], full[3]]
+    ref = SamplesLoss(**kw, potentials=potentials)(*args_full, **ref_kw)
+    if form == "list":
+        pieces = [[shard[k][sum(len(q) for q in r[:j]):sum(len(q) for q in r[:j + 1])] for j in range(3)]
+                  for k, r in ((0, rx), (1, rx), (2, ry), (3, ry))]
+        out = otd.SamplesLoss(**kw, potentials=potentials)(*(pieces if weights else [pieces[1], pieces[3]]))
+        if potentials:
+            out = (torch.cat(out[0]), torch.cat(out[1]))
+    else:
+        if form == "batch":
+            kwargs = dict(x_batch=ids[0][ix], y_batch=ids[1][iy])
+        else:
+            kwargs = {f"{c}_offsets": torch.tensor([0] + [len(q) for q in r]).cumsum(0)
+                      for c, r in (("x", rx), ("y", ry))}
+        out = otd.SamplesLoss(**kw, potentials=potentials)(*(shard if weights else [shard[1], shard[3]]), **kwargs)
+    if potentials:
+        return {"F": _rel(out[0], ref[0][ix]), "G": _rel(out[1], ref[1][iy])}
+    errs = {"value": _rel(out, ref)}
+    ref.sum().backward()
+    out.sum().backward()
+    for n, f, t, i in zip("axby", full, shard, (ix, ix, iy, iy)):
+        if weights or n in "xy":
+            errs[f"grad_{n}"] = _rel(_grads([t])[0], f.grad[i])
+    return errs
+
+
 def _mmd_cases(rank, world):
     """The sharded mmd2 (biased, unbiased, median bandwidth, polynomial) and KID."""
     from otkernels import metrics
@@ -257,6 +318,18 @@ def _errors(rank, world):
         out["all_empty"] = "no error"
     except ValueError as e:
         out["all_empty"] = str(e)
+    pts = torch.randn(4, 2, dtype=torch.float64)
+    try:  # rank 1's segment ids are not sorted: every rank raises
+        otd.SamplesLoss(p=2)(pts, pts, x_batch=torch.tensor([0, 1, 0, 1] if rank == 1 else [0, 0, 1, 1]),
+                             y_batch=torch.tensor([0, 0, 1, 1]))
+        out["ragged_unsorted"] = "no error"
+    except ValueError as e:
+        out["ragged_unsorted"] = str(e)
+    try:  # lists of different lengths on different ranks
+        otd.SamplesLoss(p=2)([pts] * (2 + (rank == 0)), [pts] * (2 + (rank == 0)))
+        out["ragged_lists"] = "no error"
+    except ValueError as e:
+        out["ragged_lists"] = str(e)
     feats = torch.randn(5 if rank else 0, 2, dtype=torch.float64)
     try:  # rank 0 draws no subset (2 subsets on 2-3 ranks) but raises too
         otd.kid(feats, feats, subsets=2, subset_size=11)
@@ -290,6 +363,7 @@ def _worker(rank, world, port, outdir):
             for name, (kw, opts) in cases.items():
                 skip = kw.get("backend") == "native" and not native  # the same on every rank
                 res[group][name] = None if skip else _loss_case(rank, world, name, kw, **opts)
+        res["ragged"] = {name: _ragged_case(rank, world, name, kw, **opts) for name, (kw, opts) in RAGGED.items()}
         res["metrics"] = _metric_cases(rank, world)
         res["mmd"] = _mmd_cases(rank, world)
         res["errors"] = _errors(rank, world)
@@ -367,6 +441,15 @@ def test_hausdorff_matches_single_process(results, case):
             assert "grad_x" in errs and "grad_y" in errs
 
 
+@pytest.mark.parametrize("case", list(RAGGED))
+def test_ragged_matches_single_process(results, case):
+    for rank, res in enumerate(results):
+        errs = res["ragged"][case]
+        assert len(errs) >= 2
+        for what, e in errs.items():
+            assert e <= TOL, f"rank {rank}, {case}: {what} relative error {e:.3g}"
+
+
 def test_mmd_and_kid_match_single_process(results):
     for rank, res in enumerate(results):
         m = res["mmd"]
@@ -388,6 +471,8 @@ def test_errors_raised_on_every_rank(results):
         assert "same batch size B and dimension D" in e["dimension_mismatch"]
         assert "empty point cloud" in e["all_empty"]
         assert "subset_size=11 exceeds" in e["kid_subset_size"]
+        assert "invalid input on rank 1" in e["ragged_unsorted"] or "must be sorted" in e["ragged_unsorted"]
+        assert "same number (> 0) of segments" in e["ragged_lists"]
         assert "needs at least 2" in e["mmd2_too_few"]
 
 
