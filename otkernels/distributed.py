@@ -49,11 +49,14 @@ Communication per Sinkhorn iteration (B batches, N = ΣN_r, M = ΣM_r, W ranks, 
 element), received by each rank: OT(α, β) all-gathers the B·M values of h and the W·B·M
 partial column softmins; the debias loops B·N + W·B·N and B·M + W·B·M: in all
 **(W + 1)·B·(N + 2M)·s** with ``debias=True``, (W + 1)·B·M·s without (the gathers of h pad
-the shards to the largest).  Once per call: the points, B·(N + M)·D·s.
+the shards to the largest).  Once per call: the points, B·(N + M)·D·s.  Overlap: the
+partials of OT(α, β) go in ``PAIR_CHUNKS`` all-gathers, each started before the next column
+chunk is computed; the debias loops' gather of h runs during the diagonal block.
 """
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 import torch.distributed as dist
@@ -85,42 +88,67 @@ def is_sharded(group=None) -> bool:
     return world(group)[1] > 1
 
 
+PAIR_CHUNKS = 4  # column chunks of the OT(α, β) block: their all-gathers overlap the next chunk's pass
+
+
 class _Comm:
-    """Collectives of one process group on tensors of one device."""
+    """Collectives of one process group on tensors of one device.  ``_Comm.blocked``: the
+    seconds this process has spent blocked in them (in the call or in the wait of an
+    asynchronous one: transfer plus waiting for the other ranks), for the benchmark."""
+
+    blocked = 0.0
 
     def __init__(self, group, device):
         self.group, self.device = group, device
         self.rank, self.size = world(group)
 
-    def all_gather(self, t):
-        """Every rank's ``t`` (same shape on all ranks), in rank order: a list."""
+    def all_gather(self, t, wait=True):
+        """Every rank's ``t`` (same shape on all ranks), in rank order: a list; with
+        ``wait=False`` the collective is started and a function returning the list is returned
+        (call it after the independent work)."""
         t = t.detach().contiguous()
         out = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(out, t, group=self.group)
-        return out
+        t0 = time.perf_counter()
+        work = dist.all_gather(out, t, group=self.group, async_op=not wait)
+        _Comm.blocked += time.perf_counter() - t0
+        if wait:
+            return out
+
+        def result():
+            t1 = time.perf_counter()
+            work.wait()
+            _Comm.blocked += time.perf_counter() - t1
+            return out
+        return result
 
     def sizes(self, *ints):
         """Every rank's tuple of ints ``ints``: a list (rank order) of tuples."""
         t = torch.tensor(ints, dtype=torch.int64, device=self.device)
         return [tuple(int(v) for v in r) for r in self.all_gather(t)]
 
-    def cat(self, t, sizes, dim=1):
+    def cat(self, t, sizes, dim=1, wait=True):
         """The rank-ordered concatenation along ``dim`` of every rank's ``t`` (``sizes[r]``
-        long along ``dim``), padded to the largest shard for the collective; no gradient."""
+        long along ``dim``), padded to the largest shard for the collective; no gradient.
+        ``wait=False``: started, a function returning it (see :meth:`all_gather`)."""
         t = t.detach()
         pad = max(sizes) - t.shape[dim]
         if pad:
             shape = list(t.shape)
             shape[dim] = pad
             t = torch.cat([t, t.new_zeros(shape)], dim)
-        parts = self.all_gather(t)
-        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim)
+        parts = self.all_gather(t, wait)
+
+        def join(ps):
+            return torch.cat([p.narrow(dim, 0, n) for p, n in zip(ps, sizes)], dim)
+        return join(parts) if wait else lambda: join(parts())
 
     def reduce(self, t, op="sum"):
         """All-reduce of a detached copy of ``t``: ``"sum"``, ``"min"`` or ``"max"``."""
         t = t.detach().clone()
+        t0 = time.perf_counter()
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                                "max": dist.ReduceOp.MAX}[op], group=self.group)
+        _Comm.blocked += time.perf_counter() - t0
         return t
 
 
@@ -161,8 +189,8 @@ class _Shards:
         self.n = sizes[comm.rank]
         self.all = comm.cat(local, sizes)
 
-    def gather(self, h):
-        return self.comm.cat(h.detach(), self.sizes)
+    def gather(self, h, wait=True):
+        return self.comm.cat(h.detach(), self.sizes, wait=wait)
 
     def splice(self, t, gathered=None):
         """The gathered (B, total, ...) tensor with this rank's rows replaced by ``t`` itself
@@ -184,35 +212,57 @@ class _Pair:
     """OT(α, β) on rank r: the block ``C(x_r, y)`` (this rank's rows of x against all of y).
     One pass gives this rank's complete row softmins (f_r) and the column softmins of y over
     x_r only; the latter are merged across ranks (an all-gather of (B, M) partial softmins and
-    a log-sum-exp): N_r·M cost entries per iteration, 1/W of the single-process work, one
-    block in the cache.  The gradient of g w.r.t. y_r (final extrapolation only) uses a
-    second, uncached handle ``C(y_r, x)``."""
+    a log-sum-exp): N_r·M cost entries per iteration, 1/W of the single-process work.  The
+    block is cut into ``PAIR_CHUNKS`` column chunks (one backend handle and cache each): the
+    all-gather of a chunk's partials is started before the next chunk is computed and waited
+    for after the last, so all but the last chunk's communication overlaps compute; f_r
+    merges the chunks' row softmins.  The gradient of g w.r.t. y_r (final extrapolation only)
+    uses a second, uncached handle ``C(y_r, x)``."""
 
     def __init__(self, xs, ys, cached, make):
-        self.xs, self.ys, self.make = xs, ys, make
-        self.C = self.Ct = self.Cy = None
-        if xs.n:
-            self.C, self.Ct = make(xs.local, ys.all, cached)
+        self.xs, self.ys, self.make, self.Cy = xs, ys, make, None
+        self.cuts = self.chunks(ys.all.shape[1])
+        self.blocks = [make(xs.local, ys.all[:, j0:j1], c) for (j0, j1), c in zip(self.cuts, cached)] if xs.n else []
+
+    @staticmethod
+    def chunks(M):
+        k = min(PAIR_CHUNKS, M)
+        return [(M * i // k, M * (i + 1) // k) for i in range(k)]
 
     def rows(self, eps, hb, grad=False):
         """f_r from the whole column vector hb (B, M)."""
-        if self.C is None:
+        if not self.blocks:
             return _empty_rows(self.xs.local, hb, grad)
-        return self.C.softmin_grad(eps, hb) if grad else self.C.softmin(eps, hb)
+        f = None
+        for (j0, j1), (C, _) in zip(self.cuts, self.blocks):
+            fj = C.softmin_grad(eps, hb[:, j0:j1]) if grad else C.softmin(eps, hb[:, j0:j1])
+            f = fj if f is None else _merge(f, fj, eps)
+        return f
+
+    def _pass(self, eps, ha_r, hb=None):
+        """One pass over the chunks: (f_r from hb, or None) and g_r, the column softmins over
+        x_r merged over the ranks (each chunk's all-gather overlapping the next chunk)."""
+        f, pending = None, []
+        for k, (j0, j1) in enumerate(self.cuts):
+            if not self.blocks:
+                part = ha_r.new_full((ha_r.shape[0], j1 - j0), float("inf"))
+            elif hb is None:
+                part = self.blocks[k][1].softmin(eps, ha_r)
+            else:
+                fj, part = _two(*self.blocks[k], eps, hb[:, j0:j1], ha_r)
+                f = fj if f is None else _merge(f, fj, eps)
+            pending.append(self.ys.comm.all_gather(part, wait=False))
+        g = torch.cat([-eps * torch.logsumexp(-torch.stack(p()) / eps, 0) for p in pending], 1)
+        return f, self.ys.rows(g)
 
     def cols(self, eps, ha_r):
         """g_r: the column softmins over x_r, merged over the ranks."""
-        part = (self.Ct.softmin(eps, ha_r) if self.Ct is not None
-                else ha_r.new_full((ha_r.shape[0], self.ys.all.shape[1]), float("inf")))
-        return self.ys.mine(part, eps)
+        return self._pass(eps, ha_r)[1]
 
     def both(self, eps, hb_r, ha_r):
         hb = self.ys.gather(hb_r)
-        if self.C is None:
-            f, part = _empty_rows(self.xs.local, hb, False), hb.new_full(hb.shape, float("inf"))
-        else:
-            f, part = _two(self.C, self.Ct, eps, hb, ha_r)
-        return f, self.ys.mine(part, eps)
+        f, g = self._pass(eps, ha_r, hb)
+        return (_empty_rows(self.xs.local, hb, False) if f is None else f), g
 
     def cols_grad(self, eps, ha):
         """g_r differentiable w.r.t. y_r, from the whole row vector ha (B, N)."""
@@ -259,7 +309,9 @@ class _Self:
     half of x_r, x_s) — and each block's row and column softmins are partial softmins of the
     points on either side, merged across ranks (all-gather of (B, N) and a log-sum-exp).  Work
     per rank ≈ N·N_r/2 cost entries per iteration (the single-process loop: N²/2 with its
-    symmetric tiles).  The gradient (final extrapolation) uses an uncached handle C(x_r, x)."""
+    symmetric tiles).  The all-gather of h runs while the diagonal block (which needs this
+    rank's h only) is computed.  The gradient (final extrapolation) uses an uncached handle
+    C(x_r, x)."""
 
     def __init__(self, xs, cached, make):
         self.xs, self.make, self.Cg = xs, make, None
@@ -299,15 +351,18 @@ class _Self:
         return out
 
     def softmin(self, eps, h_r):
-        H = self.xs.gather(h_r)
-        part = torch.full_like(H, float("inf"))
+        H = self.xs.gather(h_r, wait=False)  # started: the diagonal block (first) needs h_r only
+        part = h_r.new_full((h_r.shape[0], sum(self.xs.sizes)), float("inf"))
         for (u0, u1), (v0, v1), C, Ct in self.blocks:
             if Ct is None:
-                part[:, u0:u1] = _merge(part[:, u0:u1], C.softmin(eps, H[:, v0:v1]), eps)
+                part[:, u0:u1] = _merge(part[:, u0:u1], C.softmin(eps, h_r), eps)
                 continue
+            H = H() if callable(H) else H
             rows, cols = _two(C, Ct, eps, H[:, v0:v1], H[:, u0:u1])
             part[:, u0:u1] = _merge(part[:, u0:u1], rows, eps)
             part[:, v0:v1] = _merge(part[:, v0:v1], cols, eps)
+        if callable(H):  # no off-diagonal block on this rank: the collective still completes
+            H()
         return self.xs.mine(part, eps)
 
     def softmin_grad(self, eps, h_r):
@@ -526,11 +581,12 @@ class SamplesLoss(_SamplesLoss):
         B, item = x.shape[0], x.element_size()
         sx = _Self.spans_sizes(nx, comm.rank, B, item) if self.debias else []
         sy = _Self.spans_sizes(ny, comm.rank, B, item) if self.debias else []
-        plan = backends.cache_plan([B * xs.n * sum(ny) * item] + sx + sy)  # the pair's block first
-        pair = _Pair(xs, ys, plan[0], make)
+        pair_bytes = [B * xs.n * (j1 - j0) * item for j0, j1 in _Pair.chunks(sum(ny))]
+        plan, k = backends.cache_plan(pair_bytes + sx + sy), len(pair_bytes)  # the pair's block first
+        pair = _Pair(xs, ys, plan[:k], make)
         handles = [_Rows(pair), _Cols(pair), None, None]
         if self.debias:
-            handles[2:] = _Self(xs, plan[1:1 + len(sx)], make), _Self(ys, plan[1 + len(sx):], make)
+            handles[2:] = _Self(xs, plan[k:k + len(sx)], make), _Self(ys, plan[k + len(sx):], make)
         if self.verbose and comm.rank == 0:
             print(f"otkernels.distributed: {backend.NAME} backend on {comm.size} ranks, {len(eps_list)} iterations")
         stop = None
