@@ -468,6 +468,8 @@ class SamplesLoss(_SamplesLoss):
         listed = isinstance(x, (list, tuple))
         err, segs = "", {}
         try:
+            if (a is None) != (b is None):
+                raise ValueError("give both weights a and b, or neither")
             for name, pts, w, batch, offsets in (("x", x, a, x_batch, x_offsets), ("y", y, b, y_batch, y_offsets)):
                 segs[name] = _segments(name, pts, w, batch, offsets, listed)
         except (TypeError, ValueError) as e:
@@ -965,6 +967,6 @@ def prdc(real, fake, k=None, *, k_pr=3, k_dc=5, dtype=None, process_group=None):
     count = comm.reduce(count)
     hit = count > 0 if same_k else comm.reduce(hit.to(torch.int64)) > 0
     covered_n, recalled_n = comm.reduce(torch.stack([covered.sum(), recalled.sum()]).to(torch.int64)).tolist()
-    N, M = sum(n_real), sum(n_fake)
+    N = sum(n_real)
     return {"precision": float(hit.double().mean()), "recall": recalled_n / N,
             "density": float(count.double().mean()) / k_dc, "coverage": covered_n / N}
