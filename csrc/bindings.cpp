@@ -228,10 +228,81 @@ at::Tensor softmin_online(const at::Tensor& x, const at::Tensor& y, const at::Te
   at::Tensor out = at::empty({B, N}, x.options());
   const int nt = threads();
   pybind11::gil_scoped_release nogil;
+  const auto sg = otk::Segs::dense(B, N, M, eps);
   if (dt == at::kDouble)
-    otk::softmin_online<double>(ptr<double>(x), ptr<double>(y), ptr<double>(h), mptr<double>(out), B, N, M, D, int(p), eps, nt);
+    otk::softmin_online<double>(ptr<double>(x), ptr<double>(y), ptr<double>(h), mptr<double>(out), sg, D, int(p), nt);
   else
-    otk::softmin_online<float>(ptr<float>(x), ptr<float>(y), ptr<float>(h), mptr<float>(out), B, N, M, D, int(p), eps, nt);
+    otk::softmin_online<float>(ptr<float>(x), ptr<float>(y), ptr<float>(h), mptr<float>(out), sg, D, int(p), nt);
+  return out;
+}
+
+// Ragged batches (issue 21): segment q pairs rows [xo[q], xo[q+1]) of x (Nx,D) with rows
+// [yo[q], yo[q+1]) of y (Ny,D) at ε_q = eps[q]; row vectors padded (S, nmax), column vectors
+// padded (S, mmax), nmax / mmax at least the largest segment.
+otk::Segs ragged_segs(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xo, const at::Tensor& yo,
+                      const at::Tensor& eps, i64 nmax, i64 mmax, at::ScalarType dt) {
+  for (auto [t, name] : {std::pair{&x, "x"}, std::pair{&y, "y"}}) {
+    check_cpu(*t, name);
+    TORCH_CHECK(t->dim() == 2, "otkernels native: ", name, " must be (N, D) (segments stacked), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == dt, "otkernels native: ", name, " has dtype ", t->scalar_type(), ", expected ", dt);
+  }
+  TORCH_CHECK(x.size(1) == y.size(1), "otkernels native: x ", x.sizes(), " and y ", y.sizes(), " mismatch");
+  otk::Segs sg;
+  const i64 S = eps.numel();
+  TORCH_CHECK(eps.scalar_type() == at::kDouble && eps.dim() == 1 && eps.is_contiguous() && eps.device().is_cpu(),
+              "otkernels native: eps must be a contiguous float64 CPU vector, one value per segment");
+  for (auto [t, name, o, n] : {std::tuple{&xo, "xo", &sg.xo, x.size(0)}, std::tuple{&yo, "yo", &sg.yo, y.size(0)}}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == S + 1 && t->device().is_cpu(),
+                "otkernels native: ", name, " must be an int64 CPU vector of S+1 = ", S + 1, " offsets");
+    auto a = t->contiguous();
+    o->assign(a.data_ptr<int64_t>(), a.data_ptr<int64_t>() + S + 1);
+    TORCH_CHECK((*o)[0] == 0 && o->back() == n, "otkernels native: ", name, " must run from 0 to ", n);
+  }
+  sg.eps.assign(eps.data_ptr<double>(), eps.data_ptr<double>() + S);
+  sg.nmax = nmax, sg.mmax = mmax;
+  for (i64 q = 0; q < S; ++q) {
+    TORCH_CHECK(sg.n(q) >= 0 && sg.m(q) >= 0 && sg.n(q) <= nmax && sg.m(q) <= mmax,
+                "otkernels native: segment ", q, " has ", sg.n(q), " x ", sg.m(q), " points, padded to ", nmax, " x ", mmax);
+    TORCH_CHECK(sg.eps[size_t(q)] > 0, "otkernels native: eps must be > 0");
+  }
+  return sg;
+}
+
+at::Tensor softmin_ragged(const at::Tensor& x, const at::Tensor& y, const at::Tensor& xo, const at::Tensor& yo,
+                          const at::Tensor& h, const at::Tensor& eps, int64_t nmax, int64_t p) {
+  auto dt = compute_type(x);
+  check_vec(h, "h", dt, eps.numel(), h.dim() == 2 ? h.size(1) : -1);
+  const auto sg = ragged_segs(x, y, xo, yo, eps, nmax, h.size(1), dt);
+  TORCH_CHECK(p == 1 || p == 2, "otkernels native: p must be 1 or 2");
+  at::Tensor out = at::zeros({sg.S(), nmax}, x.options());
+  const int nt = threads();
+  pybind11::gil_scoped_release nogil;
+  if (dt == at::kDouble)
+    otk::softmin_online<double>(ptr<double>(x), ptr<double>(y), ptr<double>(h), mptr<double>(out), sg, x.size(1), int(p), nt);
+  else
+    otk::softmin_online<float>(ptr<float>(x), ptr<float>(y), ptr<float>(h), mptr<float>(out), sg, x.size(1), int(p), nt);
+  return out;
+}
+
+at::Tensor grad_ragged(const at::Tensor& a, const at::Tensor& b, const at::Tensor& xo, const at::Tensor& yo,
+                       const at::Tensor& h, const at::Tensor& f, const at::Tensor& g, const at::Tensor& eps,
+                       int64_t p, double fscale) {
+  auto dt = compute_type(a);
+  const i64 S = eps.numel();
+  check_vec(h, "h", dt, S, h.dim() == 2 ? h.size(1) : -1);
+  check_vec(f, "f", dt, S, f.dim() == 2 ? f.size(1) : -1);
+  check_vec(g, "g", dt, S, f.size(1));
+  const auto sg = ragged_segs(a, b, xo, yo, eps, f.size(1), h.size(1), dt);
+  TORCH_CHECK(p == 1 || p == 2, "otkernels native: p must be 1 or 2");
+  at::Tensor out = at::zeros({a.size(0), a.size(1)}, a.options());
+  const int nt = threads();
+  pybind11::gil_scoped_release nogil;
+  if (dt == at::kDouble)
+    otk::grad_online<double>(ptr<double>(a), ptr<double>(b), ptr<double>(h), ptr<double>(f), ptr<double>(g), nullptr,
+                             mptr<double>(out), sg, a.size(1), int(p), fscale, nt);
+  else
+    otk::grad_online<float>(ptr<float>(a), ptr<float>(b), ptr<float>(h), ptr<float>(f), ptr<float>(g), nullptr,
+                            mptr<float>(out), sg, a.size(1), int(p), fscale, nt);
   return out;
 }
 
@@ -313,12 +384,13 @@ at::Tensor grad_online(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   at::Tensor sv = s.has_value() ? *s : at::Tensor();
   const int nt = threads();
   pybind11::gil_scoped_release nogil;
+  const auto sg = otk::Segs::dense(B, Na, Nb, eps);
   if (dt == at::kDouble)
     otk::grad_online<double>(ptr<double>(a), ptr<double>(b), ptr<double>(h), ptr<double>(f), ptr<double>(g),
-                             ptr<double>(sv), mptr<double>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
+                             ptr<double>(sv), mptr<double>(out), sg, D, int(p), fscale, nt);
   else
     otk::grad_online<float>(ptr<float>(a), ptr<float>(b), ptr<float>(h), ptr<float>(f), ptr<float>(g),
-                            ptr<float>(sv), mptr<float>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
+                            ptr<float>(sv), mptr<float>(out), sg, D, int(p), fscale, nt);
   return out;
 }
 
@@ -445,6 +517,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rows and columns log-sum-exp of one Sinkhorn iteration from shared GEMM tiles (sym: y = x, triangle)");
   m.def("grad_cached", &grad_cached, "Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C, cached C");
   m.def("grad_online", &grad_online, "the same with C computed on the fly");
+  m.def("softmin_ragged", &softmin_ragged,
+        "ragged batches: log Σ_j exp(h_qj − C(x_i, y_j)/ε_q) over segment q's points, one launch for all segments");
+  m.def("grad_ragged", &grad_ragged, "ragged batches: the softmin's gradient for x, one launch for all segments");
   m.def("plan_apply", &plan_apply, "(Σ_j softmax_j(h_j − C_ij/ε) V_j, log Σ_j exp(h_j − C_ij/ε)), one pass");
   m.def("kernel_sum", &kernel_sum);
   m.def("argminmax", &argminmax);

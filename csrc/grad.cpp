@@ -60,49 +60,54 @@ template <typename T> struct DirectAcc {
   }
 };
 
-// Row-direction gradient with a row loader factory: rows(q, i, j0, W, G) -> loader.
+// Row-direction gradient over segments (a dense batch is the uniform case), with a row loader
+// factory: make_row(q, i, j0, W, aq, bT, ldT, G, ha, hb) -> loader of segment q's row i.
 template <typename T, int P, typename MakeRow>
-static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, i64 B,
-                      i64 Na, i64 Nb, i64 D, double eps, double fscale, int nt, bool need_gemm_cost,
-                      MakeRow make_row) {
+static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out,
+                      const Segs& sg, i64 D, double fscale, int nt, bool need_gemm_cost, MakeRow make_row) {
   const bool direct = D <= DIRECT_MAX_D;
-  const T inv = T(1.0 / eps);
   const T half = P == 2 ? T(0.5) : T(1);
-  ColumnTerms<T> ct(b, B, Nb, D, direct, need_gemm_cost, half);
-  const i64 R = rows_per_task(B, Na, nt, ROWS), nblk = ceil_div(Na, R);
+  const i64 Ny = sg.yo.back();
+  ColumnTerms<T> ct(b, 1, Ny, D, direct, need_gemm_cost, half);
+  const SegTasks tk(sg, rows_per_task(1, sg.xo.back(), nt, ROWS));
+  const i64 R = tk.R;
   struct Ctx {
     std::vector<T> G, Wb, acc;
   };
-  parallel_tasks(B * nblk, nt,
+  parallel_tasks(tk.count(), nt,
                  [&] {
                    return Ctx{std::vector<T>(need_gemm_cost ? size_t(R * COLS) : 0),
                               std::vector<T>(direct ? 0 : size_t(R * COLS)),
                               std::vector<T>(size_t(R * D))};
                  },
                  [&](i64 task, Ctx& c) {
-    const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(Na, i0 + R), nr = i1 - i0;
-    const T* aq = a + q * Na * D;
-    const T* bq = b + q * Nb * D;
-    const T* hq = h + q * Nb;
-    const T* sq = s ? s + q * Nb : nullptr;
+    i64 q, i0, i1;
+    tk.locate(sg, task, q, i0, i1);
+    const i64 nr = i1 - i0, Nb = sg.m(q), y0 = sg.yo[size_t(q)];
+    const T inv = T(1.0 / sg.eps[size_t(q)]);
+    const T* aq = a + sg.xo[size_t(q)] * D;
+    const T* bq = b + y0 * D;
+    const T* hq = h + q * sg.mmax;
+    const T* sq = s ? s + q * sg.mmax : nullptr;
+    const T* fq = f + q * sg.nmax;
     T ha[ROWS];
     std::fill(c.acc.begin(), c.acc.begin() + nr * D, T(0));
     if (need_gemm_cost) sqnorms(aq + i0 * D, nr, D, half, ha);
     if (direct) {
-      const T* bT = ct.bT.data() + q * Nb * D;
+      const T* bT = ct.bT.data() + y0;
       for (i64 i = i0; i < i1; ++i) {
-        DirectAcc<T> acc(aq + i * D, bT, Nb, int(D));
-        const T fe = T(f[q * Na + i] * fscale);
+        DirectAcc<T> acc(aq + i * D, bT, Ny, int(D));
+        const T fe = T(fq[i] * fscale);
         for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, Nb - j0);
           acc.bT = bT + j0;
-          auto ld = make_row(q, i, j0, W, aq, bT + j0, (const T*)nullptr, T(0), (const T*)nullptr);
+          auto ld = make_row(q, i, j0, W, aq, bT + j0, Ny, (const T*)nullptr, T(0), (const T*)nullptr);
           row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, fe, acc);
         }
         for (int k = 0; k < D; ++k) c.acc[(i - i0) * D + k] = hsum(acc.acc[k]);
       }
     } else {
-      const T* hb = need_gemm_cost ? ct.hb.data() + q * Nb : nullptr;
+      const T* hb = need_gemm_cost ? ct.hb.data() + y0 : nullptr;
       for (i64 j0 = 0; j0 < Nb; j0 += COLS) {
         const i64 W = std::min<i64>(COLS, Nb - j0);
         if (need_gemm_cost)
@@ -113,37 +118,38 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
             if (lanes == VT<T>::N) vstore(wrow + j, w);
             else vstore_part(wrow + j, w, lanes);
           };
-          auto ld = make_row(q, i, j0, W, aq, (const T*)nullptr, need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
+          auto ld = make_row(q, i, j0, W, aq, (const T*)nullptr, Ny,
+                             need_gemm_cost ? c.G.data() + (i - i0) * W : nullptr,
                              need_gemm_cost ? ha[i - i0] : T(0), hb ? hb + j0 : nullptr);
-          row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, T(f[q * Na + i] * fscale), sink);
+          row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, T(fq[i] * fscale), sink);
         }
         // acc_i += Σ_j Wb_ij (a_i − b_j) over the tile's columns
         acc_diff(c.Wb.data(), W, nr, W, aq + i0 * D, bq + j0 * D, D, c.acc.data());
       }
     }
     for (i64 i = i0; i < i1; ++i) {
-      const T gi = g[q * Na + i];
+      const T gi = g[q * sg.nmax + i];
       const T* ac = c.acc.data() + (i - i0) * D;
-      T* o = out + (q * Na + i) * D;
+      T* o = out + (sg.xo[size_t(q)] + i) * D;
       for (i64 k = 0; k < D; ++k) o[k] = gi * ac[k];
     }
   });
 }
 
 template <typename T>
-void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, i64 B, i64 Na,
-                 i64 Nb, i64 D, int p, double eps, double fscale, int nt) {
+void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out, const Segs& sg,
+                 i64 D, int p, double fscale, int nt) {
   const bool direct = D <= DIRECT_MAX_D;
   auto run = [&](auto pc) {
     constexpr int P = decltype(pc)::value;
     if (direct) {
-      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, false,
-                      [D, Nb](i64, i64 i, i64, i64, const T* aq, const T* bT, const T*, T, const T*) {
-                        return CostRow<T, P, DirectRow<T>, true>{DirectRow<T>(aq + i * D, bT, Nb, int(D))};
+      grad_rows<T, P>(a, b, h, f, g, s, out, sg, D, fscale, nt, false,
+                      [D](i64, i64 i, i64, i64, const T* aq, const T* bT, i64 ldT, const T*, T, const T*) {
+                        return CostRow<T, P, DirectRow<T>, true>{DirectRow<T>(aq + i * D, bT, ldT, int(D))};
                       });
     } else {
-      grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, true,
-                      [](i64, i64, i64, i64, const T*, const T*, const T* G, T ha, const T* hb) {
+      grad_rows<T, P>(a, b, h, f, g, s, out, sg, D, fscale, nt, true,
+                      [](i64, i64, i64, i64, const T*, const T*, i64, const T* G, T ha, const T* hb) {
                         return CostRow<T, P, GemmRow<T>, false>{GemmRow<T>{G, hb, ha}};
                       });
     }
@@ -246,8 +252,8 @@ void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, c
       grad_cols_cached<T, S, P>(C, cscale, a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt);
       return;
     }
-    grad_rows<T, P>(a, b, h, f, g, s, out, B, Na, Nb, D, eps, fscale, nt, false,
-                    [C, cscale, Na, Nb](i64 q, i64 i, i64 j0, i64, const T*, const T*, const T*, T, const T*) {
+    grad_rows<T, P>(a, b, h, f, g, s, out, Segs::dense(B, Na, Nb, eps), D, fscale, nt, false,
+                    [C, cscale, Na, Nb](i64 q, i64 i, i64 j0, i64, const T*, const T*, i64, const T*, T, const T*) {
                       return CachedRow<T, S, true>{C + (q * Na + i) * Nb + j0, cscale};
                     });
   };
@@ -263,9 +269,9 @@ OTK_GRAD_CACHED(float, bf16_t)
 OTK_GRAD_CACHED(float, f16_t)
 OTK_GRAD_CACHED(double, double)
 template void grad_online<float>(const float*, const float*, const float*, const float*, const float*,
-                                 const float*, float*, i64, i64, i64, i64, int, double, double, int);
+                                 const float*, float*, const Segs&, i64, int, double, int);
 template void grad_online<double>(const double*, const double*, const double*, const double*, const double*,
-                                  const double*, double*, i64, i64, i64, i64, int, double, double, int);
+                                  const double*, double*, const Segs&, i64, int, double, int);
 
 // ----------------------------------------------------------------------------- plan products
 // For each row i: lse_i = log Σ_j exp(h_j − C(a_i, b_j)/ε) and S_i = Σ_j softmax_j(h_j − C_ij/ε) V_j,

@@ -16,6 +16,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // inside GCC 12's AVX-512 intrinsics
@@ -325,6 +326,27 @@ constexpr int COLS = 512;        // columns per tile
 template <typename T, typename S>
 void cost_matrix(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, int p, T cscale_inv, int nt);
 
+// Segments of a ragged batch (issue 21), also the dense batch's layout: segment q pairs the
+// rows [xo[q], xo[q+1]) of x (Nx, D) with the rows [yo[q], yo[q+1]) of y (Ny, D), at ε_q = eps[q];
+// its row-indexed vectors (f, g, out) sit at q·nmax of padded (S, nmax) arrays and its
+// column-indexed ones (h, s) at q·mmax of (S, mmax).  A dense batch (B, N, M) is the uniform
+// case: x (B,N,D) is (B·N, D) stacked, nmax = N, mmax = M.
+struct Segs {
+  std::vector<i64> xo, yo;
+  std::vector<double> eps;
+  i64 nmax = 0, mmax = 0;
+  i64 S() const { return i64(eps.size()); }
+  i64 n(i64 q) const { return xo[size_t(q) + 1] - xo[size_t(q)]; }
+  i64 m(i64 q) const { return yo[size_t(q) + 1] - yo[size_t(q)]; }
+  static Segs dense(i64 B, i64 N, i64 M, double eps) {
+    Segs s;
+    s.nmax = N, s.mmax = M;
+    s.eps.assign(size_t(B), eps);
+    for (i64 q = 0; q <= B; ++q) s.xo.push_back(q * N), s.yo.push_back(q * M);
+    return s;
+  }
+};
+
 // softmin over the rows of a cached C (B,N,M), returned as the log-sum-exp
 // out (B,N) = log Σ_j exp(h_j − C_ij/ε), h (B,M) (the softmin is −ε·out);
 // transpose: over its columns, out (B,M) = log Σ_i exp(h_i − C_ij/ε), h (B,N).
@@ -337,10 +359,11 @@ void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i6
 template <typename T, typename S>
 void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
                         double eps, bool sym, int nt);
-// the same with C(x_i, y_j) computed on the fly: out (B,N) = log Σ_j exp(h_j − C_ij/ε), h (B,M).
+// the same with C(x_i, y_j) computed on the fly, over segments: out (S,nmax) with
+// out_qi = log Σ_j exp(h_qj − C(x_i, y_j)/ε_q), j over segment q's rows of y, h (S,mmax);
+// rows i ≥ n_q of out are not written.
 template <typename T>
-void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i64 M, i64 D, int p,
-                    double eps, int nt);
+void softmin_online(const T* x, const T* y, const T* h, T* out, const Segs& sg, i64 D, int p, int nt);
 // both reductions of one Sinkhorn iteration from the same GEMM tiles (D > DIRECT_MAX_D):
 // out_r (B,N) = log Σ_j exp(hr_j − C_ij/ε) (hr (B,M)) and out_c (B,M) = log Σ_i exp(hc_i − C_ij/ε)
 // (hc (B,N)); sym: y = x, hc = hr, out_c unused, only the upper-triangle tiles are computed.
@@ -356,9 +379,10 @@ template <typename T, typename S>
 void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, const T* h,
                  const T* f, const T* g, const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, int p,
                  double eps, double fscale, int nt);
+// Online, over segments (Segs: a = x, b = y): out (Nx, D), f and g (S,nmax), h and s (S,mmax).
 template <typename T>
 void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out,
-                 i64 B, i64 Na, i64 Nb, i64 D, int p, double eps, double fscale, int nt);
+                 const Segs& sg, i64 D, int p, double fscale, int nt);
 
 // Plan products (otkernels.plan), one pass, cost computed on the fly: lse (B,Na) =
 // log Σ_j exp(h_j − C(a_i, b_j)/ε) and out (B,Na,K) = Σ_j exp(h_j − C_ij/ε − lse_i) V_j, V (B,Nb,K).

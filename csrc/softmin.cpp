@@ -239,39 +239,44 @@ void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i6
 }
 
 // ----------------------------------------------------------------------------- online
+// Over segments (a dense batch is the uniform case): tasks of R rows of one segment, its
+// columns in tiles of COLS; y's column terms (norms, or the transpose for D ≤ 8) once for
+// all segments.
 template <typename T, int P>
-static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i64 M, i64 D,
-                             double eps, int nt) {
+static void softmin_online_p(const T* x, const T* y, const T* h, T* out, const Segs& sg, i64 D, int nt) {
   const bool direct = D <= DIRECT_MAX_D;
   const T half = P == 2 ? T(0.5) : T(1);
-  const T inv = T(1.0 / eps);
-  ColumnTerms<T> ct(y, B, M, D, direct, !direct, half);
-  const i64 R = rows_per_task(B, N, nt, ROWS), nblk = ceil_div(N, R);
+  const i64 Ny = sg.yo.back();
+  ColumnTerms<T> ct(y, 1, Ny, D, direct, !direct, half);
+  const SegTasks tk(sg, rows_per_task(1, sg.xo.back(), nt, ROWS));
   struct Ctx {
     std::vector<T> G;
   };
-  parallel_tasks(B * nblk, nt, [&] { return Ctx{std::vector<T>(direct ? 0 : size_t(R * COLS))}; },
+  parallel_tasks(tk.count(), nt, [&] { return Ctx{std::vector<T>(direct ? 0 : size_t(tk.R * COLS))}; },
                  [&](i64 task, Ctx& c) {
-    const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
-    const T* xq = x + q * N * D;
-    const T* hq = h + q * M;
+    i64 q, i0, i1;
+    tk.locate(sg, task, q, i0, i1);
+    const i64 M = sg.m(q), y0 = sg.yo[size_t(q)];
+    const T inv = T(1.0 / sg.eps[size_t(q)]);
+    const T* xq = x + sg.xo[size_t(q)] * D;
+    const T* hq = h + q * sg.mmax;
     RowLse<T> st[ROWS];
     if (direct) {
-      const T* bT = ct.bT.data() + q * M * D;
+      const T* bT = ct.bT.data() + y0;
       for (i64 i = i0; i < i1; ++i) {
         for (i64 j0 = 0; j0 < M; j0 += COLS) {
           const i64 W = std::min<i64>(COLS, M - j0);
-          CostRow<T, P, DirectRow<T>, true> ld{DirectRow<T>(xq + i * D, bT + j0, M, int(D))};
+          CostRow<T, P, DirectRow<T>, true> ld{DirectRow<T>(xq + i * D, bT + j0, Ny, int(D))};
           lse_update(ld, W, hq + j0, inv, st[i - i0]);
         }
       }
     } else {
-      const T* hb = ct.hb.data() + q * M;
+      const T* hb = ct.hb.data() + y0;
       T ha[ROWS];
       sqnorms(xq + i0 * D, i1 - i0, D, half, ha);
       for (i64 j0 = 0; j0 < M; j0 += COLS) {
         const i64 W = std::min<i64>(COLS, M - j0);
-        gemm(false, true, i1 - i0, W, D, T(P == 2 ? 1 : 2), xq + i0 * D, D, y + (q * M + j0) * D, D, T(0),
+        gemm(false, true, i1 - i0, W, D, T(P == 2 ? 1 : 2), xq + i0 * D, D, y + (y0 + j0) * D, D, T(0),
              c.G.data(), W);
         for (i64 i = i0; i < i1; ++i) {
           CostRow<T, P, GemmRow<T>, false> ld{GemmRow<T>{c.G.data() + (i - i0) * W, hb + j0, ha[i - i0]}};
@@ -279,15 +284,14 @@ static void softmin_online_p(const T* x, const T* y, const T* h, T* out, i64 B, 
         }
       }
     }
-    for (i64 i = i0; i < i1; ++i) out[q * N + i] = lse_out(st[i - i0]);
+    for (i64 i = i0; i < i1; ++i) out[q * sg.nmax + i] = lse_out(st[i - i0]);
   });
 }
 
 template <typename T>
-void softmin_online(const T* x, const T* y, const T* h, T* out, i64 B, i64 N, i64 M, i64 D, int p, double eps,
-                    int nt) {
-  if (p == 1) softmin_online_p<T, 1>(x, y, h, out, B, N, M, D, eps, nt);
-  else softmin_online_p<T, 2>(x, y, h, out, B, N, M, D, eps, nt);
+void softmin_online(const T* x, const T* y, const T* h, T* out, const Segs& sg, i64 D, int p, int nt) {
+  if (p == 1) softmin_online_p<T, 1>(x, y, h, out, sg, D, nt);
+  else softmin_online_p<T, 2>(x, y, h, out, sg, D, nt);
 }
 
 // ----------------------------------------------------------------------------- online, two ways
@@ -447,10 +451,9 @@ OTK_SOFTMIN_CACHED(float, float)
 OTK_SOFTMIN_CACHED(float, bf16_t)
 OTK_SOFTMIN_CACHED(float, f16_t)
 OTK_SOFTMIN_CACHED(double, double)
-template void softmin_online<float>(const float*, const float*, const float*, float*, i64, i64, i64, i64, int,
-                                    double, int);
-template void softmin_online<double>(const double*, const double*, const double*, double*, i64, i64, i64, i64,
-                                     int, double, int);
+template void softmin_online<float>(const float*, const float*, const float*, float*, const Segs&, i64, int, int);
+template void softmin_online<double>(const double*, const double*, const double*, double*, const Segs&, i64, int,
+                                     int);
 
 template void softmin_online_two<float>(const float*, const float*, const float*, const float*, float*, float*,
                                         i64, i64, i64, i64, int, double, bool, int);

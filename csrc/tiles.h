@@ -45,6 +45,23 @@ inline i64 rows_per_task(i64 B, i64 N, int nt, i64 maxR) {
   return std::max<i64>(1, std::min<i64>(maxR, r));
 }
 
+// Tasks of at most R rows over the rows of every segment: one launch for all segments.
+struct SegTasks {
+  std::vector<i64> first;  // (S+1): the first task of each segment
+  i64 R;
+  SegTasks(const Segs& sg, i64 R_) : R(R_) {
+    first.assign(1, 0);
+    for (i64 q = 0; q < sg.S(); ++q) first.push_back(first.back() + ceil_div(sg.n(q), R));
+  }
+  i64 count() const { return first.back(); }
+  // segment q and its rows [i0, i1) (local indices) of a task
+  void locate(const Segs& sg, i64 task, i64& q, i64& i0, i64& i1) const {
+    q = i64(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
+    i0 = (task - first[size_t(q)]) * R;
+    i1 = std::min(sg.n(q), i0 + R);
+  }
+};
+
 // ----------------------------------------------------------------------------- loaders
 constexpr int PREFETCH_BYTES = 2048;  // software prefetch distance along one cached row
 // (helps the single-stream row reductions; the column reduction reads 16 rows at once)

@@ -259,12 +259,65 @@ class SamplesLoss(Module):
                 if isinstance(t, torch.Tensor) and (t.dim() != 2 or t.shape[0] == 0):
                     raise ValueError(f"ragged segment {k}: {name} must be a non-empty (n, D) cloud, got shape "
                                      f"{tuple(t.shape)}")
+        fused = self._ragged_fused(as_, xs, bs_, ys, (a, x, b, y, xo, yo) if cat else None)
+        if fused is not None:
+            return fused
         outs = [self._forward(xk, yk) if ak is None and bk is None else self._forward(ak, xk, bk, yk)
                 for ak, xk, bk, yk in zip(as_, xs, bs_, ys)]
         if not self.potentials:
             return torch.stack(outs)
         F, G = [o[0] for o in outs], [o[1] for o in outs]
         return (torch.cat(F), torch.cat(G)) if cat else (F, G)
+
+    def _ragged_handles(self, x):
+        """The backend's ``ragged_handles`` when the segments can run in one launch per
+        reduction (Sinkhorn, a fused cost, float32/64, a backend with ragged kernels), else None."""
+        if self.loss != "sinkhorn" or not self.cost.fused or x.dtype not in (torch.float32, torch.float64):
+            return None
+        if self.backend == "auto":
+            name = "triton" if x.device.type == "cuda" else "native"
+            if not backends.available().get(name, (False,))[0]:
+                return None
+        else:
+            name = self.backend
+        return getattr(backends.get(name), "ragged_handles", None)
+
+    def _ragged_fused(self, as_, xs, bs_, ys, stacked):
+        """The segments through :func:`otkernels.ragged.ragged_sinkhorn` (one launch per
+        reduction), or None: the loop.  ``stacked``: the caller's ``(a, x, b, y, xo, yo)``, or
+        None for lists of clouds."""
+        handles_of = self._ragged_handles(xs[0])
+        weighted = as_[0] is not None
+        if handles_of is None or any(w is not None and w.dtype != xs[0].dtype for w in as_ + bs_) \
+                or any(t.dtype != xs[0].dtype or t.dim() != 2 or t.shape[-1] != xs[0].shape[-1] for t in xs + ys) \
+                or any((w is not None) != weighted or (w is not None and w.numel() != len(t))
+                       for w, t in zip(as_ + bs_, xs + ys)):
+            return None  # the loop checks each segment and names the problem
+        if stacked is None:  # lists of clouds
+            x, y = torch.cat(xs), torch.cat(ys)
+            a = torch.cat([w.reshape(-1) for w in as_]) if weighted else None
+            b = torch.cat([w.reshape(-1) for w in bs_]) if weighted else None
+            xo = [0] + torch.tensor([len(t) for t in xs]).cumsum(0).tolist()
+            yo = [0] + torch.tensor([len(t) for t in ys]).cumsum(0).tolist()
+        else:
+            a, x, b, y, xo, yo = stacked
+        check_same_device(x=x, y=y, a=a, b=b)
+        check_finite("x", x)
+        check_finite("y", y)
+        if self.sphere:
+            x, y = _unit("x", x), _unit("y", y)
+        if handles_of(x[:1], [0, 1], y[:1], [0, 1], self.cost) is None:
+            return None
+        from .ragged import ragged_sinkhorn
+        out = ragged_sinkhorn(self, handles_of, a, x, xo, b, y, yo, _rho(self.reach, self.p))
+        if not self.potentials:
+            return out
+        F, G = out
+        if stacked is not None:
+            return (F, G) if a is None else (F.reshape(a.shape), G.reshape(b.shape))
+        shape = lambda w, t: (len(t),) if w is None else w.shape  # noqa: E731
+        return ([f.reshape(shape(w, t)) for f, w, t in zip(F.split([len(t) for t in xs]), as_, xs)],
+                [g.reshape(shape(w, t)) for g, w, t in zip(G.split([len(t) for t in ys]), bs_, ys)])
 
     def _forward(self, *args):
         l_x, a, x, l_y, b, y = self._parse(args)

@@ -53,6 +53,36 @@ def epsilon_schedule(p: int, diameter: float, blur: float, scaling: float) -> Li
             + [blur ** p])
 
 
+def _step(item):
+    """One ε of the schedule: a float, or for ragged batches ``(ε (S,1), active (S,1))``: one ε
+    per segment, each segment on its own schedule (aligned at the end); inactive segments
+    (a shorter schedule, not started yet) keep their potentials.  See :func:`ragged_schedule`."""
+    return item if isinstance(item, tuple) else (item, None)
+
+
+def _avg(old, new, active):
+    out = 0.5 * (old + new)
+    return out if active is None else torch.where(active, out, old)
+
+
+def ragged_schedule(lists, dtype, device):
+    """Per-segment ε-schedules (each from :func:`epsilon_schedule`, all ending at blur^p)
+    as one schedule for the loop: the lists aligned at their end, items ``(ε (S,1), active
+    (S,1))`` — a segment not started yet carries its first ε, so that item 0 holds every
+    segment's initial ε — then the common final ε as a float.  Each segment then follows
+    exactly the updates of its own loop."""
+    K, final = max(len(e) for e in lists), lists[0][-1]
+    if any(e[-1] != final for e in lists):
+        raise ValueError("ragged schedules must share their final ε")
+    items = []
+    for k in range(K - 1):
+        start = [K - len(e) for e in lists]
+        eps = torch.tensor([e[max(k - s0, 0)] for e, s0 in zip(lists, start)], dtype=dtype, device=device)
+        on = torch.tensor([k >= s0 for s0 in start], device=device)
+        items.append((eps[:, None], None if bool(on.all()) else on[:, None]))
+    return items + [final]
+
+
 def sinkhorn_pair(C_xy, C_yx, a_log, b_log, eps_list, rho, grad=True, stop=None):
     """OT_ε(α, β): returns the potentials ``(f_ba (B,N), g_ab (B,M))`` after the last extrapolation.
 
@@ -65,13 +95,15 @@ def sinkhorn_pair(C_xy, C_yx, a_log, b_log, eps_list, rho, grad=True, stop=None)
 
     rho_x, rho_y = sides(rho)
     with torch.no_grad():
-        lx, ly = dampening(eps_list[0], rho_x), dampening(eps_list[0], rho_y)
-        f_ba, g_ab = both(eps_list[0], b_log, a_log)
+        eps, _ = _step(eps_list[0])
+        lx, ly = dampening(eps, rho_x), dampening(eps, rho_y)
+        f_ba, g_ab = both(eps, b_log, a_log)
         f_ba, g_ab = lx * f_ba, ly * g_ab
-        for eps in eps_list:
+        for item in eps_list:
+            eps, on = _step(item)
             lx, ly = dampening(eps, rho_x), dampening(eps, rho_y)
             ft_ba, gt_ab = both(eps, b_log + g_ab / eps, a_log + f_ba / eps)
-            f_ba, g_ab = 0.5 * (f_ba + lx * ft_ba), 0.5 * (g_ab + ly * gt_ab)
+            f_ba, g_ab = _avg(f_ba, lx * ft_ba, on), _avg(g_ab, ly * gt_ab, on)
         if stop is not None:
             eps = eps_list[-1]
 
@@ -133,12 +165,14 @@ def sinkhorn_sym(C_xx, a_log, eps_list, rho, grad=True, extrapolate=(), with_ite
     ``[f on x, f on each extrapolated cloud]``, and the loop's last iterate if ``with_iterate``.
     """
     with torch.no_grad():
-        lam = dampening(eps_list[0], rho)
-        f_aa = lam * C_xx.softmin(eps_list[0], a_log)
-        for eps in eps_list:
+        eps, _ = _step(eps_list[0])
+        lam = dampening(eps, rho)
+        f_aa = lam * C_xx.softmin(eps, a_log)
+        for item in eps_list:
+            eps, on = _step(item)
             lam = dampening(eps, rho)
             ft_aa = lam * C_xx.softmin(eps, a_log + f_aa / eps)
-            f_aa = 0.5 * (f_aa + ft_aa)
+            f_aa = _avg(f_aa, ft_aa, on)
         if stop is not None:
             eps = eps_list[-1]
 

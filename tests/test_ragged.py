@@ -72,3 +72,62 @@ X, Y = torch.randn(6, 2), torch.randn(5, 2)
 def test_ragged_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call(SamplesLoss("sinkhorn", blur=0.5))
+
+
+# ---------------------------------------------------------------- one launch over the segments (native)
+def _spread(dtype=torch.float64):
+    """Segments of very different sizes and scales: their ε-schedules differ in length."""
+    g = torch.Generator().manual_seed(1)
+    sizes, msz, sc = [7, 12, 3, 1, 30], [9, 4, 11, 2, 25], [1.0, 4.0, 0.1, 3.0, 1.0]
+    xs = [torch.randn(n, 3, generator=g, dtype=dtype) * s for n, s in zip(sizes, sc)]
+    ys = [torch.randn(m, 3, generator=g, dtype=dtype) * s + 1 for m, s in zip(msz, sc)]
+    return xs, ys
+
+
+@pytest.mark.parametrize("kw", [dict(blur=0.3), dict(blur=0.1, reach=0.5), dict(blur=0.1, reach=(None, 0.7)),
+                                dict(p=1, blur=0.2), dict(blur=0.2, debias=False), dict(blur=0.2, scaling=0.8)])
+def test_fused_ragged_equals_a_loop(kw):
+    from otkernels.backends import native
+    if not native.available()[0]:
+        pytest.skip("native extension not built")
+    xs, ys = _spread()
+    L = SamplesLoss("sinkhorn", backend="native", **kw)
+    xl = [t.clone().requires_grad_(True) for t in xs]
+    loop = torch.stack([L(x, y) for x, y in zip(xl, ys)])
+    gl = torch.autograd.grad(loop.sum(), xl)
+    x = torch.cat(xs).requires_grad_(True)
+    got = L(x, torch.cat(ys), x_offsets=[0, 7, 19, 22, 23, 53], y_offsets=[0, 9, 13, 24, 26, 51])
+    assert L.last_info["segments"] == 5  # the one-launch path ran
+    torch.testing.assert_close(got, loop, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(gx, torch.cat(gl), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_ragged_weights_potentials_float32():
+    from otkernels.backends import native
+    if not native.available()[0]:
+        pytest.skip("native extension not built")
+    xs, ys = _spread()
+    g = torch.Generator().manual_seed(2)
+    as_ = [(torch.rand(len(t), 1, generator=g, dtype=torch.float64) + 0.1) for t in xs]
+    bs_ = [(torch.rand(len(t), 1, generator=g, dtype=torch.float64) + 0.1) for t in ys]
+    P = SamplesLoss("sinkhorn", blur=0.3, potentials=True, backend="native")
+    F, G = P(as_, xs, bs_, ys)
+    assert P.last_info["segments"] == 5
+    for k in range(5):
+        f, gg = P(as_[k], xs[k], bs_[k], ys[k])
+        assert F[k].shape == f.shape and G[k].shape == gg.shape
+        torch.testing.assert_close(F[k], f, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(G[k], gg, rtol=1e-12, atol=1e-12)
+    # weights get gradients; float32 stays float32 and close to the loop
+    a = torch.cat(as_).squeeze(1).requires_grad_(True)
+    L = SamplesLoss("sinkhorn", blur=0.3, backend="native")
+    off = dict(x_offsets=[0, 7, 19, 22, 23, 53], y_offsets=[0, 9, 13, 24, 26, 51])
+    (ga,) = torch.autograd.grad(L(a, torch.cat(xs), torch.cat(bs_).squeeze(1), torch.cat(ys), **off).sum(), a)
+    al = [w.squeeze(1).clone().requires_grad_(True) for w in as_]
+    gl = torch.autograd.grad(sum(L(w, x, v.squeeze(1), y) for w, x, v, y in zip(al, xs, bs_, ys)), al)
+    torch.testing.assert_close(ga, torch.cat(gl), rtol=1e-10, atol=1e-12)
+    x32, y32 = [t.float() for t in xs], [t.float() for t in ys]
+    got = L(x32, y32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.stack([L(x, y) for x, y in zip(x32, y32)]), rtol=2e-5, atol=1e-5)

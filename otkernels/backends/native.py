@@ -527,6 +527,61 @@ class NativeCost:
                            fscale)
 
 
+class RaggedCost:
+    """Cost handle of a ragged batch (issue 21): segment q pairs the rows ``xo[q]:xo[q+1]`` of
+    x (Nx,D) (first argument, gets gradients) with ``yo[q]:yo[q+1]`` of y (Ny,D), costs
+    computed on the fly by one launch over every segment.  Potentials are padded: h (S,mmax) ->
+    (S,nmax), rows past a segment's end are 0.  ``eps``: a float, or one ε per segment (S,1)
+    (the segments' own schedules)."""
+
+    def __init__(self, x, xo, y, yo, nmax, cost):
+        self.x, self.cost, self.p, self.nmax = x, cost, cost.p, nmax
+        self.xd, self.y = x.detach().contiguous(), y.detach().contiguous()
+        self.xo, self.yo = xo, yo
+
+    def _eps(self, eps):
+        S = len(self.xo) - 1
+        if isinstance(eps, torch.Tensor):
+            return eps.detach().reshape(S).to(torch.float64).contiguous()
+        return torch.full((S,), float(eps), dtype=torch.float64)
+
+    def lse(self, eps, h):
+        return _ext().softmin_ragged(self.xd, self.y, self.xo, self.yo, h.contiguous(), self._eps(eps), self.nmax,
+                                     int(self.p))
+
+    def softmin(self, eps, h):
+        return self.lse(eps, h).mul_(-eps)
+
+    def softmin_grad(self, eps, h):
+        if not self.x.requires_grad:
+            return self.softmin(eps, h)
+        return _SoftminGrad.apply(self.x, self, eps, h.detach())
+
+    @torch.no_grad()
+    def grad_x(self, eps, h, f, g, s=None, fscale=None):
+        if s is not None or fscale is None:
+            raise NotImplementedError("ragged handles: only the softmin's own backward (fscale=-1, no s)")
+        return _ext().grad_ragged(self.xd, self.y, self.xo, self.yo, h.contiguous(), f.contiguous(), g.contiguous(),
+                                  self._eps(eps), int(self.p), float(fscale))
+
+
+def ragged_handles(x, xo, y, yo, cost, debias=True):
+    """``(C_xy, C_yx, C_xx, C_yy)`` of a ragged batch, x (Nx,D), y (Ny,D) stacked segments,
+    ``xo`` / ``yo`` (S+1,) offsets; None where the fused ragged kernels do not apply (not CPU
+    float32/64, a cost other than p = 1, 2, an extension built without them)."""
+    ext = _load()
+    if not (cost.builtin and cost.p in (1, 2) and supports(x, y) and ext is not None
+            and hasattr(ext, "softmin_ragged")):
+        return None
+    xo = torch.as_tensor(xo, dtype=torch.int64)
+    yo = torch.as_tensor(yo, dtype=torch.int64)
+    nmax, mmax = int((xo[1:] - xo[:-1]).max()), int((yo[1:] - yo[:-1]).max())
+    C_xy, C_yx = RaggedCost(x, xo, y, yo, nmax, cost), RaggedCost(y, yo, x, xo, mmax, cost)
+    if not debias:
+        return C_xy, C_yx, None, None
+    return C_xy, C_yx, RaggedCost(x, xo, x, xo, nmax, cost), RaggedCost(y, yo, y, yo, mmax, cost)
+
+
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
@@ -540,6 +595,8 @@ class _SoftminGrad(torch.autograd.Function):
         h, lse = ctx.saved_tensors
         if _double.create_graph():
             H = ctx.handle
+            if isinstance(H, RaggedCost):
+                raise NotImplementedError("double backward through a ragged batch: pass the clouds one by one")
             return _double.softmin_backward(H.x, H.y, h, ctx.eps, H.cost, g)[0], None, None, None
         gx = ctx.handle.grad_x(ctx.eps, h, lse, g.contiguous(), fscale=-1.0)
         return gx.to(ctx.handle.x.dtype), None, None, None
