@@ -67,7 +67,7 @@ from .costs import Kernel
 from .kernel_losses import CallableKernel
 from .hausdorff import hausdorff
 from .samples_loss import SamplesLoss as _SamplesLoss
-from .samples_loss import _outputs, _rho, _unit
+from .samples_loss import _offsets, _outputs, _rho, _unit
 from .sinkhorn import Stopping, epsilon_schedule, scal, sinkhorn
 
 __all__ = ["SamplesLoss", "mmd2", "polynomial_mmd2", "kid", "prdc", "fid", "feature_stats", "argmax_inner",
@@ -661,25 +661,7 @@ def _segments(name, x, w, batch, offsets, listed):
         if ws is not None and len(ws) != len(x):
             raise ValueError(f"one weight vector per cloud of {name}")
         return list(x), ws, False
-    check_tensor(name, x)
-    if x.dim() != 2:
-        raise ValueError(f"ragged batches: {name} must be (N, D) (all segments stacked), got {tuple(x.shape)}")
-    N = x.shape[0]
-    if (batch is None) == (offsets is None):
-        raise ValueError(f"give exactly one of {name}_batch and {name}_offsets")
-    if batch is not None:
-        if (not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.int32, torch.int64)
-                or tuple(batch.shape) != (N,)):
-            raise ValueError(f"{name}_batch must be an integer tensor of shape ({N},): one segment id per point")
-        batch = batch.cpu()
-        if N and (bool((batch[1:] < batch[:-1]).any()) or int(batch[0]) < 0):
-            raise ValueError(f"{name}_batch must be sorted non-negative segment ids")
-        o = [0] + torch.cumsum(torch.bincount(batch), 0).tolist()
-    else:
-        o = torch.as_tensor(offsets).cpu()
-        if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool((o[1:] < o[:-1]).any()):
-            raise ValueError(f"{name}_offsets must be non-decreasing (S+1,) boundaries from 0 to {N}")
-        o = o.tolist()
+    o = _offsets(name, x, batch, offsets, allow_empty=True)
     cut = list(zip(o[:-1], o[1:]))
     return [x[i:j] for i, j in cut], None if w is None else [w[i:j] for i, j in cut], offsets is not None
 

@@ -418,8 +418,9 @@ def _clouds_list(t):
     return isinstance(t, (list, tuple)) and len(t) > 0 and all(isinstance(c, torch.Tensor) for c in t)
 
 
-def _offsets(name, x, batch, offsets):
-    """Segment boundaries (S+1 ints) of the rows of x (N,D) from a sorted batch vector or offsets."""
+def _offsets(name, x, batch, offsets, allow_empty=False):
+    """Segment boundaries (S+1 ints) of the rows of x (N,D) from a sorted batch vector or offsets.
+    ``allow_empty``: segments may be empty (a shard of a ragged batch, otkernels.distributed)."""
     check_tensor(name, x)
     if x.dim() != 2:
         raise ValueError(f"ragged batches: {name} must be (N, D) (all segments stacked), got {tuple(x.shape)}")
@@ -430,15 +431,19 @@ def _offsets(name, x, batch, offsets):
         if not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.int32, torch.int64) or tuple(batch.shape) != (N,):
             raise ValueError(f"{name}_batch must be an integer tensor of shape ({N},): one segment id per point")
         batch = batch.cpu()
-        if N and (bool((batch[1:] < batch[:-1]).any()) or int(batch[0]) != 0):
-            raise ValueError(f"{name}_batch must be sorted and start at 0 (segment ids 0, 0, 1, 1, 1, 2, ...)")
+        if N and (bool((batch[1:] < batch[:-1]).any()) or int(batch[0]) < 0
+                  or (not allow_empty and int(batch[0]) != 0)):
+            raise ValueError(f"{name}_batch must be sorted " + ("non-negative segment ids" if allow_empty else
+                             "and start at 0 (segment ids 0, 0, 1, 1, 1, 2, ...)"))
         counts = torch.bincount(batch)
-        if bool((counts == 0).any()):
+        if not allow_empty and bool((counts == 0).any()):
             raise ValueError(f"{name}_batch skips segment {int((counts == 0).nonzero()[0])}: every segment needs a point")
         return [0] + torch.cumsum(counts, 0).tolist()
     o = torch.as_tensor(offsets).cpu()
-    if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool((o[1:] <= o[:-1]).any()):
-        raise ValueError(f"{name}_offsets must be increasing (S+1,) boundaries from 0 to {N} (empty segments "
+    step = (o[1:] < o[:-1]) if allow_empty else (o[1:] <= o[:-1])
+    if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool(step.any()):
+        raise ValueError(f"{name}_offsets must be non-decreasing (S+1,) boundaries from 0 to {N}" if allow_empty else
+                         f"{name}_offsets must be increasing (S+1,) boundaries from 0 to {N} (empty segments "
                          "are not allowed)")
     return o.tolist()
 

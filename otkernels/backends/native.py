@@ -552,10 +552,7 @@ class RaggedCost:
     def softmin(self, eps, h):
         return self.lse(eps, h).mul_(-eps)
 
-    def softmin_grad(self, eps, h):
-        if not self.x.requires_grad:
-            return self.softmin(eps, h)
-        return _SoftminGrad.apply(self.x, self, eps, h.detach())
+    softmin_grad = NativeCost.softmin_grad
 
     @torch.no_grad()
     def grad_x(self, eps, h, f, g, s=None, fscale=None):
