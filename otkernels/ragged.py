@@ -22,12 +22,12 @@ from .sinkhorn import Stopping, epsilon_schedule, ragged_schedule, sinkhorn
 
 
 def _index(offsets, device):
-    """(segment id, position in its segment) of every stacked point, and the largest segment."""
+    """(segment id, position in its segment) of every stacked point, and the segments' sizes."""
     o = torch.as_tensor(offsets, dtype=torch.int64)
     sizes = o[1:] - o[:-1]
     seg = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
     pos = torch.arange(int(o[-1])) - o[:-1][seg]
-    return seg.to(device), pos.to(device), int(sizes.max())
+    return seg.to(device), pos.to(device), sizes
 
 
 def _pad(v, seg, pos, S, n):
@@ -65,11 +65,10 @@ def ragged_sinkhorn(loss, handles_of, a, x, xo, b, y, yo, rho):
     reach^p); ``handles_of``: the backend's ``ragged_handles``; a (Nx,), b (Ny,) or None
     (uniform per segment)."""
     S = len(xo) - 1
-    xs, xp, nmax = _index(xo, x.device)
-    ys, yp, mmax = _index(yo, y.device)
-    if a is None:
-        n = torch.as_tensor(xo[1:]) - torch.as_tensor(xo[:-1])
-        m = torch.as_tensor(yo[1:]) - torch.as_tensor(yo[:-1])
+    xs, xp, n = _index(xo, x.device)
+    ys, yp, m = _index(yo, y.device)
+    nmax, mmax = int(n.max()), int(m.max())
+    if a is None:  # uniform in each segment
         a = (1.0 / n.to(x.dtype)).to(x.device)[xs]
         b = (1.0 / m.to(x.dtype)).to(x.device)[ys]
     A, Bw = _pad(a.reshape(-1), xs, xp, S, nmax), _pad(b.reshape(-1), ys, yp, S, mmax)

@@ -269,9 +269,10 @@ class SamplesLoss(Module):
         F, G = [o[0] for o in outs], [o[1] for o in outs]
         return (torch.cat(F), torch.cat(G)) if cat else (F, G)
 
-    def _ragged_handles(self, x):
-        """The backend's ``ragged_handles`` when the segments can run in one launch per
-        reduction (Sinkhorn, a fused cost, float32/64, a backend with ragged kernels), else None."""
+    def _ragged_backend(self, x):
+        """The backend module when the segments may run in one launch per reduction (Sinkhorn, a
+        fused cost, float32/64, a backend with ragged kernels), else None; its
+        ``ragged_supported`` has the last word on the tensors."""
         if self.loss != "sinkhorn" or not self.cost.fused or x.dtype not in (torch.float32, torch.float64):
             return None
         if self.backend == "auto":
@@ -280,15 +281,16 @@ class SamplesLoss(Module):
                 return None
         else:
             name = self.backend
-        return getattr(backends.get(name), "ragged_handles", None)
+        mod = backends.get(name)
+        return mod if hasattr(mod, "ragged_handles") else None
 
     def _ragged_fused(self, as_, xs, bs_, ys, stacked):
         """The segments through :func:`otkernels.ragged.ragged_sinkhorn` (one launch per
         reduction), or None: the loop.  ``stacked``: the caller's ``(a, x, b, y, xo, yo)``, or
         None for lists of clouds."""
-        handles_of = self._ragged_handles(xs[0])
+        mod = self._ragged_backend(xs[0])
         weighted = as_[0] is not None
-        if handles_of is None or any(w is not None and w.dtype != xs[0].dtype for w in as_ + bs_) \
+        if mod is None or any(w is not None and w.dtype != xs[0].dtype for w in as_ + bs_) \
                 or any(t.dtype != xs[0].dtype or t.dim() != 2 or t.shape[-1] != xs[0].shape[-1] for t in xs + ys) \
                 or any((w is not None) != weighted or (w is not None and w.numel() != len(t))
                        for w, t in zip(as_ + bs_, xs + ys)):
@@ -306,10 +308,10 @@ class SamplesLoss(Module):
         check_finite("y", y)
         if self.sphere:
             x, y = _unit("x", x), _unit("y", y)
-        if handles_of(x[:1], [0, 1], y[:1], [0, 1], self.cost) is None:
+        if not mod.ragged_supported(x, y, self.cost):
             return None
         from .ragged import ragged_sinkhorn
-        out = ragged_sinkhorn(self, handles_of, a, x, xo, b, y, yo, _rho(self.reach, self.p))
+        out = ragged_sinkhorn(self, mod.ragged_handles, a, x, xo, b, y, yo, _rho(self.reach, self.p))
         if not self.potentials:
             return out
         F, G = out

@@ -562,13 +562,17 @@ class RaggedCost:
                                   self._eps(eps), int(self.p), float(fscale))
 
 
+def ragged_supported(x, y, cost):
+    """Whether :func:`ragged_handles` applies: CPU float32/64, p = 1, 2, a build with the ragged kernels."""
+    ext = _load()
+    return cost.builtin and cost.p in (1, 2) and supports(x, y) and ext is not None and hasattr(ext, "softmin_ragged")
+
+
 def ragged_handles(x, xo, y, yo, cost, debias=True):
     """``(C_xy, C_yx, C_xx, C_yy)`` of a ragged batch, x (Nx,D), y (Ny,D) stacked segments,
     ``xo`` / ``yo`` (S+1,) offsets; None where the fused ragged kernels do not apply (not CPU
     float32/64, a cost other than p = 1, 2, an extension built without them)."""
-    ext = _load()
-    if not (cost.builtin and cost.p in (1, 2) and supports(x, y) and ext is not None
-            and hasattr(ext, "softmin_ragged")):
+    if not ragged_supported(x, y, cost):
         return None
     xo = torch.as_tensor(xo, dtype=torch.int64)
     yo = torch.as_tensor(yo, dtype=torch.int64)
