@@ -11,7 +11,8 @@ backward multiplies them by the incoming gradient.
 
 Not through the op (a graph break, then the eager loss: same values and gradients):
 ``potentials=True``, a callable ``cost``/``kernel``, cluster labels, ragged batches.  A
-gradient of the compiled loss is not differentiable again (no double backward).  CUDA graphs:
+gradient of the compiled loss is not differentiable again: a double backward raises (torch's
+"does not currently support double backward", or this module's NotImplementedError).  CUDA graphs:
 the op synchronises (the diameter, the stopping test): not capturable.
 """
 from __future__ import annotations
@@ -74,16 +75,41 @@ def _(x, y, a, b, config, need_grad):
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    ctx.save_for_backward(*output[1:], *inputs[:4])
 
 
 def _backward(ctx, g_value, *_):
-    """The saved gradients of x, y, a, b times the incoming (B,) or () gradient, broadcast."""
-    return (*(g_value.reshape(g_value.shape + (1,) * (t.dim() - g_value.dim())) * t for t in ctx.saved_tensors),
-            None, None)
+    """The saved gradients of x, y, a, b times the incoming (B,) or () gradient (:func:`scaled`)."""
+    return (*scaled(g_value, *ctx.saved_tensors), None, None)
 
 
 samples_loss.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("otkernels::samples_loss_backward", mutates_args=())
+def scaled(g: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, x: torch.Tensor,
+           y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """The backward of :func:`samples_loss`: gx, gy, ga, gb times g (B,) or (), broadcast.  x, y,
+    a, b are inputs (unread) so that a gradient of these gradients (double backward) reaches
+    this op and raises: the saved gradients are constants, and without that link AOTAutograd
+    would return the second derivative without the loss's terms, silently."""
+    return tuple(g.reshape(g.shape + (1,) * (t.dim() - g.dim())) * t for t in (gx, gy, ga, gb))
+
+
+@scaled.register_fake
+def _(g, gx, gy, ga, gb, x, y, a, b):
+    return tuple(torch.empty_like(t) for t in (gx, gy, ga, gb))
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "otkernels: double backward (a gradient of the gradient, e.g. a gradient penalty) through SamplesLoss "
+        "inside torch.compile is not supported; call the loss outside the compiled region "
+        "(torch.compiler.disable) for higher-order derivatives")
+
+
+scaled.register_autograd(_no_double_backward)
 
 
 def call(loss, args):

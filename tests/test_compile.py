@@ -116,3 +116,20 @@ def test_no_grad_and_float32():
         v = torch.compile(lambda u, v: L(u, v), fullgraph=True)(x, y)
     assert v.dtype == torch.float32
     torch.testing.assert_close(v, L(x, y), rtol=1e-6, atol=0)
+
+
+def test_double_backward_through_the_compiled_loss_raises(monkeypatch):
+    """A gradient of the compiled loss's gradient (a gradient penalty) raises instead of silently
+    dropping the loss's second-order terms (measured before the fix: 4.6208 against eager's
+    4.6158 for ∇_x(‖∇_x L‖² + ‖x‖²)); the eager loss gives it."""
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # no stale backward graph
+    _, x, _, y = _data()
+    x = x.clone().requires_grad_()
+    L = SamplesLoss("sinkhorn", blur=0.3, backend="tensorized")
+    torch._dynamo.reset()
+    (g,) = torch.autograd.grad(torch.compile(lambda x, y: L(x, y), fullgraph=True)(x, y), x, create_graph=True)
+    with pytest.raises((RuntimeError, NotImplementedError), match="double backward"):
+        torch.autograd.grad((g ** 2).sum() + (x ** 2).sum(), x)
+    (g,) = torch.autograd.grad(L(x, y), x, create_graph=True)
+    (h,) = torch.autograd.grad((g ** 2).sum() + (x ** 2).sum(), x)
+    assert torch.isfinite(h).all() and not torch.allclose(h, 2 * x)

@@ -74,7 +74,16 @@ def test_ragged_bad_input(call, match):
         call(SamplesLoss("sinkhorn", blur=0.5))
 
 
-# ---------------------------------------------------------------- one launch over the segments (native)
+# ---------------------------------------------------------------- one launch over the segments (native, triton)
+FUSED = ["native", "triton"]  # the backends with ragged kernels (``ragged_handles``)
+
+
+def _fused(name):
+    """Require backend ``name``; the loss must then take the one-launch path (``segments``)."""
+    from otk_testing import require_backend
+    require_backend(name)
+
+
 def _spread(dtype=torch.float64):
     """Segments of very different sizes and scales: their ε-schedules differ in length."""
     g = torch.Generator().manual_seed(1)
@@ -86,12 +95,11 @@ def _spread(dtype=torch.float64):
 
 @pytest.mark.parametrize("kw", [dict(blur=0.3), dict(blur=0.1, reach=0.5), dict(blur=0.1, reach=(None, 0.7)),
                                 dict(p=1, blur=0.2), dict(blur=0.2, debias=False), dict(blur=0.2, scaling=0.8)])
-def test_fused_ragged_equals_a_loop(kw):
-    from otkernels.backends import native
-    if not native.available()[0]:
-        pytest.skip("native extension not built")
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_ragged_equals_a_loop(kw, name):
+    _fused(name)
     xs, ys = _spread()
-    L = SamplesLoss("sinkhorn", backend="native", **kw)
+    L = SamplesLoss("sinkhorn", backend=name, **kw)
     xl = [t.clone().requires_grad_(True) for t in xs]
     loop = torch.stack([L(x, y) for x, y in zip(xl, ys)])
     gl = torch.autograd.grad(loop.sum(), xl)
@@ -103,15 +111,14 @@ def test_fused_ragged_equals_a_loop(kw):
     torch.testing.assert_close(gx, torch.cat(gl), rtol=1e-10, atol=1e-12)
 
 
-def test_fused_ragged_weights_potentials_float32():
-    from otkernels.backends import native
-    if not native.available()[0]:
-        pytest.skip("native extension not built")
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_ragged_weights_potentials_float32(name):
+    _fused(name)
     xs, ys = _spread()
     g = torch.Generator().manual_seed(2)
     as_ = [(torch.rand(len(t), 1, generator=g, dtype=torch.float64) + 0.1) for t in xs]
     bs_ = [(torch.rand(len(t), 1, generator=g, dtype=torch.float64) + 0.1) for t in ys]
-    P = SamplesLoss("sinkhorn", blur=0.3, potentials=True, backend="native")
+    P = SamplesLoss("sinkhorn", blur=0.3, potentials=True, backend=name)
     F, G = P(as_, xs, bs_, ys)
     assert P.last_info["segments"] == 5
     for k in range(5):
@@ -121,7 +128,7 @@ def test_fused_ragged_weights_potentials_float32():
         torch.testing.assert_close(G[k], gg, rtol=1e-12, atol=1e-12)
     # weights get gradients; float32 stays float32 and close to the loop
     a = torch.cat(as_).squeeze(1).requires_grad_(True)
-    L = SamplesLoss("sinkhorn", blur=0.3, backend="native")
+    L = SamplesLoss("sinkhorn", blur=0.3, backend=name)
     off = dict(x_offsets=[0, 7, 19, 22, 23, 53], y_offsets=[0, 9, 13, 24, 26, 51])
     (ga,) = torch.autograd.grad(L(a, torch.cat(xs), torch.cat(bs_).squeeze(1), torch.cat(ys), **off).sum(), a)
     al = [w.squeeze(1).clone().requires_grad_(True) for w in as_]
@@ -131,3 +138,25 @@ def test_fused_ragged_weights_potentials_float32():
     got = L(x32, y32)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, torch.stack([L(x, y) for x, y in zip(x32, y32)]), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_ragged_double_backward_equals_a_loop(name):
+    """``create_graph=True`` through the one-launch path (a gradient penalty's gradient, i.e. a
+    Hessian-vector product): equal to the loop's; the second-order pass runs segment by segment."""
+    _fused(name)
+    xs, ys = _spread()
+    xs, ys = xs[:3], ys[:3]
+    L = SamplesLoss("sinkhorn", blur=0.3, backend=name)
+
+    def penalty_grad(values, leaves):
+        gs = torch.autograd.grad(values().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g ** 2).sum() for g in gs), leaves)
+
+    x = torch.cat(xs).requires_grad_(True)
+    (hx,) = penalty_grad(lambda: L(x, torch.cat(ys), x_offsets=[0, 7, 19, 22], y_offsets=[0, 9, 13, 24]), [x])
+    assert L.last_info["segments"] == 3
+    xl = [t.clone().requires_grad_(True) for t in xs]
+    hl = penalty_grad(lambda: torch.stack([L(a, b) for a, b in zip(xl, ys)]), xl)
+    assert hx.abs().max() > 0
+    torch.testing.assert_close(hx, torch.cat(hl), rtol=1e-10, atol=1e-12)

@@ -46,6 +46,21 @@ def softmin_backward(x, y, h, eps, cost, g, needs=(True, False, False)):
     return _grads(f, (xs, ys, hs), needs, g)
 
 
+def ragged_softmin_backward(x, y, xo, yo, h, eps, cost, g):
+    """:func:`softmin_backward` (∂L/∂x only) of a ragged batch, segment by segment: x (Nx,D),
+    y (Ny,D) stacked, ``xo``/``yo`` (S+1,) offsets, h (S,m_max) and g (S,n_max) padded, eps a
+    float or (S,1) one ε per segment; returns ∂L/∂x (Nx,D).  Memory: the largest segment's
+    dense cost matrix at a time."""
+    xo, yo = [int(v) for v in xo], [int(v) for v in yo]
+    out = []
+    for q in range(len(xo) - 1):
+        n, m = xo[q + 1] - xo[q], yo[q + 1] - yo[q]
+        e = eps[q] if isinstance(eps, torch.Tensor) else eps
+        out.append(softmin_backward(x[None, xo[q]:xo[q + 1]], y[None, yo[q]:yo[q + 1]], h[q:q + 1, :m], e, cost,
+                                    g[q:q + 1, :n])[0][0])
+    return torch.cat(out)
+
+
 def kernel_sum_backward(x, y, b, kernel, g, needs=(True, True, True)):
     """Differentiable backward of ``out_i = Σ_j k(x_i, y_j) b_j``: x (B,N,D), y (B,M,D),
     b (B,M), g (B,N); returns ``[∂L/∂x, ∂L/∂y, ∂L/∂b]``."""

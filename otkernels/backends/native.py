@@ -597,7 +597,7 @@ class _SoftminGrad(torch.autograd.Function):
         if _double.create_graph():
             H = ctx.handle
             if isinstance(H, RaggedCost):
-                raise NotImplementedError("double backward through a ragged batch: pass the clouds one by one")
+                return _double.ragged_softmin_backward(H.x, H.y, H.xo, H.yo, h, ctx.eps, H.cost, g), None, None, None
             return _double.softmin_backward(H.x, H.y, h, ctx.eps, H.cost, g)[0], None, None, None
         gx = ctx.handle.grad_x(ctx.eps, h, lse, g.contiguous(), fscale=-1.0)
         return gx.to(ctx.handle.x.dtype), None, None, None

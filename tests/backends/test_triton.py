@@ -351,6 +351,77 @@ def test_argmin_ties_and_unbatched(monkeypatch):
     assert val.shape == (2,)
 
 
+# ----------------------------------------------------------------------------- ragged batches
+RAGGED_SIZES = ([3, 200, 1, 130], [9, 140, 4, 131])  # n_max > the 128-row tile: idle programs
+
+
+def _ragged(D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, m = RAGGED_SIZES
+    xs = [torch.randn(k, D, generator=g, dtype=torch.float64) * (1 + q) for q, k in enumerate(n)]
+    ys = [torch.randn(k, D, generator=g, dtype=torch.float64) * (1 + q) + 0.3 for q, k in enumerate(m)]
+    hs = [torch.randn(k, generator=g, dtype=torch.float64) for k in m]
+    H = torch.zeros(len(m), max(m), dtype=torch.float64)
+    for q, h in enumerate(hs):
+        H[q, :len(h)] = h
+    xo, yo = [0] + torch.tensor(n).cumsum(0).tolist(), [0] + torch.tensor(m).cumsum(0).tolist()
+    return ([t.to(dtype) for t in xs], [t.to(dtype) for t in ys], [t.to(dtype) for t in hs], H.to(dtype),
+            torch.tensor(xo), torch.tensor(yo))
+
+
+@pytest.mark.parametrize("p", [2, 1])
+@pytest.mark.parametrize("D, dtype", [(3, torch.float64), (20, torch.float64), (130, torch.float64),
+                                      (20, torch.float32)])
+def test_ragged_kernels_equal_each_segment(D, dtype, p):
+    """One launch over every segment (``_softmin_ragged``, ``_softmin_grad_ragged``) equals the
+    dense kernels segment by segment, at each segment's own ε: values, the padded rows zero,
+    the fused gradient; direct (D = 3), one chunk (D = 20) and D walked by chunks (D = 130)."""
+    xs, ys, hs, H, xo, yo = _ragged(D, dtype)
+    eps = torch.tensor([0.3, 0.5, 0.2, 0.8], dtype=dtype)
+    x, y = torch.cat(xs), torch.cat(ys)
+    nmax = max(len(t) for t in xs)
+    out = ops.softmin_ragged(x, y, xo, yo, H, eps, nmax, p)
+    f, G = ops.softmin_grad_ragged(x, y, xo, yo, H, eps, nmax, p)
+    tol = TOL64 if dtype == torch.float64 else 2e-5
+    for q, (xq, yq, hq) in enumerate(zip(xs, ys, hs)):
+        ref = ops.softmin_rows(xq[None], yq[None], hq[None], float(eps[q]), p)[0]
+        ref_f, ref_g = ops.softmin_and_grad(xq[None], yq[None], hq[None], float(eps[q]), p)
+        n = len(xq)
+        assert_rel(out[q, :n], ref, tol, f"segment {q} softmin")
+        assert_rel(f[q, :n], ref_f[0], tol, f"segment {q} fused softmin")
+        assert_rel(G[xo[q]:xo[q + 1]], ref_g[0], tol, f"segment {q} gradient")
+        assert not out[q, n:].any() and not f[q, n:].any(), "padded rows must stay zero"
+    if dtype == torch.float64:  # and the dense formula
+        q = 3
+        assert_rel(out[q, :len(xs[q])], ref_softmin(xs[q][None], ys[q][None], hs[q][None], float(eps[q]), p)[0],
+                   TOL64, "segment 3 vs torch")
+
+
+def test_ragged_self_cost_skips_the_diagonal():
+    """C(x, x) of a ragged cloud (same points, same offsets): the gradient equals the dense
+    kernel's on each segment, where the pairs i = j are left out (exact zeros)."""
+    xs, _, _, _, xo, _ = _ragged(5, torch.float32, seed=1)
+    x = torch.cat(xs)
+    nmax = max(len(t) for t in xs)
+    h = torch.zeros(len(xs), nmax)
+    f, G = ops.softmin_grad_ragged(x, x, xo, xo, h, 0.05, nmax, 2)
+    for q, xq in enumerate(xs):
+        ref_f, ref_g = ops.softmin_and_grad(xq[None], xq[None], h[q:q + 1, :len(xq)], 0.05, 2)
+        assert_rel(G[xo[q]:xo[q + 1]], ref_g[0], 1e-6, f"segment {q}")
+        assert_rel(f[q, :len(xq)], ref_f[0], 1e-6, f"segment {q} value")
+
+
+def test_ragged_kernels_bad_input():
+    x, y = torch.randn(5, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="stacked x"):
+        ops.softmin_ragged(x[None], y, [0, 5], [0, 4], torch.zeros(1, 4), 0.1, 5)
+    with pytest.raises(ValueError, match="offsets"):
+        ops.softmin_ragged(x, y, [0, 2, 5], [0, 4], torch.zeros(2, 4), 0.1, 3)
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.softmin_ragged(x, y.double(), [0, 5], [0, 4], torch.zeros(1, 4), 0.1, 5)
+
+
+
 # ----------------------------------------------------------------------------- SamplesLoss
 @pytest.fixture
 def interpret_env(monkeypatch):

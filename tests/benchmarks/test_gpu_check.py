@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("versions", "correctness", "parity", "timings", "large_offsets", "fronts")
+SECTIONS = ("versions", "correctness", "parity", "timings", "large_offsets", "fronts", "ragged")
 
 
 def numbers(obj, path="$"):
@@ -94,3 +94,6 @@ def test_parity_timings_and_the_rest(report):
     assert fronts["ddim_sample_with_ot"]["pass"] is True
     assert fronts["evaluate"]["pass"] is True
     assert fronts["transport_plan"]["pass"] is True, fronts["transport_plan"]
+    ragged = report["sections"]["ragged"]["result"]
+    assert ragged["pass"] is True and ragged["one_launch_path"] is True, ragged
+    assert ragged["value_rel_vs_loop"] <= 1e-4 and ragged["ragged_median_s"] > 0

@@ -133,11 +133,47 @@ class TritonCost:
         return (out * g[:, :, None].to(out.dtype)).to(self.xd.dtype)
 
 
+    def value_and_grad(self, eps, h):
+        """The softmin (B,N) and ``Σ_j P_ij ∇_x C`` (B,N,D) from one pass (acc dtype)."""
+        return ops.softmin_and_grad(self.xd, self.y, h, eps, self.p, self.xx, self.yy, precision=self.precision)
+
+    @staticmethod
+    def row_weights(g):
+        """The incoming gradient (B,N) as the weights of the rows of ``value_and_grad``'s gradient."""
+        return g
+
+
+class TritonRaggedCost:
+    """Cost handle of a ragged batch (issue 21), the Triton twin of ``native.RaggedCost``:
+    segment q pairs the rows ``xo[q]:xo[q+1]`` of x (Nx,D) (first argument, gets gradients)
+    with ``yo[q]:yo[q+1]`` of y (Ny,D); every softmin is one launch over all segments
+    (grid: row blocks × segments, :func:`ops.softmin_ragged`).  Potentials are padded:
+    h (S,m_max) -> (S,n_max), zeros past a segment's end.  ``eps``: a float or (S,1) one ε per
+    segment."""
+
+    def __init__(self, x, xo, y, yo, nmax, cost, norms, precision, rows):
+        self.x, self.xd, self.y, self.p, self.nmax = x, x.detach(), y.detach(), cost.p, nmax
+        self.xo, self.yo, self.xx, self.yy, self.precision = xo, yo, norms[0], norms[1], precision
+        self.rows = rows  # (segment, position) of every stacked row of x
+
+    def softmin(self, eps, h):
+        return ops.softmin_ragged(self.xd, self.y, self.xo, self.yo, h, eps, self.nmax, self.p, self.xx, self.yy,
+                                  precision=self.precision).to(h.dtype)
+
+    softmin_grad = TritonCost.softmin_grad
+
+    def value_and_grad(self, eps, h):
+        return ops.softmin_grad_ragged(self.xd, self.y, self.xo, self.yo, h, eps, self.nmax, self.p, self.xx,
+                                       self.yy, precision=self.precision)
+
+    def row_weights(self, g):
+        return g[self.rows]
+
+
 class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, eps, h):
-        f, G = ops.softmin_and_grad(handle.xd, handle.y, h, eps, handle.p, handle.xx, handle.yy,
-                                    precision=handle.precision)
+        f, G = handle.value_and_grad(eps, h)
         ctx.x_dtype, ctx.handle, ctx.eps = x.dtype, handle, eps
         ctx.save_for_backward(G, h)
         return f.to(h.dtype)
@@ -145,10 +181,42 @@ class _SoftminGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         G, h = ctx.saved_tensors
+        H = ctx.handle
         if _double.create_graph():
-            H = ctx.handle
+            if isinstance(H, TritonRaggedCost):
+                return _double.ragged_softmin_backward(H.x, H.y, H.xo, H.yo, h, ctx.eps, Cost(H.p), g), None, None, None
             return _double.softmin_backward(H.x, H.y, h, ctx.eps, Cost(H.p), g)[0], None, None, None
-        return (G * g[:, :, None].to(G.dtype)).to(ctx.x_dtype), None, None, None
+        return (G * H.row_weights(g)[..., None].to(G.dtype)).to(ctx.x_dtype), None, None, None
+
+
+def ragged_supported(x, y, cost):
+    """Whether :func:`ragged_handles` applies: CUDA (or interpreted) float32/64 points, p = 1, 2."""
+    return (HAS_TRITON and cost.fused and x.dtype in (torch.float32, torch.float64) and y.dtype == x.dtype
+            and x.device == y.device and (x.is_cuda or ops.interpreting(x.device)))
+
+
+def ragged_handles(x, xo, y, yo, cost, debias=True):
+    """``(C_xy, C_yx, C_xx, C_yy)`` of a ragged batch: x (Nx,D), y (Ny,D) stacked segments,
+    ``xo`` / ``yo`` (S+1,) offsets; None where :func:`ragged_supported` says no."""
+    if not ragged_supported(x, y, cost):
+        return None
+    xo = torch.as_tensor(xo, dtype=torch.int64)
+    yo = torch.as_tensor(yo, dtype=torch.int64)
+    from ...ragged import _index
+    (xs, xp, n), (ys, yp, m) = _index(xo, x.device), _index(yo, x.device)
+    rows = (xs, xp), (ys, yp)
+    xo_d, yo_d = xo.to(x.device), yo.to(x.device)
+    prec = ops.resolve_precision(x.dtype)
+    nx, ny = ops.sqnorms(x.detach(), prec), ops.sqnorms(y.detach(), prec)
+    nmax, mmax = int(n.max()), int(m.max())
+
+    def handle(a, ao, b, bo, k, norms, r):
+        return TritonRaggedCost(a, ao, b, bo, k, cost, norms, prec, r)
+
+    C_xy, C_yx = handle(x, xo_d, y, yo_d, nmax, (nx, ny), rows[0]), handle(y, yo_d, x, xo_d, mmax, (ny, nx), rows[1])
+    if not debias:
+        return C_xy, C_yx, None, None
+    return C_xy, C_yx, handle(x, xo_d, x, xo_d, nmax, (nx, nx), rows[0]), handle(y, yo_d, y, yo_d, mmax, (ny, ny), rows[1])
 
 
 def cost_handles(x, y, cost, debias=True, cache=None):

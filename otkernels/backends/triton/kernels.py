@@ -176,7 +176,7 @@ def shared_bytes(kernel, bn, bm, stages, d_pad, block_d=None, direct=0, dv=None,
 
 
 # words/thread above which ptxas spilled (sm_80, sm_90; D = 128, 256, 512; float32, bfloat16)
-BUDGET = {"_weighted_grad": 120, "_plan_apply": 120, "fwd": 160}
+BUDGET = {"_weighted_grad": 120, "_softmin_grad_ragged": 120, "_plan_apply": 120, "fwd": 160}
 MAX_KEPT = 4  # configs the autotuner times per problem (the largest tiles that fit)
 
 
@@ -200,12 +200,13 @@ def shared_limit(cc: int) -> int:
 
 
 def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32",
-                 variant=()):
+                 variant=(), twin=None):
     """The configs the autotuner may launch for one problem on ``sm_<cc>``: those whose
     registers (:data:`BUDGET`) and shared memory (:func:`shared_bytes` ≤ the device's
     limit) fit, without duplicates; small tiles are dropped when large ones fit.  Never
     empty: if nothing fits the register budget, the smallest config that fits shared memory.
-    The gradient's ``BLOCK_DV`` ranges over the powers of two from 64 (or D) up to D."""
+    The gradient's ``BLOCK_DV`` ranges over the powers of two from 64 (or D) up to D.
+    ``twin``: ``(kernel, variant)`` whose measured spills also apply (the same loop body)."""
     BLOCK_D = D_PAD if BLOCK_D is None else BLOCK_D
     limit = shared_limit(cc)
     budget = BUDGET.get(kernel, BUDGET["fwd"])
@@ -250,7 +251,8 @@ def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=No
         top = [c for _, c in chosen[:MAX_KEPT]]
         # configs that ptxas measured to spill for this very variant and architecture
         # (_measured.py, from benchmarks/results/triton-resources.json) go when others remain
-        clean = [c for c in top if (cc, kernel, variant, config_key(c)) not in SPILLED]
+        known = [(kernel, variant)] + ([twin] if twin else [])
+        clean = [c for c in top if not any((cc, k, v, config_key(c)) in SPILLED for k, v in known)]
         return clean or top
     if out:
         return [min(out, key=lambda t: (t[0], t[1]))[2]]
@@ -283,15 +285,24 @@ except ImportError:  # pragma: no cover - the table is optional
     SPILLED = frozenset()
 
 
+# kernels whose loop body is another kernel's variant: (that kernel, the constexprs of the variant)
+TWINS = {"_softmin_ragged": ("_softmin_fwd", {}),
+         "_softmin_grad_ragged": ("_weighted_grad", dict(HAS_CW=False, WRITE_RS=False, NORMALIZED=True))}
+
+
 def _prune_for(kernel):
     def prune(configs, named_args, **kwargs):
         """Configs that fit the target's registers and shared memory (:func:`keep_configs`)."""
         a = {**named_args, **kwargs}
         x = a.get("X")
         bits = x.dtype.itemsize * 8 if hasattr(x, "dtype") and hasattr(x.dtype, "itemsize") else 32
+        twin = None
+        if kernel in TWINS:
+            name, extra = TWINS[kernel]
+            twin = (name, (_elt(bits),) + variant_key({**a, **extra}))
         return keep_configs(kernel, configs, _cc_of(a), a["D_PAD"], a.get("BLOCK_D"), a.get("DIRECT", 0),
                             _elt(bits), a.get("D"), a.get("DIFF", False), a.get("PRECISION", "tf32"),
-                            (_elt(bits),) + variant_key(a))
+                            (_elt(bits),) + variant_key(a), twin)
     return prune
 
 
@@ -446,6 +457,35 @@ def _kernel_values(xy, xx, yy, inv_s2, MODE: tl.constexpr, GRAD: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- softmin
+@triton.jit
+def _softmin_block(Xb, Yb, XXb, YYb, Hb, eps, offs_n, mask_n, M_END, M, D, sxn, sxd, sym, syd,
+                   P: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The inner loop of a softmin: ``−ε log Σ_{j<M} exp(h_j − C(x_i, y_j)/ε)`` of the rows
+    ``offs_n`` of the cloud at ``Xb`` against the M points at ``Yb`` (norms ``XXb``/``YYb``,
+    potential ``Hb``), walking the columns by ``BLOCK_M`` up to ``M_END`` (M, or 0 for a
+    program with no rows: a ragged segment shorter than the grid)."""
+    k = _LOG2E / eps
+    xx = _norms(XXb, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+    x = _x_tile(Xb, offs_n, mask_n, D, sxn, sxd, BLOCK_N, D_PAD, BLOCK_D, DIRECT, PRECISION)
+    m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
+    l_i = tl.zeros((BLOCK_N,), ACC)
+    for j0 in range(0, M_END, BLOCK_M):
+        offs_m = j0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, sxn, sxd, sym, syd,
+                      BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+        yy = _norms(YYb, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
+        h = tl.load(Hb + offs_m, mask=mask_m, other=0.0)
+        s = _softmin_scores(xy, xx, yy, h, k, P)
+        s = tl.where(mask_m[None, :], s, float("-inf"))
+        m_i, _alpha, _p, l_i = _lse_update(m_i, l_i, s)
+    out = (m_i + tl.log2(l_i)) * (-eps / _LOG2E)
+    if P == 2:
+        out += 0.5 * xx
+    return out
+
+
 @triton.autotune(configs=_configs(), key=_KEY + ["P"], cache_results=True,
                  prune_configs_by={"early_config_prune": _prune_for("_softmin_fwd")})
 @triton.jit
@@ -462,24 +502,9 @@ def _softmin_fwd(X, Y, XX, YY, H, Par, Out,
     Xb = X + pid_b * stride_xb
     Yb = Y + pid_b * stride_yb
     eps = tl.load(Par)
-    k = _LOG2E / eps
-    xx = _norms(XX + pid_b * N, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
-    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT, PRECISION)
-    m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
-    l_i = tl.zeros((BLOCK_N,), ACC)
-    for j0 in range(0, M, BLOCK_M):
-        offs_m = j0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
-                      stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
-        yy = _norms(YY + pid_b * M, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
-        h = tl.load(H + pid_b * M + offs_m, mask=mask_m, other=0.0)
-        s = _softmin_scores(xy, xx, yy, h, k, P)
-        s = tl.where(mask_m[None, :], s, float("-inf"))
-        m_i, _alpha, _p, l_i = _lse_update(m_i, l_i, s)
-    out = (m_i + tl.log2(l_i)) * (-eps / _LOG2E)
-    if P == 2:
-        out += 0.5 * xx
+    out = _softmin_block(Xb, Yb, XX + pid_b * N, YY + pid_b * M, H + pid_b * M, eps, offs_n, mask_n, M, M, D,
+                         stride_xn, stride_xd, stride_ym, stride_yd,
+                         P, ACC, D_PAD, BLOCK_D, DIRECT, PRECISION, BLOCK_N, BLOCK_M)
     tl.store(Out + pid_b * N + offs_n, out, mask=mask_n)
 
 
@@ -773,7 +798,7 @@ def _argminmax(X, Y, XX, YY, H, Val, Idx,
 # starting line number and its helpers', and benchmarks/results/triton-resources.json is checked
 # against those keys, so code added above them would mark every measured row stale.  For the
 # same reason the pruner's functions above take the plan through ``GRAD_LIKE`` without moving a line.
-GRAD_LIKE = ("_weighted_grad", "_plan_apply")  # kernels with a (BLOCK_N, BLOCK_DV) accumulator
+GRAD_LIKE = ("_weighted_grad", "_plan_apply", "_softmin_grad_ragged")  # kernels with a (BLOCK_N, BLOCK_DV) accumulator
 
 
 def _prune_plan(configs, named_args, **kwargs):
@@ -861,5 +886,112 @@ def _plan_apply(X, Y, XX, YY, U, Hv, Vm, Par, Out,
     tl.store(Out + row[:, None] * K + offs_k[None, :], out, mask=mask_n[:, None] & (offs_k[None, :] < K))
 
 
+# ----------------------------------------------------------------------------- ragged batches
+@triton.jit
+def _segment(Off, q):
+    """Segment ``q`` of a ragged batch from its offsets ``Off`` (S+1,) int64: (first row, rows)."""
+    r0 = tl.load(Off + q)
+    return r0, (tl.load(Off + q + 1) - r0).to(tl.int32)
+
+
+@triton.autotune(configs=_configs(), key=_KEY + ["P"], cache_results=True,
+                 prune_configs_by={"early_config_prune": _prune_for("_softmin_ragged")})
+@triton.jit
+def _softmin_ragged(X, Y, XX, YY, XO, YO, H, Eps, Out,
+                    N, M, D, stride_xn, stride_xd, stride_ym, stride_yd, N_KEY, M_KEY,
+                    P: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DIRECT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The softmin of every segment of a ragged batch in one launch (issue 21): program
+    ``(pid_n, q)`` reduces the rows ``XO[q] + pid_n·BLOCK_N + [0, BLOCK_N)`` of X (Nx,D) over
+    the rows ``YO[q]:YO[q+1]`` of Y (Ny,D) at ``ε = Eps[q]``.  H (S, M) and Out (S, N) are
+    padded to the largest segments (N = n_max, M = m_max); padded rows are not written, padded
+    columns not read; a program past its segment's end runs no column loop."""
+    pid_n = tl.program_id(0)
+    q = tl.program_id(1).to(tl.int64)
+    x0, n = _segment(XO, q)
+    y0, m = _segment(YO, q)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    m_end = tl.where(pid_n * BLOCK_N < n, m, 0)
+    out = _softmin_block(X + x0 * stride_xn, Y + y0 * stride_ym, XX + x0, YY + y0, H + q * M, tl.load(Eps + q),
+                         offs_n, mask_n, m_end, m, D, stride_xn, stride_xd, stride_ym, stride_yd,
+                         P, ACC, D_PAD, BLOCK_D, DIRECT, PRECISION, BLOCK_N, BLOCK_M)
+    tl.store(Out + q * N + offs_n, out, mask=mask_n)
+
+
+@triton.autotune(configs=_configs(grad=True), key=_KEY + ["MODE", "DIFF"], cache_results=True,
+                 prune_configs_by={"early_config_prune": _prune_for("_softmin_grad_ragged")})
+@triton.jit(do_not_specialize=["SKIP_DIAG"])
+def _softmin_grad_ragged(X, Y, XX, YY, XO, YO, H, Eps, Out, Fout,
+                         N, M, D, stride_xn, stride_xd, stride_ym, stride_yd, N_KEY, M_KEY, SKIP_DIAG,
+                         MODE: tl.constexpr, ACC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DIRECT: tl.constexpr, PRECISION: tl.constexpr, DIFF: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The softmin and its gradient of every segment of a ragged batch in one launch: the
+    normalised softmin mode of :func:`_weighted_grad` (``Out_i = Σ_j P_ij ∇_x C(x_i, y_j)``,
+    P the row softmax of ``h_j − C_ij/ε`` normalised in the pass, and ``Fout_i`` the softmin)
+    over the segments of :func:`_softmin_ragged`.  Out (Nx, D) is stacked like X; Fout (S, N)
+    padded.  ``SKIP_DIAG`` ≠ 0 (Y is X, same offsets): the pairs i = j leave the gradient."""
+    pid_n = tl.program_id(0)
+    q = tl.program_id(1).to(tl.int64)
+    pid_dv = tl.program_id(2)
+    SHARE_Y: tl.constexpr = (BLOCK_D == D_PAD) and (BLOCK_DV == D_PAD) and (DIRECT == 0) and (not DIFF)
+    x0, n = _segment(XO, q)
+    y0, m = _segment(YO, q)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    m_end = tl.where(pid_n * BLOCK_N < n, m, 0)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    Xb = X + x0 * stride_xn
+    Yb = Y + y0 * stride_ym
+    eps = tl.load(Eps + q)
+    k = _LOG2E / eps
+    x = _x_tile(Xb, offs_n, mask_n, D, stride_xn, stride_xd, BLOCK_N, D_PAD, BLOCK_D, DIRECT, PRECISION)
+    x_dv = _load_rows(Xb, offs_n, mask_n, offs_dv, D, stride_xn, stride_xd).to(ACC)
+    xx = _norms(XX + x0, offs_n, mask_n, BLOCK_N, DIRECT, ACC)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    sw = tl.zeros((BLOCK_N,), ACC)
+    rs = tl.zeros((BLOCK_N,), ACC)
+    m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
+    for j0 in range(0, m_end, BLOCK_M):
+        offs_m = j0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m
+        if SHARE_Y:
+            y = _operand(_load_rows(Yb, offs_m, mask_m, tl.arange(0, D_PAD), D, stride_ym, stride_yd), PRECISION)
+            xy = _dot(x, tl.trans(y), tl.zeros((BLOCK_N, BLOCK_M), ACC), PRECISION, ACC)
+            y_dv = y
+        else:
+            xy = _xy_tile(x, Xb, Yb, offs_n, mask_n, offs_m, mask_m, D, stride_xn, stride_xd,
+                          stride_ym, stride_yd, BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION, ACC, DIRECT)
+            y_dv = _load_rows(Yb, offs_m, mask_m, offs_dv, D, stride_ym, stride_yd)
+            if DIFF:
+                y_dv = y_dv.to(ACC)
+            else:
+                y_dv = _operand(y_dv, PRECISION)
+        yy = _norms(YY + y0, offs_m, mask_m, BLOCK_M, DIRECT, ACC)
+        h = tl.load(H + q * M + offs_m, mask=mask_m, other=0.0)
+        e = tl.where(mask_m[None, :], _softmin_scores(xy, xx, yy, h, k, 2 - MODE), float("-inf"))
+        m_i, alpha, W, rs = _lse_update(m_i, rs, e)  # online softmax: rescale what was accumulated
+        sw = sw * alpha
+        acc = acc * alpha[:, None]
+        if MODE == 1:  # ∇_x ‖x − y‖ = (x − y)/‖x − y‖, zero where the clamp is active
+            d2 = xx[:, None] + yy[None, :] - 2.0 * xy
+            W = tl.where(d2 > _CLAMP, W / tl.sqrt(tl.maximum(d2, _CLAMP)), 0.0)
+        W = tl.where((offs_n[:, None] == offs_m[None, :]) & (SKIP_DIAG != 0), 0.0, W)
+        if not DIFF:
+            sw += tl.sum(W, 1)
+        acc = _pv_update(acc, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, False)
+    out = acc if DIFF else x_dv * sw[:, None] - acc
+    out = out / rs[:, None]
+    row = x0 + offs_n
+    tl.store(Out + row[:, None] * D + offs_dv[None, :], out, mask=mask_n[:, None] & (offs_dv[None, :] < D))
+    if pid_dv == 0:
+        f = (m_i + tl.log2(rs)) * (-eps / _LOG2E)
+        if MODE == 0:
+            f += 0.5 * xx
+        tl.store(Fout + q * N + offs_n, f, mask=mask_n)
+
+
 KERNELS = {"_softmin_fwd": _softmin_fwd, "_softmin_two": _softmin_two, "_weighted_grad": _weighted_grad,
-           "_kernel_sum_fwd": _kernel_sum_fwd, "_argminmax": _argminmax, "_plan_apply": _plan_apply}
+           "_kernel_sum_fwd": _kernel_sum_fwd, "_argminmax": _argminmax, "_plan_apply": _plan_apply,
+           "_softmin_ragged": _softmin_ragged, "_softmin_grad_ragged": _softmin_grad_ragged}

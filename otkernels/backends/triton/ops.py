@@ -285,7 +285,7 @@ def _grid(N, B, D):
     return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, triton.cdiv(D, meta.get("BLOCK_DV", D) or D))  # noqa: E731
 
 
-def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None):
+def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None, proxy=True):
     """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B[, cdiv(D, BLOCK_DV)])``.
 
     Compiled (CUDA): on the tensors' device; the first launch of a tuning key (size buckets,
@@ -295,7 +295,8 @@ def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=
     reuses the winner (also cached on disk by triton); ``before_full`` runs between the two
     (to reset buffers the proxy wrote).  ``grid``: a fixed grid instead of the row blocks.
     ``cols``: the output width that ``BLOCK_DV`` tiles (default D; the plan product's K).
-    Interpreted: one large fixed tile."""
+    ``proxy=False``: tune on the launch itself (the ragged kernels, whose N and M are the
+    padded widths, not sizes to shrink).  Interpreted: one large fixed tile."""
     log = getattr(_capture, "log", None)
     if log is not None:
         log.append((name, args, consts))
@@ -310,7 +311,7 @@ def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=
                str(args[0].dtype), device, args[names.index("K_KEY")] if "K_KEY" in names else None)
         with torch.cuda.device(device):
             if key not in _tuned:
-                if N > TUNE_ROWS or M > TUNE_COLS:
+                if proxy and (N > TUNE_ROWS or M > TUNE_COLS):
                     proxy = list(args)
                     proxy[iN], proxy[iM] = min(N, TUNE_ROWS), min(M, TUNE_COLS)
                     tuner[grid or _grid(proxy[iN], B, D)](*proxy, **consts)
@@ -551,6 +552,56 @@ def weighted_grad(x, y, mode, par, hc=None, rr=None, cw=None, xx=None, yy=None, 
     _launch("_weighted_grad", B, N, x.device, args, _grad_consts(x, mode, precision, cw is not None, rowsum, False))
     return (out, rs) if rowsum else out
 
+
+
+# ----------------------------------------------------------------------------- ragged batches
+def _ragged_launch(x, y, xo, yo, h, eps, xx, yy, precision):
+    """Checks and the shared arguments of the ragged kernels (issue 21)."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"ragged kernels: expected stacked x (Nx,D) and y (Ny,D), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    _check_points(x[None], y[None])
+    S = len(xo) - 1
+    if len(yo) != S + 1 or h.dim() != 2 or h.shape[0] != S:
+        raise ValueError(f"ragged kernels: {S + 1} x offsets, {len(yo)} y offsets and h {tuple(h.shape)} "
+                         "(expected (S, m_max))")
+    acc = acc_dtype(x.dtype)
+    offs = [torch.as_tensor(o, dtype=torch.int64).to(x.device) for o in (xo, yo)]
+    eps = (eps.detach().reshape(S) if isinstance(eps, torch.Tensor) else torch.full((S,), float(eps), dtype=acc))
+    xx = sqnorms(x, precision) if xx is None else xx
+    yy = sqnorms(y, precision) if yy is None else yy
+    return S, (x, y, xx, yy, *offs, _vec(h, x), eps.to(dtype=acc, device=x.device).contiguous()), acc
+
+
+def _ragged_sizes(x, y, nmax, mmax):
+    return (nmax, mmax, x.shape[1], *x.stride(), *y.stride(), nmax.bit_length(), mmax.bit_length())
+
+
+@torch.no_grad()
+def softmin_ragged(x, y, xo, yo, h, eps, nmax, p=2, xx=None, yy=None, precision=None):
+    """The softmins of every segment of a ragged batch in one launch: segment q pairs the rows
+    ``xo[q]:xo[q+1]`` of x (Nx,D) with ``yo[q]:yo[q+1]`` of y (Ny,D); h (S, m_max) padded, eps
+    a float or (S,) one ε per segment -> (S, nmax) (acc dtype, zeros past each segment)."""
+    S, args, acc = _ragged_launch(x, y, xo, yo, h, eps, xx, yy, precision)
+    out = torch.zeros(S, nmax, dtype=acc, device=x.device)
+    _launch("_softmin_ragged", S, nmax, x.device, (*args, out, *_ragged_sizes(x, y, nmax, h.shape[1])),
+            dict(P=int(p), **_consts(x[None], precision)), proxy=False)
+    return out
+
+
+@torch.no_grad()
+def softmin_grad_ragged(x, y, xo, yo, h, eps, nmax, p=2, xx=None, yy=None, precision=None):
+    """:func:`softmin_ragged` and ``Σ_j P_ij ∇_x C(x_i, y_j)`` (Nx, D) with the plan normalised in
+    the same pass (:func:`softmin_and_grad` per segment), in one launch; acc dtype."""
+    S, args, acc = _ragged_launch(x, y, xo, yo, h, eps, xx, yy, precision)
+    f = torch.zeros(S, nmax, dtype=acc, device=x.device)
+    out = torch.empty(x.shape, dtype=acc, device=x.device)
+    mode = _compiled.SOFTMIN_P2 if p == 2 else _compiled.SOFTMIN_P1
+    same = _same_points(x, y) and xo is yo  # C(x, x) of one ragged cloud
+    consts = dict(MODE=int(mode), DIFF=x.dtype == torch.float64, **_consts(x[None], precision))
+    _launch("_softmin_grad_ragged", S, nmax, x.device,
+            (*args, out, f, *_ragged_sizes(x, y, nmax, h.shape[1]), int(same)), consts, proxy=False)
+    return f, out
 
 
 def _check_plan_args(x, y, u, v, V, eps, p):
