@@ -101,6 +101,8 @@ SINKHORN = {
     "p2_blocked": (dict(p=2, blur=0.1, backend="blocked"), dict(D=5)),
     "p2_online_reach_empty": (dict(p=2, blur=0.2, reach=1.0, backend="online"), dict(empty_x=True)),
     "p2_native": (dict(p=2, blur=0.1, backend="native"), dict(weights=True)),
+    "p2_triton_weighted": (dict(p=2, blur=0.2, backend="triton"), dict(weights=True)),
+    "p1_keops_no_debias": (dict(p=1, blur=0.3, debias=False, backend="keops"), dict(empty_y=True)),
     "p2_auto_float64_large_blur": (dict(p=2, blur=2.0), dict(N=40, M=31)),
     "p2_early_stopping": (dict(p=2, blur=0.1, tol=1e-9, backend="tensorized"), {}),
     "p2_cosine": (dict(p=2, blur=0.3, cost="cosine", backend="tensorized"), dict(weights=True)),
@@ -115,6 +117,7 @@ KERNELS = {
     "gaussian_batched": (dict(loss="gaussian", blur=0.7, backend="tensorized"), dict(B=2)),
     "laplacian_blocked_empty": (dict(loss="laplacian", blur=0.7, backend="blocked"), dict(empty_y=True, weights=True)),
     "energy_native": (dict(loss="energy", backend="native"), dict(D=4)),
+    "gaussian_triton_batched": (dict(loss="gaussian", blur=0.7, backend="triton"), dict(B=2)),
     "gaussian_potentials": (dict(loss="gaussian", blur=0.7, backend="tensorized"), dict(potentials=True, empty_x=True)),
 }
 
@@ -280,7 +283,7 @@ def _metric_cases(rank, world):
     for fn, name in ((assign.argmax_inner, "argmax_inner"), (assign.argmin_sqdist, "argmin_sqdist")):
         for empty in (False, True):
             s = _split(29, world, rank, empty)
-            for backend in ("torch", "native") if _native_ok() else ("torch",):
+            for backend in ("torch", "native") if "native" in _usable() else ("torch",):
                 rv, ri = fn(x, y, h, backend=backend)
                 gv, gi = getattr(otd, name)(x, y[:, s], h[:, s], backend=backend)
                 out[f"{name}_{backend}_{'empty' if empty else 'full'}"] = {
@@ -344,10 +347,11 @@ def _errors(rank, world):
     return out
 
 
-def _native_ok():
+def _usable():
+    """The backends that run here (the same on every rank): the cases of the others are skipped."""
     from otkernels import backends
 
-    return bool(backends.available()["native"][0])
+    return {name for name, (ok, _) in backends.available().items() if ok}
 
 
 def _worker(rank, world, port, outdir):
@@ -358,10 +362,10 @@ def _worker(rank, world, port, outdir):
                             timeout=timedelta(seconds=120))
     try:
         res = {"sinkhorn": {}, "kernel": {}, "hausdorff": {}}
-        native = _native_ok()
+        usable = _usable() | {"online"}  # online: blocked without a cache
         for group, cases in (("sinkhorn", SINKHORN), ("kernel", KERNELS), ("hausdorff", HAUSDORFF)):
             for name, (kw, opts) in cases.items():
-                skip = kw.get("backend") == "native" and not native  # the same on every rank
+                skip = kw.get("backend", "auto") not in usable | {"auto"}
                 res[group][name] = None if skip else _loss_case(rank, world, name, kw, **opts)
         res["ragged"] = {name: _ragged_case(rank, world, name, kw, **opts) for name, (kw, opts) in RAGGED.items()}
         res["metrics"] = _metric_cases(rank, world)
@@ -374,6 +378,16 @@ def _worker(rank, world, port, outdir):
 
 
 _RESULTS = {}
+
+
+def _require(kw):
+    """Fail where the case's backend is expected here but unavailable, skip where it is not
+    installed (tests/otk_testing.py); the workers record None for a backend they cannot run."""
+    from otk_testing import require_backend
+
+    name = kw.get("backend", "auto")
+    if name not in ("auto", "online"):
+        require_backend(name)
 
 
 def _results(world, tmp_path_factory):
@@ -393,8 +407,7 @@ def results(request, tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(SINKHORN))
 def test_sinkhorn_matches_single_process(results, case):
-    if results[0]["sinkhorn"][case] is None:
-        pytest.skip("the native backend is not available here")
+    _require(SINKHORN[case][0])
     for rank, res in enumerate(results):
         errs = res["sinkhorn"][case]
         assert errs, case
@@ -406,8 +419,7 @@ def test_sinkhorn_matches_single_process(results, case):
 
 @pytest.mark.parametrize("case", list(KERNELS))
 def test_kernel_losses_match_single_process(results, case):
-    if results[0]["kernel"][case] is None:
-        pytest.skip("the native backend is not available here")
+    _require(KERNELS[case][0])
     for rank, res in enumerate(results):
         for what, e in res["kernel"][case].items():
             assert e <= TOL, f"rank {rank}, {case}: {what} relative error {e:.3g}"
@@ -430,8 +442,7 @@ def test_metrics_and_assignment_match_single_process(results):
 
 @pytest.mark.parametrize("case", list(HAUSDORFF))
 def test_hausdorff_matches_single_process(results, case):
-    if results[0]["hausdorff"][case] is None:
-        pytest.skip("the native backend is not available here")
+    _require(HAUSDORFF[case][0])
     for rank, res in enumerate(results):
         errs = res["hausdorff"][case]
         assert errs
