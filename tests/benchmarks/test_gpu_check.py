@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("versions", "correctness", "parity", "timings", "large_offsets", "fronts", "ragged")
+SECTIONS = ("versions", "correctness", "parity", "timings", "large_offsets", "fronts", "ragged", "distributed")
 
 
 def numbers(obj, path="$"):
@@ -97,3 +97,5 @@ def test_parity_timings_and_the_rest(report):
     ragged = report["sections"]["ragged"]["result"]
     assert ragged["pass"] is True and ragged["one_launch_path"] is True, ragged
     assert ragged["value_rel_vs_loop"] <= 1e-4 and ragged["ragged_median_s"] > 0
+    dist = report["sections"]["distributed"]["result"]
+    assert dist["pass"] is True and len(dist["ranks"]) == dist["world"] >= 1, dist
