@@ -931,7 +931,9 @@ def _softmin_grad_ragged(X, Y, XX, YY, XO, YO, H, Eps, Out, Fout,
     normalised softmin mode of :func:`_weighted_grad` (``Out_i = Σ_j P_ij ∇_x C(x_i, y_j)``,
     P the row softmax of ``h_j − C_ij/ε`` normalised in the pass, and ``Fout_i`` the softmin)
     over the segments of :func:`_softmin_ragged`.  Out (Nx, D) is stacked like X; Fout (S, N)
-    padded.  ``SKIP_DIAG`` ≠ 0 (Y is X, same offsets): the pairs i = j leave the gradient."""
+    padded.  ``SKIP_DIAG`` ≠ 0 (Y is X, same offsets): the pairs i = j leave the gradient.
+    (Its column loop repeats that of :func:`_weighted_grad`'s normalised mode rather than
+    sharing a helper: a change to the dense kernel voids its 549 measured resource rows.)"""
     pid_n = tl.program_id(0)
     q = tl.program_id(1).to(tl.int64)
     pid_dv = tl.program_id(2)

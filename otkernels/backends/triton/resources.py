@@ -343,12 +343,20 @@ def main(argv=None):
 
 
 def _code_of(fn, seen):
-    """The source of a ``@triton.jit`` function and, recursively, of the jit helpers and the
-    values of the ``tl.constexpr`` globals of ``kernels.py`` it names (not its line numbers:
-    code moved by an edit elsewhere in the file compiles to the same kernel)."""
+    """The code of a ``@triton.jit`` function (its syntax tree without the docstring) and,
+    recursively, of the jit helpers and the values of the ``tl.constexpr`` globals of
+    ``kernels.py`` it names; not its line numbers, comments or docstring: code moved by an
+    edit elsewhere in the file, or documented anew, compiles to the same kernel."""
+    import ast
+    import textwrap
+
     import triton.language as tl
     from triton.runtime.jit import JITFunction
-    parts = [fn.src]
+    tree = ast.parse(textwrap.dedent(fn.src))
+    body = tree.body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        del body[0]
+    parts = [ast.dump(tree)]
     for name in sorted(set(re.findall(r"\b[A-Za-z_]\w*\b", fn.src))):
         obj = getattr(K, name, None)
         if isinstance(obj, JITFunction) and obj is not fn and name not in seen:
