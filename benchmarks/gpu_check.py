@@ -53,6 +53,9 @@ section runs):
 8. ``distributed``: ``otkernels.distributed.SamplesLoss`` with NCCL, one rank per visible GPU
    (N = 20k, M = 20,007, D = 128), against the single-process loss: time per rank, value and
    x-gradient errors.  ``--tiny`` without CUDA: 2 gloo processes, N = 60.
+9. ``cuda_graph``: the divergence (``diameter=`` given) forward + backward captured in one CUDA
+   graph, replayed on new points (N = M = 10k, D = 128) against the eager loss; skipped
+   without CUDA.
 
 ``--tiny``: section 2 at N=40, M=41, D in {3, 17}, ε = 0.01, a subset of variants; section 3 against geomloss
 ``backend="tensorized"`` at N ≤ 30; section 4 at N=M=64, D=16 against geomloss tensorized and
@@ -849,6 +852,52 @@ def section_ragged(cfg):
     return out
 
 
+def section_cuda_graph(cfg):
+    """The Sinkhorn divergence (``diameter=`` given, Triton backend) forward + backward captured
+    in one CUDA graph after two eager warm-up calls (autotuning), replayed on new points copied
+    into the static input, against the eager loss on those points: value and x-gradient
+    errors, and the replay's time against the eager call's."""
+    from otkernels import SamplesLoss
+    dev = cfg["device"]
+    if dev != "cuda":
+        return dict(skipped="CUDA graphs need a GPU (tests/test_capture.py counts the host reads on CPU)")
+    n, d = (64, 16) if cfg["tiny"] else (10_000, 128)
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = (torch.randn(n, d, generator=g).to(dev) for _ in range(2))
+    y = (torch.randn(n, d, generator=g) + 0.5).to(dev)
+    L = SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.7, diameter=12.0, backend="triton")
+    xs = x0.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            xs.grad = None
+            L(xs, y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    xs.grad = None
+    with torch.cuda.graph(graph):
+        v_static = L(xs, y)
+        v_static.backward()
+    with torch.no_grad():
+        xs.copy_(x1)
+    replay_s = median_time(graph.replay, dev, cfg["rounds"])
+    xe = x1.clone().requires_grad_(True)
+
+    def eager():
+        xe.grad = None
+        v = L(xe, y)
+        v.backward()
+        return v
+    eager_s = median_time(eager, dev, cfg["rounds"])
+    ref = eager()
+    out = dict(N=n, D=d, replay_s=replay_s, eager_s=eager_s, speedup=eager_s / replay_s,
+               value_rel=abs(v_static.item() - ref.item()) / abs(ref.item()),
+               grad_rel=rel_errors(xs.grad, xe.grad)["max_rel"], tol=dict(value=1e-6, grad=1e-5))
+    out["pass"] = out["value_rel"] <= 1e-6 and out["grad_rel"] <= 1e-5
+    return out
+
+
 def _dist_worker(rank, world, port, backend, device, n, d, out_dir):
     """One rank of :func:`section_distributed`: its shards of x and y, the sharded loss, and the
     single-process loss on everything (on this rank's device), compared."""
@@ -912,7 +961,7 @@ def section_distributed(cfg):
 # ----------------------------------------------------------------------------- driver
 SECTIONS = (("versions", section_versions), ("correctness", section_correctness), ("parity", section_parity),
             ("timings", section_timings), ("large_offsets", section_large_offsets), ("fronts", section_fronts),
-            ("ragged", section_ragged), ("distributed", section_distributed))
+            ("ragged", section_ragged), ("distributed", section_distributed), ("cuda_graph", section_cuda_graph))
 
 
 def failures(report):

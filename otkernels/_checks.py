@@ -32,7 +32,16 @@ def check_tensor(name, t, *, floating=True):
     return t
 
 
+def capturing(t) -> bool:
+    """Whether ``t`` is a CUDA tensor of a stream being captured into a CUDA graph: no value
+    check can read the device then (a host read would end the capture).  The checks below are
+    skipped during a capture; the eager warm-up call before it runs them."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_finite(name, t):
+    if capturing(t):
+        return
     if t.is_contiguous() and t.numel() > 1 << 22:  # large feature sets: no N×D mask at once
         for part in t.reshape(-1).split(1 << 22):
             check_finite(name, part)
@@ -43,6 +52,8 @@ def check_finite(name, t):
 
 
 def check_weights(name, w):
+    if capturing(w):
+        return
     check_finite(name, w)
     if bool((w < 0).any()):
         raise ValueError(f"{name} has negative weights (min {w.min().item():.3g}); weights must be >= 0")

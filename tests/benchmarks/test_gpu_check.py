@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("versions", "correctness", "parity", "timings", "large_offsets", "fronts", "ragged", "distributed")
+SECTIONS = ("versions", "correctness", "parity", "timings", "large_offsets", "fronts", "ragged", "distributed", "cuda_graph")
 
 
 def numbers(obj, path="$"):
