@@ -132,7 +132,6 @@ class TritonCost:
                                 precision=self.precision)
         return (out * g[:, :, None].to(out.dtype)).to(self.xd.dtype)
 
-
     def value_and_grad(self, eps, h):
         """The softmin (B,N) and ``Σ_j P_ij ∇_x C`` (B,N,D) from one pass (acc dtype)."""
         return ops.softmin_and_grad(self.xd, self.y, h, eps, self.p, self.xx, self.yy, precision=self.precision)

@@ -285,7 +285,7 @@ def _grid(N, B, D):
     return lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B, triton.cdiv(D, meta.get("BLOCK_DV", D) or D))  # noqa: E731
 
 
-def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None, proxy=True):
+def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None, shrink=True):
     """Launch kernel ``name`` on the grid ``(cdiv(N, BLOCK_N), B[, cdiv(D, BLOCK_DV)])``.
 
     Compiled (CUDA): on the tensors' device; the first launch of a tuning key (size buckets,
@@ -295,7 +295,7 @@ def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=
     reuses the winner (also cached on disk by triton); ``before_full`` runs between the two
     (to reset buffers the proxy wrote).  ``grid``: a fixed grid instead of the row blocks.
     ``cols``: the output width that ``BLOCK_DV`` tiles (default D; the plan product's K).
-    ``proxy=False``: tune on the launch itself (the ragged kernels, whose N and M are the
+    ``shrink=False``: tune on the launch itself (the ragged kernels, whose N and M are the
     padded widths, not sizes to shrink).  Interpreted: one large fixed tile."""
     log = getattr(_capture, "log", None)
     if log is not None:
@@ -311,7 +311,7 @@ def _launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=
                str(args[0].dtype), device, args[names.index("K_KEY")] if "K_KEY" in names else None)
         with torch.cuda.device(device):
             if key not in _tuned:
-                if proxy and (N > TUNE_ROWS or M > TUNE_COLS):
+                if shrink and (N > TUNE_ROWS or M > TUNE_COLS):
                     proxy = list(args)
                     proxy[iN], proxy[iM] = min(N, TUNE_ROWS), min(M, TUNE_COLS)
                     tuner[grid or _grid(proxy[iN], B, D)](*proxy, **consts)
@@ -585,7 +585,7 @@ def softmin_ragged(x, y, xo, yo, h, eps, nmax, p=2, xx=None, yy=None, precision=
     S, args, acc = _ragged_launch(x, y, xo, yo, h, eps, xx, yy, precision)
     out = torch.zeros(S, nmax, dtype=acc, device=x.device)
     _launch("_softmin_ragged", S, nmax, x.device, (*args, out, *_ragged_sizes(x, y, nmax, h.shape[1])),
-            dict(P=int(p), **_consts(x[None], precision)), proxy=False)
+            dict(P=int(p), **_consts(x[None], precision)), shrink=False)
     return out
 
 
@@ -600,7 +600,7 @@ def softmin_grad_ragged(x, y, xo, yo, h, eps, nmax, p=2, xx=None, yy=None, preci
     same = _same_points(x, y) and xo is yo  # C(x, x) of one ragged cloud
     consts = dict(MODE=int(mode), DIFF=x.dtype == torch.float64, **_consts(x[None], precision))
     _launch("_softmin_grad_ragged", S, nmax, x.device,
-            (*args, out, f, *_ragged_sizes(x, y, nmax, h.shape[1]), int(same)), consts, proxy=False)
+            (*args, out, f, *_ragged_sizes(x, y, nmax, h.shape[1]), int(same)), consts, shrink=False)
     return f, out
 
 
