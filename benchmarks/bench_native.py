@@ -29,6 +29,11 @@ with ``auto`` running ``native``.)
   warm-up 1 (full size), 1 round; at 10k no full-size warm-up (geomloss's KeOps run alone
   takes ~30 min there), 1 round.  Before the timing, every competitor runs once on 64 points
   (KeOps compiles, the native extension loads).
+* Self-costs (issue 23, default run): C(x, x) at N ∈ {4k, 10k}, D = 128 stored whole or as
+  its packed triangle: the sym pass and the cache build, groups ``native self-cost pass|build
+  N=..``, warm-up 1, median of 5, with stored bytes, bytes read per pass and GB/s; with
+  ``--large`` also the 10k divergence with either layout (warm-up 1, 1 round).
+  ``OTKERNELS_BENCH_THREADS=1`` runs every benchmark on one thread (a shared machine).
 * Cache budget: the divergences run with an explicit ``CACHE_BUDGET`` (2 GiB, the default
   cap: every float32 cost of N ≤ 10k cached, on any machine; recorded as ``cache_budget``).
 """
@@ -43,6 +48,7 @@ import torch
 
 import otkernels
 from common import THREADS, Rounds, keops_status, make_data, measure, rel
+from otkernels import backends
 from otkernels.backends import blocked, native
 from otkernels.costs import Cost
 
@@ -240,7 +246,6 @@ def test_divergence(benchmark, request, N, D, name):
     benchmark.group = f"native divergence N={N} D={D}"
     x, y = data(N, D)
     loss = _divergence_loss(name)
-    from otkernels import backends
     backends.available()
     _fwd_bwd(loss, x[:64], y[:64])  # every competitor: KeOps compiles, extensions load, outside the timing
     backends.set_cache_budget(CACHE_BUDGET)
@@ -257,6 +262,87 @@ def test_divergence(benchmark, request, N, D, name):
     assert err_g <= GRAD_REL_TOL, f"{name}: gradient relative error {err_g:.2e} vs {what}"
 
 
+# ----------------------------------------------------------------------------- self-costs (issue 23)
+# C(x, x) stored whole (B·N·N) or as its packed triangle (csrc/tiles.h, Packed: ≈ N²/2 + 32·N),
+# D = 128, float32: the sym pass (the rows' softmin from the stored triangle, the mirrored half
+# through column sums) and the cache's build (the GEMM tiles that fill it).  Both layouts' passes
+# read the same entries (row blocks of 64 from their diagonal at these N): the packed one saves
+# memory (the cache footprint, what the budget counts), not bytes per pass.
+SELF_SIZES = (4000, 10000)
+SELF_D = 128
+SELF_RULE = Rounds(warmup=1, rounds=5)
+
+
+def _self_cache(layout, N):
+    xb = data(N, SELF_D)[0][None]  # one object: cost_matrix(xb, xb) sets the exact diagonal
+    return native.cost_packed(xb, 2) if layout == "packed" else native.cost_matrix(xb, xb, 2)
+
+
+def _self_reference(N):
+    """float64 ``−ε log Σ_j exp(h_j − C(x_i, x_j)/ε)``, uniform h, in row blocks of 500."""
+    key = ("self-ref", N)
+    if key not in _EXTRA:
+        x = data(N, SELF_D)[0].double()
+        h = -torch.log(torch.tensor(float(N), dtype=torch.float64))
+        _EXTRA[key] = torch.cat([-EPS * (h - 0.5 * torch.cdist(x[i:i + 500], x).pow(2) / EPS).logsumexp(1)
+                                 for i in range(0, N, 500)])
+    return _EXTRA[key]
+
+
+@pytest.mark.parametrize("kind", ["pass", "build"])
+@pytest.mark.parametrize("N", SELF_SIZES)
+@pytest.mark.parametrize("layout", ["full", "packed"])
+def test_self_cost(benchmark, kind, N, layout):
+    if not native.available()[0] or not native.packed_supported():
+        pytest.skip("native packed kernels unavailable")
+    benchmark.group = f"native self-cost {kind} N={N} D={SELF_D}"
+    if kind == "build":
+        K, _ = run(benchmark, lambda: _self_cache(layout, N), SELF_RULE, "self-build", N, SELF_D, layout)
+    else:
+        K, s = _self_cache(layout, N)
+        h = torch.full((1, N), -float(torch.log(torch.tensor(float(N)))))
+        if layout == "packed":
+            fn = lambda: native.lse_packed(K, s, h, EPS)  # noqa: E731
+        else:
+            fn = lambda: native.lse_cached_two(K, s, h, None, EPS, sym=True)[0]  # noqa: E731
+        out = run(benchmark, fn, SELF_RULE, "self-pass", N, SELF_D, layout)
+        err = rel(-EPS * out.reshape(-1), _self_reference(N))
+        benchmark.extra_info["rel_err_vs_float64"] = err
+        assert err <= REL_TOL, f"{layout}: sym softmin relative error {err:.2e} vs float64"
+        read = 4 * native.packed_numel(N)  # the triangle in row blocks of 64, either layout
+        benchmark.extra_info.update(read_bytes=read, GB_per_s=read / _RESULTS["self-pass", N, SELF_D, layout] / 1e9)
+    benchmark.extra_info["stored_bytes"] = K.numel() * K.element_size()
+    benchmark.extra_info["threads"] = THREADS
+
+
+@pytest.mark.parametrize("layout", ["full", "packed"])
+def test_self_cost_divergence(benchmark, request, layout):
+    """The divergence at N = M = 10k, D = 128 (fwd + bwd, 2 GiB budget: all three costs cached)
+    with C(x, x), C(y, y) stored whole or packed (``native.PACKED_SELF``); --large only (~1 min)."""
+    if not native.available()[0] or not native.packed_supported():
+        pytest.skip("native packed kernels unavailable")
+    if not request.config.getoption("--large"):
+        pytest.skip("~30 s a layout: run with --large")
+    N = 10000
+    benchmark.group = f"native self-cost divergence N={N} D={SELF_D}"
+    x, y = data(N, SELF_D)
+    loss = _divergence_loss("native")
+    old = native.PACKED_SELF
+    native.PACKED_SELF = layout == "packed"
+    backends.set_cache_budget(CACHE_BUDGET)
+    try:
+        stored = backends.describe_cache(native.cost_handles(x[None], y[None], Cost(2)))
+        v, g = run(benchmark, lambda: _fwd_bwd(loss, x, y), Rounds(warmup=1, rounds=1), "self-div", N, SELF_D, layout)
+    finally:
+        native.PACKED_SELF = old
+        backends.set_cache_budget(None)
+    benchmark.extra_info.update(value=v.item(), caches=stored, threads=THREADS)
+    _EXTRA["self-div", layout] = (v, g)
+    other = _EXTRA.get(("self-div", "full" if layout == "packed" else "packed"))
+    if other is not None:  # the same value and gradient from either layout
+        assert abs(v.item() - other[0].item()) <= 1e-6 * abs(v.item()) and rel(g, other[1]) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- summary
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request):
@@ -266,7 +352,7 @@ def _summary(request):
     lines, summary = [], {"results_s": {" ".join(map(str, k)): v for k, v in _RESULTS.items()}}
     peaks = {k: v for k, v in _EXTRA.items() if isinstance(k, str) and k.startswith("peak")}
     summary["peaks"] = peaks
-    lines.append(f"native backend summary (median seconds; softmin {SOFTMIN_RULE}; 2 threads)")
+    lines.append(f"native backend summary (median seconds; softmin {SOFTMIN_RULE}; {THREADS} thread(s))")
     for k, v in peaks.items():
         lines.append(f"  {k}: {v:.3g}")
     for N in SIZES:
@@ -289,6 +375,15 @@ def _summary(request):
                 geo = [t for n, t in d.items() if n.startswith("geomloss") and t]
                 if geo:
                     lines.append(f"    native vs fastest geomloss: {min(geo) / d['native']:.1f}x")
+    for N in SELF_SIZES:
+        for kind in ("self-pass", "self-build", "self-div"):
+            r = {lay: _RESULTS.get((kind, N, SELF_D, lay)) for lay in ("full", "packed")}
+            if all(r.values()):
+                store = {"full": 4 * N * N, "packed": 4 * native.packed_numel(N)}
+                mib = {k: v / 2 ** 20 for k, v in store.items()}
+                lines.append(f"  C(x,x) {kind[5:]} N={N} D={SELF_D}: full {r['full'] * 1e3:.1f} ms "
+                             f"({mib['full']:.1f} MiB stored), packed {r['packed'] * 1e3:.1f} ms "
+                             f"({mib['packed']:.1f} MiB stored), packed / full {r['packed'] / r['full']:.2f}")
     summary["lines"] = lines
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
     for line in lines:

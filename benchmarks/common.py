@@ -14,7 +14,7 @@ os.environ.setdefault("KEOPS_CACHE_FOLDER",
 
 import torch  # noqa: E402
 
-THREADS = 2
+THREADS = int(os.environ.get("OTKERNELS_BENCH_THREADS", "2"))  # 1: a run that leaves the other core alone
 
 
 def set_threads(n: int = THREADS) -> None:

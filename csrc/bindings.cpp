@@ -57,9 +57,14 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return dt;
 }
 
-void check_cache(const at::Tensor& C, at::ScalarType dt) {
+void check_cache(const at::Tensor& C, at::ScalarType dt, i64 packed_n = -1) {
   check_cpu(C, "C");
-  TORCH_CHECK(C.dim() == 3, "otkernels native: the cost cache must be (B,N,M), got ", C.sizes());
+  if (packed_n < 0) {
+    TORCH_CHECK(C.dim() == 3, "otkernels native: the cost cache must be (B,N,M), got ", C.sizes());
+  } else {
+    TORCH_CHECK(C.dim() == 2 && C.size(1) == otk::packed_numel(packed_n), "otkernels native: a packed cache of N=",
+                packed_n, " must be (B, ", otk::packed_numel(packed_n), "), got ", C.sizes());
+  }
   auto s = C.scalar_type();
   if (dt == at::kDouble) {
     TORCH_CHECK(s == at::kDouble, "otkernels native: a float64 problem needs a float64 cache, got ", s);
@@ -160,18 +165,25 @@ void cost_matrix(const at::Tensor& x, const at::Tensor& y, int64_t p, at::Tensor
   auto dt = compute_type(x);
   check_points(x, "x", dt);
   check_points(y, "y", dt);
-  check_cache(out, dt);
   const i64 B = x.size(0), N = x.size(1), M = y.size(1), D = x.size(2);
   TORCH_CHECK(y.size(0) == B && y.size(2) == D, "otkernels native: x ", x.sizes(), " and y ", y.sizes(), " mismatch");
-  TORCH_CHECK(out.size(0) == B && out.size(1) == N && out.size(2) == M, "otkernels native: cache ", out.sizes(),
-              " does not match (", B, ",", N, ",", M, ")");
+  const bool packed = out.dim() == 2;  // the packed triangle of C(x, x) (issue 23)
+  check_cache(out, dt, packed ? N : -1);
+  if (packed) {
+    TORCH_CHECK(out.size(0) == B && y.data_ptr() == x.data_ptr(),
+                "otkernels native: a packed cache (B, numel) holds C(x, x): y must be x, B=", B);
+  } else {
+    TORCH_CHECK(out.size(0) == B && out.size(1) == N && out.size(2) == M, "otkernels native: cache ", out.sizes(),
+                " does not match (", B, ",", N, ",", M, ")");
+  }
   TORCH_CHECK(p == 1 || p == 2, "otkernels native: p must be 1 or 2");
   const int nt = threads();
   pybind11::gil_scoped_release nogil;
   dispatch_cache(dt, out, [&](auto t, auto cptr) {
     typedef decltype(t) T;
     typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
-    otk::cost_matrix<T, S>(ptr<T>(x), ptr<T>(y), const_cast<S*>(cptr), B, N, M, D, int(p), T(scale_inv), nt);
+    if (packed) otk::cost_packed<T, S>(ptr<T>(x), const_cast<S*>(cptr), B, N, D, int(p), T(scale_inv), nt);
+    else otk::cost_matrix<T, S>(ptr<T>(x), ptr<T>(y), const_cast<S*>(cptr), B, N, M, D, int(p), T(scale_inv), nt);
   });
 }
 
@@ -195,8 +207,10 @@ at::Tensor softmin_cached(const at::Tensor& C, double cscale, bool transpose, co
 std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, const at::Tensor& hr,
                                            const at::Tensor& hc, double eps, bool sym) {
   auto dt = compute_type(hr);
-  check_cache(C, dt);
-  const i64 B = C.size(0), N = C.size(1), M = C.size(2);
+  const bool packed = C.dim() == 2;  // the packed triangle of a symmetric C (issue 23): N from hr
+  TORCH_CHECK(!packed || (sym && hr.dim() == 2), "otkernels native: a packed cache needs sym and hr (B,N)");
+  check_cache(C, dt, packed ? hr.size(1) : -1);
+  const i64 B = C.size(0), N = packed ? hr.size(1) : C.size(1), M = packed ? N : C.size(2);
   TORCH_CHECK(!sym || N == M, "otkernels native: sym needs a square cache, got ", C.sizes());
   check_vec(hr, "hr", dt, B, M);
   if (!sym) check_vec(hc, "hc", dt, B, N);
@@ -209,8 +223,11 @@ std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, c
     dispatch_cache(dt, C, [&](auto t, auto cptr) {
       typedef decltype(t) T;
       typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
-      otk::softmin_cached_two<T, S>(cptr, T(cscale), ptr<T>(hr), sym ? ptr<T>(hr) : ptr<T>(hc), mptr<T>(out_r),
-                                    mptr<T>(out_c), B, N, M, eps, sym, nt);
+      if (packed)
+        otk::softmin_packed<T, S>(cptr, T(cscale), ptr<T>(hr), mptr<T>(out_r), B, N, eps, nt);
+      else
+        otk::softmin_cached_two<T, S>(cptr, T(cscale), ptr<T>(hr), sym ? ptr<T>(hr) : ptr<T>(hc), mptr<T>(out_r),
+                                      mptr<T>(out_c), B, N, M, eps, sym, nt);
     });
   }
   return {out_r, out_c};
@@ -351,12 +368,19 @@ at::Tensor grad_cached(const at::Tensor& C, double cscale, bool transpose, const
                        double eps, int64_t p, double fscale) {
   auto dt = compute_type(a);
   check_grad_args(a, b, h, f, g, s, dt);
-  check_cache(C, dt);
   const i64 B = a.size(0), Na = a.size(1), Nb = b.size(1), D = a.size(2);
-  const bool ok = transpose ? (C.size(0) == B && C.size(1) == Nb && C.size(2) == Na)
-                            : (C.size(0) == B && C.size(1) == Na && C.size(2) == Nb);
-  TORCH_CHECK(ok, "otkernels native: cache ", C.sizes(), " does not match the clouds (B=", B, ", ", Na, ", ", Nb,
-              ", transpose=", transpose, ")");
+  const bool packed = C.dim() == 2;  // the packed triangle of C(a, a) (issue 23)
+  if (packed) {
+    check_cache(C, dt, Na);
+    TORCH_CHECK(C.size(0) == B && !transpose && b.data_ptr() == a.data_ptr(),
+                "otkernels native: a packed cache (B, numel) holds C(a, a): b must be a, no transpose");
+  } else {
+    check_cache(C, dt);
+    const bool ok = transpose ? (C.size(0) == B && C.size(1) == Nb && C.size(2) == Na)
+                              : (C.size(0) == B && C.size(1) == Na && C.size(2) == Nb);
+    TORCH_CHECK(ok, "otkernels native: cache ", C.sizes(), " does not match the clouds (B=", B, ", ", Na, ", ", Nb,
+                ", transpose=", transpose, ")");
+  }
   TORCH_CHECK(p == 1 || p == 2, "otkernels native: p must be 1 or 2");
   TORCH_CHECK(eps > 0, "otkernels native: eps must be > 0");
   at::Tensor out = at::empty({B, Na, D}, a.options());
@@ -366,8 +390,12 @@ at::Tensor grad_cached(const at::Tensor& C, double cscale, bool transpose, const
   dispatch_cache(dt, C, [&](auto t, auto cptr) {
     typedef decltype(t) T;
     typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
-    otk::grad_cached<T, S>(cptr, T(cscale), transpose, ptr<T>(a), ptr<T>(b), ptr<T>(h), ptr<T>(f), ptr<T>(g),
-                           ptr<T>(sv), mptr<T>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
+    if (packed)
+      otk::grad_packed<T, S>(cptr, T(cscale), ptr<T>(a), ptr<T>(h), ptr<T>(f), ptr<T>(g), ptr<T>(sv), mptr<T>(out), B,
+                             Na, D, int(p), eps, fscale, nt);
+    else
+      otk::grad_cached<T, S>(cptr, T(cscale), transpose, ptr<T>(a), ptr<T>(b), ptr<T>(h), ptr<T>(f), ptr<T>(g),
+                             ptr<T>(sv), mptr<T>(out), B, Na, Nb, D, int(p), eps, fscale, nt);
   });
   return out;
 }
@@ -507,15 +535,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("info", &info);
   m.def("alloc_cache", &alloc_cache, "uninitialised (B,N,M) tensor on huge pages, recycled through a pool");
   m.def("set_pool_limit", &set_pool_limit, "bytes of released caches kept for reuse; returns the pooled bytes");
-  m.def("cost_matrix", &cost_matrix, "fill a (B,N,M) cost cache");
+  m.def("cost_matrix", &cost_matrix, "fill a (B,N,M) cost cache, or the packed triangle (B, packed_numel(N)) of C(x, x)");
   m.def("softmin_cached", &softmin_cached, "log Σ exp(h − C/ε) over the rows (or columns) of a cached C");
   m.def("softmin_cached_two", &softmin_cached_two,
         "both log-sum-exps of a Sinkhorn iteration (rows with hr, columns with hc) from one read of a cached C; "
-        "sym: C symmetric, upper triangle only");
+        "sym: C symmetric, upper triangle only (C (B,N,N), or packed (B, packed_numel(N)))");
+  m.def("packed_numel", [](int64_t N) { return otk::packed_numel(N); },
+        "elements a batch of the packed triangle of a symmetric N × N cost (row blocks from their diagonal)");
   m.def("softmin_online", &softmin_online, "log Σ_j exp(h_j − C(x_i, y_j)/ε), C computed on the fly");
   m.def("softmin_online_two", &softmin_online_two,
         "rows and columns log-sum-exp of one Sinkhorn iteration from shared GEMM tiles (sym: y = x, triangle)");
-  m.def("grad_cached", &grad_cached, "Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C, cached C");
+  m.def("grad_cached", &grad_cached,
+        "Σ_j g_i s_j exp(h_j − C_ij/ε + fscale·f_i) ∇_1 C, cached C (B,Na,Nb), or packed C(a, a) (B, numel)");
   m.def("grad_online", &grad_online, "the same with C computed on the fly");
   m.def("softmin_ragged", &softmin_ragged,
         "ragged batches: log Σ_j exp(h_qj − C(x_i, y_j)/ε_q) over segment q's points, one launch for all segments");

@@ -261,9 +261,31 @@ void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, c
   else run(std::integral_constant<int, 2>());
 }
 
+// Packed triangle of C(a, a) (tiles.h, Packed): the row pass of grad_cached, each row read
+// from its stored part and, left of its block, from the mirrored entries one lane at a time
+// (a column read: 1.27× the full cache's pass at N = 10k, D = 128; a per-thread buffer of the
+// mirrored entries, 16 rows × a tile, measured no faster — the strided reads are the cost).
+template <typename T, typename S>
+void grad_packed(const S* C, T cscale, const T* a, const T* h, const T* f, const T* g, const T* s, T* out, i64 B,
+                 i64 N, i64 D, int p, double eps, double fscale, int nt) {
+  const Packed pk(N);
+  const i64 per = pk.numel();
+  auto row = [C, cscale, per, &pk](i64 q, i64 i, i64 j0, i64, const T*, const T*, i64, const T*, T, const T*) {
+    return PackedRow<T, S>(C + q * per, &pk, i, j0, cscale);
+  };
+  auto run = [&](auto pc) {
+    constexpr int P = decltype(pc)::value;
+    grad_rows<T, P>(a, a, h, f, g, s, out, Segs::dense(B, N, N, eps), D, fscale, nt, false, row);
+  };
+  if (p == 1) run(std::integral_constant<int, 1>());
+  else run(std::integral_constant<int, 2>());
+}
+
 #define OTK_GRAD_CACHED(T, S)                                                                            \
   template void grad_cached<T, S>(const S*, T, bool, const T*, const T*, const T*, const T*, const T*,     \
-                                  const T*, T*, i64, i64, i64, i64, int, double, double, int);
+                                  const T*, T*, i64, i64, i64, i64, int, double, double, int);            \
+  template void grad_packed<T, S>(const S*, T, const T*, const T*, const T*, const T*, const T*, T*, i64, i64, \
+                                  i64, int, double, double, int);
 OTK_GRAD_CACHED(float, float)
 OTK_GRAD_CACHED(float, bf16_t)
 OTK_GRAD_CACHED(float, f16_t)

@@ -359,6 +359,14 @@ void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i6
 template <typename T, typename S>
 void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
                         double eps, bool sym, int nt);
+// packed triangles of symmetric costs C(x, x) (issue 23; layout: tiles.h, Packed): C (B, numel)
+// with numel = packed_numel(N) ≈ N²/2 + 32·N.  cost_packed fills it; softmin_packed is
+// softmin_cached_two's sym pass on it (out (B,N) with h (B,N)).
+i64 packed_numel(i64 N);
+template <typename T, typename S>
+void cost_packed(const T* x, S* C, i64 B, i64 N, i64 D, int p, T cscale_inv, int nt);
+template <typename T, typename S>
+void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, int nt);
 // the same with C(x_i, y_j) computed on the fly, over segments: out (S,nmax) with
 // out_qi = log Σ_j exp(h_qj − C(x_i, y_j)/ε_q), j over segment q's rows of y, h (S,mmax);
 // rows i ≥ n_q of out are not written.
@@ -379,6 +387,10 @@ template <typename T, typename S>
 void grad_cached(const S* C, T cscale, bool transpose, const T* a, const T* b, const T* h,
                  const T* f, const T* g, const T* s, T* out, i64 B, i64 Na, i64 Nb, i64 D, int p,
                  double eps, double fscale, int nt);
+// Packed triangle of C(a, a) (B, Packed(N).numel()) (tiles.h): the same with b = a.
+template <typename T, typename S>
+void grad_packed(const S* C, T cscale, const T* a, const T* h, const T* f, const T* g, const T* s, T* out,
+                 i64 B, i64 N, i64 D, int p, double eps, double fscale, int nt);
 // Online, over segments (Segs: a = x, b = y): out (Nx, D), f and g (S,nmax), h and s (S,mmax).
 template <typename T>
 void grad_online(const T* a, const T* b, const T* h, const T* f, const T* g, const T* s, T* out,

@@ -72,62 +72,60 @@ template <typename T> inline T lse_out(T m, T s) { return T(double(m) + std::log
 template <typename T> inline T lse_out(const RowLse<T>& st) { return lse_out(st.m, hsum(st.acc)); }
 
 // ----------------------------------------------------------------------------- cost matrix
+// A full (B,N,M) matrix, or with pk the packed triangle of C(x, x) (y = x, tasks = its row
+// blocks, each row written from its block's first column; the diagonal set exactly: 0, or
+// geomloss's clamp 1e-4 for p = 1).
 template <typename T, typename S, int P>
-static void cost_matrix_p(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, T sinv, int nt) {
+static void cost_matrix_p(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, T sinv, const Packed* pk,
+                          int nt) {
   const bool direct = D <= DIRECT_MAX_D;
   const T half = P == 2 ? T(0.5) : T(1);
   ColumnTerms<T> ct(y, B, M, D, direct, !direct, half);
-  const i64 R = rows_per_task(B, N, nt, ROWS), nblk = ceil_div(N, R);
+  const i64 R = pk ? pk->PB : rows_per_task(B, N, nt, ROWS), nblk = ceil_div(N, R);
+  const i64 per = pk ? pk->numel() : N * M;  // stored elements a batch
   constexpr bool scale_it = std::is_same<S, f16_t>::value;
   constexpr int n = VT<T>::N;
-  auto store_row = [&](auto& ld, S* out) {
+  auto store_row = [&](auto& ld, S* out, i64 W) {
     i64 j = 0;
-    for (; j + n <= M; j += n) {
+    for (; j + n <= W; j += n) {
       vec<T> v = ld.at(j);
       if constexpr (scale_it) v *= sinv;
       sstore(out + j, v);
     }
-    if (j < M) {
-      vec<T> v = ld.tail(j, int(M - j));
+    if (j < W) {
+      vec<T> v = ld.tail(j, int(W - j));
       if constexpr (scale_it) v *= sinv;
-      sstore_part<T>(out + j, v, int(M - j));
+      sstore_part<T>(out + j, v, int(W - j));
     }
   };
   parallel_tasks(B * nblk, nt, [&] { return std::vector<T>(direct ? 0 : size_t(R * COLS)); },
                  [&](i64 task, std::vector<T>& G) {
     const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
+    const i64 jb = pk ? i0 : 0;  // the first stored column of these rows
     const T* xq = x + q * N * D;
-    S* Cq = C + q * N * M;
+    S* Cq = C + q * per;
+    auto row = [&](i64 i) { return Cq + (pk ? pk->at(i, jb) : i * M); };  // row i at column jb
     if (direct) {
-      const T* bT = ct.bT.data() + q * M * D;
+      const T* bT = ct.bT.data() + q * M * D + jb;
       for (i64 i = i0; i < i1; ++i) {
         CostRow<T, P, DirectRow<T>, true> ld{DirectRow<T>(xq + i * D, bT, M, int(D))};
-        store_row(ld, Cq + i * M);
+        store_row(ld, row(i), M - jb);
       }
       return;
     }
     const T* hb = ct.hb.data() + q * M;
     T ha[ROWS];
     sqnorms(xq + i0 * D, i1 - i0, D, half, ha);
-    for (i64 j0 = 0; j0 < M; j0 += COLS) {
+    for (i64 j0 = jb; j0 < M; j0 += COLS) {
       const i64 W = std::min<i64>(COLS, M - j0);
       gemm(false, true, i1 - i0, W, D, T(P == 2 ? 1 : 2), xq + i0 * D, D, y + (q * M + j0) * D, D, T(0),
            G.data(), W);
+      if (pk)  // C(x_i, x_i) exactly (as softmin_online_two's tiles)
+        for (i64 i = std::max(i0, j0); i < std::min(i1, j0 + W); ++i)
+          G[size_t((i - i0) * W + (i - j0))] = ha[i - i0] + hb[i];
       for (i64 i = i0; i < i1; ++i) {
         CostRow<T, P, GemmRow<T>, false> ld{GemmRow<T>{G.data() + (i - i0) * W, hb + j0, ha[i - i0]}};
-        // store W columns of row i
-        S* out = Cq + i * M + j0;
-        i64 j = 0;
-        for (; j + n <= W; j += n) {
-          vec<T> v = ld.at(j);
-          if constexpr (scale_it) v *= sinv;
-          sstore(out + j, v);
-        }
-        if (j < W) {
-          vec<T> v = ld.tail(j, int(W - j));
-          if constexpr (scale_it) v *= sinv;
-          sstore_part<T>(out + j, v, int(W - j));
-        }
+        store_row(ld, row(i) + (j0 - jb), W);
       }
     }
   });
@@ -135,8 +133,17 @@ static void cost_matrix_p(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64
 
 template <typename T, typename S>
 void cost_matrix(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64 D, int p, T sinv, int nt) {
-  if (p == 1) cost_matrix_p<T, S, 1>(x, y, C, B, N, M, D, sinv, nt);
-  else cost_matrix_p<T, S, 2>(x, y, C, B, N, M, D, sinv, nt);
+  if (p == 1) cost_matrix_p<T, S, 1>(x, y, C, B, N, M, D, sinv, nullptr, nt);
+  else cost_matrix_p<T, S, 2>(x, y, C, B, N, M, D, sinv, nullptr, nt);
+}
+
+i64 packed_numel(i64 N) { return Packed(N).numel(); }
+
+template <typename T, typename S>
+void cost_packed(const T* x, S* C, i64 B, i64 N, i64 D, int p, T sinv, int nt) {
+  const Packed pk(N);
+  if (p == 1) cost_matrix_p<T, S, 1>(x, x, C, B, N, N, D, sinv, &pk, nt);
+  else cost_matrix_p<T, S, 2>(x, x, C, B, N, N, D, sinv, &pk, nt);
 }
 
 // ----------------------------------------------------------------------------- cached
@@ -394,15 +401,17 @@ void softmin_online_two(const T* x, const T* y, const T* hr, const T* hc, T* out
 // log Σ_j exp(hr_j − C_ij/ε) and out_c (B,M) = log Σ_i exp(hc_i − C_ij/ε).  A task owns a
 // block of rows; it walks the block's row segments in chunks of CW columns: each row's running
 // log-sum-exp takes the chunk from memory, then the chunk (now in L2) updates the thread's
-// column states.  sym (C = C(x, x) stored whole, hc = hr, out_c unused): only the chunks on
-// and right of the diagonal block are read — half the bytes — and the mirrored half reaches
-// the rows through the column states, merged at the end (as softmin_online_two).
+// column states.  sym (C = C(x, x), hc = hr, out_c unused): only the chunks on and right of
+// the diagonal block are read — half the bytes — and the mirrored half reaches the rows
+// through the column states, merged at the end (as softmin_online_two).  pk: C is the packed
+// triangle (tasks are its row blocks, whose rows start at the block's first column).
 template <typename T, typename S>
-void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N,
-                                 i64 M, double eps, bool sym, int nt) {
+static void cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                       double eps, bool sym, const Packed* pk, int nt) {
   constexpr int CW = 1024;
   const T inv = T(1.0 / eps);
-  const i64 R = rows_per_task(B, N, nt, 64), nblk = ceil_div(N, R), ntask = B * nblk;
+  const i64 R = pk ? pk->PB : rows_per_task(B, N, nt, 64), nblk = ceil_div(N, R), ntask = B * nblk;
+  const i64 per = pk ? pk->numel() : N * M;
   const int threads = int(std::max<i64>(1, std::min<i64>(num_threads_or(nt), ntask)));
   const size_t len = size_t(B * M);
   std::vector<T> cm(size_t(threads) * len, neg_inf<T>()), cs(size_t(threads) * len, T(0));
@@ -416,21 +425,25 @@ void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r
 #pragma omp for schedule(dynamic, 1)
     for (i64 task = 0; task < ntask; ++task) {
       const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
-      const S* Cq = C + q * N * M;
+      // row i, column j at Cb + (i − i0)·ld + (j − jb)
+      const i64 jb = pk ? i0 : 0, ld = pk ? N - i0 : M;
+      const S* Cb = C + q * per + (pk ? pk->at(i0, i0) : i0 * M);
       const T* hrq = hr + q * M;
       const T* hcq = hc + q * N;
       for (i64 i = i0; i < i1; ++i) st[size_t(i - i0)] = RowLse<T>();
       for (i64 j0 = sym ? i0 : 0; j0 < M; j0 += CW) {
         const i64 W = std::min<i64>(CW, M - j0);
         for (i64 i = i0; i < i1; ++i)
-          lse_update(CachedRow<T, S, true>{Cq + i * M + j0, cscale}, W, hrq + j0, inv, st[size_t(i - i0)]);
+          lse_update(CachedRow<T, S, true>{Cb + (i - i0) * ld + (j0 - jb), cscale}, W, hrq + j0, inv,
+                     st[size_t(i - i0)]);
         const i64 c0 = sym ? std::max<i64>(0, i1 - j0) : 0;  // sym: the diagonal block is rows only
         if (c0 >= W) continue;
         T* mq = mt + q * M + j0 + c0;
         T* sq = st_ + q * M + j0 + c0;
+        const i64 cb = j0 + c0 - jb;
         i64 r = i0;
-        for (; r + 16 <= i1; r += 16) cols_block<16>(Cq, M, r, j0 + c0, W - c0, hcq, inv, cscale, mq, sq);
-        for (; r < i1; ++r) cols_block<1>(Cq, M, r, j0 + c0, W - c0, hcq, inv, cscale, mq, sq);
+        for (; r + 16 <= i1; r += 16) cols_block<16>(Cb, ld, r - i0, cb, W - c0, hcq + i0, inv, cscale, mq, sq);
+        for (; r < i1; ++r) cols_block<1>(Cb, ld, r - i0, cb, W - c0, hcq + i0, inv, cscale, mq, sq);
       }
       for (i64 i = i0; i < i1; ++i) out_r[q * N + i] = lse_out(st[size_t(i - i0)]);
     }
@@ -442,11 +455,25 @@ void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r
   }
 }
 
+template <typename T, typename S>
+void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                        double eps, bool sym, int nt) {
+  cached_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+}
+
+template <typename T, typename S>
+void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, int nt) {
+  const Packed pk(N);
+  cached_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
+}
+
 // ----------------------------------------------------------------------------- instances
 #define OTK_SOFTMIN_CACHED(T, S)                                                                        \
   template void cost_matrix<T, S>(const T*, const T*, S*, i64, i64, i64, i64, int, T, int);            \
   template void softmin_cached<T, S>(const S*, T, bool, const T*, T*, i64, i64, i64, double, int);            \
-  template void softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, int);
+  template void softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, int); \
+  template void cost_packed<T, S>(const T*, S*, i64, i64, i64, int, T, int);                            \
+  template void softmin_packed<T, S>(const S*, T, const T*, T*, i64, i64, double, int);
 OTK_SOFTMIN_CACHED(float, float)
 OTK_SOFTMIN_CACHED(float, bf16_t)
 OTK_SOFTMIN_CACHED(float, f16_t)

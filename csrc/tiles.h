@@ -83,6 +83,64 @@ template <typename T, typename S, bool Prefetch = false> struct CachedRow {
   }
 };
 
+// Packed storage of a symmetric cost C(x, x) (N × N, issue 23): row blocks of PB rows (a power
+// of two, 16–64, chosen from N alone); block b stores, row after row, the columns [b·PB, N) of
+// its rows — the upper triangle plus the whole diagonal blocks, Σ_b rows_b·(N − b·PB) ≈
+// N²/2 + N·PB/2 elements a batch.  Every stored row is contiguous from its block's first
+// column, so a row block reads as from a full matrix with row stride N − b·PB (the cached
+// sym pass: rows, and the mirrored columns from the same chunk), and entry (i, j) with j
+// left of row i's block is the stored (j, i).
+struct Packed {
+  i64 N, PB = 16, shift = 4, nb;
+  explicit Packed(i64 N_) : N(N_) {
+    while (PB < 64 && PB * 32 < N) PB *= 2, ++shift;
+    nb = ceil_div(N, PB);
+  }
+  i64 offset(i64 b) const { return PB * b * N - PB * PB * b * (b - 1) / 2; }  // block b's first element
+  i64 numel() const { return nb ? offset(nb - 1) + (N - (nb - 1) * PB) * (N - (nb - 1) * PB) : 0; }
+  // index of (i, j), j ≥ the first column of row i's block
+  i64 at(i64 i, i64 j) const {
+    const i64 b = i >> shift, f = b << shift;
+    return offset(b) + (i - f) * (N - f) + (j - f);
+  }
+};
+
+// Row i of a packed symmetric cost, columns from j0: the stored row where a vector lies right
+// of the row's block start, else one entry a lane (the mirrored (j, i) left of it; within a
+// task's tile those come from a few cache lines that the next rows reuse).
+template <typename T, typename S> struct PackedRow {
+  const S* C;  // the batch's packed storage
+  const Packed* pk;
+  i64 i, j0, lo;  // lo: the first stored column of row i
+  T scale;
+  PackedRow(const S* C_, const Packed* pk_, i64 i_, i64 j0_, T scale_)
+      : C(C_), pk(pk_), i(i_), j0(j0_), lo((i_ >> pk_->shift) << pk_->shift), scale(scale_) {}
+  vec<T> gather(i64 c, int lanes) const {
+    constexpr int n = VT<T>::N;
+    S v[n];
+    const i64 b = c >> pk->shift, last = c + lanes - 1;
+    if (last < lo && (last >> pk->shift) == b) {  // the usual case: one block of rows above, stride N − its start
+      const i64 f = b << pk->shift, ld = pk->N - f;
+      const S* p = C + pk->offset(b) + (c - f) * ld + (i - f);
+      for (int l = 0; l < n; ++l) v[l] = p[std::min(l, lanes - 1) * ld];  // lanes past `lanes`: masked by the consumer
+    } else {
+      for (int l = 0; l < n; ++l) {
+        const i64 k = c + std::min(l, lanes - 1);
+        v[l] = C[k >= lo ? pk->at(i, k) : pk->at(k, i)];
+      }
+    }
+    return CachedRow<T, S>{v, scale}.at(0);
+  }
+  vec<T> at(i64 j) const {
+    const i64 c = j0 + j;
+    return c >= lo ? CachedRow<T, S>{C + pk->at(i, c), scale}.at(0) : gather(c, VT<T>::N);
+  }
+  vec<T> tail(i64 j, int rem) const {
+    const i64 c = j0 + j;
+    return c >= lo ? CachedRow<T, S>{C + pk->at(i, c), scale}.tail(0, rem) : gather(c, rem);
+  }
+};
+
 template <typename T> struct GemmRow {
   const T* G;   // tile row
   const T* hb;  // column terms, at the tile's first column

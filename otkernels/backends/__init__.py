@@ -61,7 +61,8 @@ def cache_budget() -> int:
     1.5× with everything cached; docs/benchmarks.md, "Memory"), but an N×M float32 matrix is
     4·N·M bytes (3.6 GB at 30k: 10.6 GB peak RSS with all three cached).  The
     budget bounds it: matrices are cached greedily while they fit (:func:`cache_plan`;
-    ``native`` caches the first rows of C(x, y) when all of it does not fit), the others
+    ``native`` stores C(x, x), C(y, y) as packed triangles, about half, and caches the first
+    rows of C(x, y) when all of it does not fit), the others
     recompute their tiles; ``backend="online"`` / ``"multiscale"`` never cache.
 
     Default: ``min(2 GiB, RAM / 8)`` (``DEFAULT_CACHE_CAP``, ``DEFAULT_CACHE_FRACTION``), so
@@ -115,7 +116,8 @@ def describe_cache(handles) -> str:
         rows = getattr(h, "rows", None)
         what = f"first {rows} of {h.x.shape[1] if not getattr(h, 'transpose', False) else h.y.shape[1]} rows"
         parts.append(f"{name} {'dense' if hasattr(h, 'C') else 'cached'} {_gb(nbytes)}"
-                     + (f" ({what})" if rows is not None else ""))
+                     + (f" ({what})" if rows is not None else "")
+                     + (" (upper triangle)" if getattr(h, "packed", False) else ""))
     dense = any(hasattr(h, "C") for h in handles if h is not None)
     stored = (f"{_gb(total)} stored (dense backend: not bound by the cache budget)" if dense
               else f"{_gb(total)} stored" if total else "no N×M matrix stored")
@@ -130,7 +132,8 @@ def _gb(n) -> str:
 def cache_plan(nbytes, cache=None):
     """Which cost matrices to cache, greedily in the given order (callers list ``C_xy`` first:
     it serves two of the four reductions of each Sinkhorn iteration, then ``C_xx``, ``C_yy``):
-    a matrix is cached when it fits what the earlier ones left of :func:`cache_budget`.
+    a matrix is cached when it fits what the earlier ones left of :func:`cache_budget`
+    (``nbytes`` are the stored sizes: ``native`` passes the packed triangles' for C_xx, C_yy).
     ``cache`` True / False forces all / none.  ``nbytes`` list of ints -> list of bools.
     (``native`` also caches the first rows of ``C_xy`` when all of it does not fit.)"""
     if cache is not None:

@@ -22,7 +22,22 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
   ``C_xx``, ``C_yy``; :func:`otkernels.backends.cache_plan`) are computed once (one GEMM) and
   each of the ~60 passes of the Sinkhorn loop reads them; the others recompute tiles.  When
   ``C_xy`` does not fit, the budget caches as many of its rows as it can (:class:`PartialCost`).  C_xy and C_yx share one matrix (column reductions
-  read it in place).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
+  read it in place).  **What the caches take** (issue 23): C_xy is stored whole, B·N·M
+  elements; the symmetric C_xx, C_yy as their packed upper triangle (:func:`cost_packed`;
+  layout ``Packed`` in csrc/tiles.h: row blocks of 16–64 rows, each stored from its block's
+  first column), B·(N² + N·PB)/2 elements — at N = M = 10k float32, 381.5 MiB for C_xy and
+  192 MiB (not 381.5) for each self-cost, 765 MiB in all instead of 1.12 GiB — and the budget
+  counts these sizes, so at a given budget more problems get their self-costs cached.  The
+  sym pass reads each stored row block and reaches the mirrored half through column sums
+  (the same entries as the full layout's triangle pass, so the same bytes per pass); the
+  gradient (:func:`grad_packed`) reads the stored row and, left of the row's block, the
+  mirrored entries one lane at a time: the same numbers as the forward pass read (results
+  equal to the full cache's to the bit) and faster than recomputing tiles with
+  :func:`grad_online` (10k, D = 128, 1 thread: 0.85–0.93 s vs 0.67–0.72 s from a full cache,
+  1.0–1.1 s recomputed); a self-cost's build computes half of the GEMM tiles (0.5×), so a
+  whole divergence takes the same time with half the self-cost memory (docs/benchmarks.md,
+  "Self-costs stored as triangles").  ``OTKERNELS_NATIVE_PACKED=0`` (``PACKED_SELF``) stores
+  them whole (benchmarks).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
   through a pool (:func:`set_pool_limit`, :func:`empty_cache`): page faults on 1.2 GB of
   fresh memory cost more than the GEMMs that fill it.  The pool keeps at most the cache
   budget (unless :func:`set_pool_limit` or ``OTKERNELS_NATIVE_POOL_BYTES`` says otherwise),
@@ -307,13 +322,8 @@ def _vec(name, t, B, n, dtype):
 
 
 # ----------------------------------------------------------------------------- raw ops
-def cost_matrix(x, y, p, dtype=None):
-    """Dense cost ``C(x_i, y_j)`` (B,N,M) for p = 1, 2, stored as ``dtype`` (default: x's dtype;
-    bfloat16/float16 for a float32 problem).  Returns ``(C, scale)``: cost = stored × scale.
-    ``y is x``: C(x_i, x_i) is set exactly (0, or the clamped 1e-4 for p = 1; a float32 GEMM
-    leaves ~√ulp·|x| there for p = 1)."""
-    sym = y is x
-    x, y = _pair(x, y)
+def _cache_format(x, y, p, dtype):
+    """The storage dtype of a cache (default: x's) and its scale (cost = stored × scale)."""
     if p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p}")
     dtype = x.dtype if dtype is None else dtype
@@ -328,12 +338,62 @@ def cost_matrix(x, y, p, dtype=None):
         bound = 0.5 * r * r if p == 2 else r
         while bound / scale > 16384.0:
             scale *= 2.0
+    return dtype, scale
+
+
+def cost_matrix(x, y, p, dtype=None):
+    """Dense cost ``C(x_i, y_j)`` (B,N,M) for p = 1, 2, stored as ``dtype`` (default: x's dtype;
+    bfloat16/float16 for a float32 problem).  Returns ``(C, scale)``: cost = stored × scale.
+    ``y is x``: C(x_i, x_i) is set exactly (0, or the clamped 1e-4 for p = 1; a float32 GEMM
+    leaves ~√ulp·|x| there for p = 1)."""
+    sym = y is x
+    x, y = _pair(x, y)
+    dtype, scale = _cache_format(x, y, p, dtype)
     ext = _ext()
     C = ext.alloc_cache(x.shape[0], x.shape[1], y.shape[1], dtype)
     ext.cost_matrix(x, y, p, C, 1.0 / scale)
     if sym and x.shape[-1] > DIRECT_MAX_D:  # the direct (D ≤ 8) distances are exact already
         C.diagonal(dim1=1, dim2=2).fill_((1e-4 if p == 1 else 0.0) / scale)  # p=1: geomloss's clamp √1e-8
     return C, scale
+
+
+def packed_supported():
+    """Whether the extension has the packed-triangle kernels (an older build has not)."""
+    ext = _load()
+    return ext is not None and hasattr(ext, "packed_numel")
+
+
+def packed_numel(N):
+    """Elements a batch of the packed triangle of a symmetric N × N cost: row blocks of PB rows
+    (16, 32 or 64, from N) each stored from their block's first column, ≈ N²/2 + N·PB/2."""
+    return int(_ext().packed_numel(int(N)))
+
+
+def cost_packed(x, p, dtype=None):
+    """The symmetric ``C(x_i, x_j)`` as its packed upper triangle (B, :func:`packed_numel` (N))
+    (layout: ``Packed`` in csrc/tiles.h), diagonal exact as :func:`cost_matrix`'s.  Returns
+    ``(C, scale)``: cost = stored × scale."""
+    x = _points("x", x)
+    dtype, scale = _cache_format(x, x, p, dtype)
+    ext = _ext()
+    B, N = x.shape[0], x.shape[1]
+    P = ext.packed_numel(N)
+    C = ext.alloc_cache(B, 1, P, dtype).view(B, P)
+    ext.cost_matrix(x, x, p, C, 1.0 / scale)
+    return C, scale
+
+
+def lse_packed(C, scale, h, eps):
+    """``log Σ_j exp(h_j − C_ij/ε)`` (B,N) over the rows of a packed symmetric C (B, packed
+    numel) from :func:`cost_packed`: each row block reads its stored rows, the mirrored half
+    reaches the rows through column sums (``softmin_cached_two``'s sym pass)."""
+    dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
+    if not isinstance(h, torch.Tensor) or h.dim() != 2:
+        raise ValueError(f"h must be a (B,N) tensor, got {getattr(h, 'shape', type(h).__name__)}")
+    h = _vec("h", h, C.shape[0], h.shape[1], dtype)
+    if C.dim() != 2 or C.shape[1] != packed_numel(h.shape[1]):
+        raise ValueError(f"C {tuple(C.shape)} is not a packed cache of N = {h.shape[1]} points")
+    return _ext().softmin_cached_two(C, float(scale), h, h, float(eps), True)[0]
 
 
 def lse_cached(C, scale, transpose, h, eps):
@@ -346,6 +406,7 @@ def lse_cached(C, scale, transpose, h, eps):
 
 
 CACHED_TWO = os.environ.get("OTKERNELS_NATIVE_CACHED_TWO", "1") != "0"  # 0: the two-pass reads (benchmarks)
+PACKED_SELF = os.environ.get("OTKERNELS_NATIVE_PACKED", "1") != "0"  # 0: C(x, x), C(y, y) stored whole (benchmarks)
 
 
 def lse_cached_two(C, scale, hr, hc, eps, sym=False):
@@ -415,6 +476,14 @@ def grad_cached(C, scale, transpose, a, b, h, f, g, s, eps, p, fscale=None):
     return _ext().grad_cached(C, float(scale), bool(transpose), a, b, h, f, g, s, float(eps), int(p), fs)
 
 
+def grad_packed(C, scale, a, h, f, g, s, eps, p, fscale=None):
+    """:func:`grad_cached` for ``C(a, a)`` stored packed (:func:`cost_packed`): each row reads
+    its stored part, and left of its block the mirrored entries (one pass, no recomputed tile)."""
+    a, _, h, f, g, s = _grad_args(a, a, h, f, g, s)
+    fs = 1.0 / float(eps) if fscale is None else float(fscale)
+    return _ext().grad_cached(C, float(scale), False, a, a, h, f, g, s, float(eps), int(p), fs)
+
+
 def grad_online(a, b, h, f, g, s, eps, p, fscale=None):
     """Same as :func:`grad_cached` with the cost computed on the fly."""
     a, b, h, f, g, s = _grad_args(a, b, h, f, g, s)
@@ -467,17 +536,23 @@ class NativeCost:
     """Cost handle ``C(x_i, y_j)``, x (B,N,D) first argument (gets gradients), y (B,M,D).
 
     ``cache``: a (B,N,M) matrix of ``C(x, y)`` (stored × ``scale``), or with ``transpose``
-    a (B,M,N) matrix of ``C(y, x)`` read by columns; None computes tiles on the fly.
+    a (B,M,N) matrix of ``C(y, x)`` read by columns, or with ``packed`` (y is x) the packed
+    upper triangle of ``C(x, x)`` (:func:`cost_packed`); None computes tiles on the fly.
     """
 
-    def __init__(self, x, y, cost, cache=None, scale=1.0, transpose=False):
+    def __init__(self, x, y, cost, cache=None, scale=1.0, transpose=False, packed=False):
         self.x, self.cost, self.p = x, cost, cost.p
         self.xd, self.y = _pair(x, y)
         self.cache, self.scale, self.transpose = cache, scale, transpose
         self.sym = x is y  # C(x, x): symmetric, the online pass computes half of the tiles
+        self.packed = packed and cache is not None
+        if self.packed and not self.sym:
+            raise ValueError("a packed cache holds a symmetric C(x, x): y must be x")
 
     def lse(self, eps, h):
         """log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N)."""
+        if self.packed:
+            return lse_packed(self.cache, self.scale, h, eps)
         if self.cache is None:
             if self.sym:
                 two = lse_online_two(self.xd, self.xd, h, None, eps, self.p, sym=True)
@@ -523,6 +598,8 @@ class NativeCost:
         when C/ε is beyond float precision (where f/ε would not round-trip)."""
         if self.cache is None:
             return grad_online(self.xd, self.y, h, f, g, s, eps, self.p, fscale)
+        if self.packed:
+            return grad_packed(self.cache, self.scale, self.xd, h, f, g, s, eps, self.p, fscale)
         return grad_cached(self.cache, self.scale, self.transpose, self.xd, self.y, h, f, g, s, eps, self.p,
                            fscale)
 
@@ -674,7 +751,9 @@ def cost_handles(x, y, cost, debias=True, cache=None):
     cdt = _cache_dtype(x.dtype)
     item = torch.empty((), dtype=cdt).element_size()
     B, N, M = x.shape[0], x.shape[1], y.shape[1]
-    sizes = [B * N * M * item] + ([B * N * N * item, B * M * M * item] if debias else [])
+    packed = packed_supported() and PACKED_SELF
+    self_numel = packed_numel if packed else (lambda n: n * n)  # C(x, x), C(y, y): their triangles
+    sizes = [B * N * M * item] + ([B * self_numel(N) * item, B * self_numel(M) * item] if debias else [])
     plan = cache_plan(sizes, cache)
     # C_xy does not fit: the budget caches as many of its rows as it holds, C_xx and C_yy
     # none (a byte of C_xy saves twice the work of a byte of C_xx: two reductions per
@@ -684,8 +763,12 @@ def cost_handles(x, y, cost, debias=True, cache=None):
         rows = min(N, cache_budget() // (B * M * item))
         plan = [False] * len(plan) if rows else plan
 
-    def handle(a, b, cached):
-        return NativeCost(a, b, cost, *cost_matrix(a, b, cost.p, cdt)) if cached else NativeCost(a, b, cost)
+    def handle(a, cached):  # C(a, a)
+        if not cached:
+            return NativeCost(a, a, cost)
+        if packed:
+            return NativeCost(a, a, cost, *cost_packed(a, cost.p, cdt), packed=True)
+        return NativeCost(a, a, cost, *cost_matrix(a, a, cost.p, cdt))
 
     if plan[0]:  # C_yx reads C_xy transposed
         K, s = cost_matrix(x, y, cost.p, cdt)
@@ -697,7 +780,7 @@ def cost_handles(x, y, cost, debias=True, cache=None):
         C_yx = PartialCost(y, x, cost, K, s, rows, transpose=True)
     else:
         C_xy, C_yx = NativeCost(x, y, cost), NativeCost(y, x, cost)
-    C_xx, C_yy = (handle(x, x, plan[1]), handle(y, y, plan[2])) if debias else (None, None)
+    C_xx, C_yy = (handle(x, plan[1]), handle(y, plan[2])) if debias else (None, None)
     return C_xy, C_yx, C_xx, C_yy
 
 
