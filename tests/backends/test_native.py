@@ -421,7 +421,10 @@ def test_noncontiguous_inputs():
     assert torch.equal(native.softmin_online(xn, yn, hn, 0.3, 2), native.softmin_online(x, y, h, 0.3, 2))
     assert torch.equal(native.argmin_sqdist(xn, yn, hn)[1], native.argmin_sqdist(x, y, h)[1])
     handles = native.cost_handles(xn, yn, Cost(2))
-    assert torch.equal(handles[0].softmin(0.3, hn), native.softmin_online(x, y, h, 0.3, 2))
+    assert handles[0].cache is not None  # the cached path, against the same path on contiguous inputs
+    assert torch.equal(handles[0].softmin(0.3, hn), native.cost_handles(x, y, Cost(2))[0].softmin(0.3, h))
+    torch.testing.assert_close(handles[0].softmin(0.3, hn), native.softmin_online(x, y, h, 0.3, 2),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_results_do_not_depend_on_threads():
