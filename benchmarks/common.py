@@ -30,16 +30,16 @@ def make_data(N: int, M: int, D: int, dtype=torch.float32, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def keops_status():
-    """``(usable, reason)``: pykeops imports *and* compiles a small reduction on this machine."""
+def keops_status(device="cpu"):
+    """``(usable, reason)``: pykeops imports *and* compiles a small reduction on ``device``."""
     try:
         import pykeops  # noqa: F401
         from pykeops.torch import LazyTensor
     except Exception as e:  # ImportError, or a broken install
         return False, f"pykeops does not import: {e!r}"
     try:
-        x = LazyTensor(torch.randn(8, 1, 3))
-        y = LazyTensor(torch.randn(1, 9, 3))
+        x = LazyTensor(torch.randn(8, 1, 3, device=device))
+        y = LazyTensor(torch.randn(1, 9, 3, device=device))
         s = ((x - y) ** 2).sum(-1).exp().sum(1)
         if not torch.isfinite(s).all():
             return False, "pykeops compiled but returned non-finite values"

@@ -7,6 +7,12 @@ Run from the repository root:
     options: --json PATH   (default benchmarks/results/gpu-check-<device-slug>[-tiny].json)
              --skip-keops  (no geomloss-KeOps references: sections 3 and 4 record why)
              --workers N   (processes that compile and run section 2's cases; 1 = in this process)
+             --sections a,b (these sections, in this order; default all, in the order below)
+             --deadline S  (no section starts after S seconds; section 2 stops its jobs there: the
+                            skipped ones are recorded, so a leased GPU's time limit cannot lose the run)
+
+The JSON is rewritten after every section (``"complete": false`` until the last), so a run that
+is killed keeps what it measured.
 
 Device: chosen in one place, :func:`pick_device`: CUDA when torch sees a device, else CPU with
 ``TRITON_INTERPRET=1``, set there before triton or otkernels are imported (the Triton kernels
@@ -300,8 +306,20 @@ def keops_status(cfg):
         return False, "--skip-keops"
     if cfg["tiny"]:
         return False, "--tiny compares with geomloss backend='tensorized'"
-    from common import keops_status as probe
-    return probe()
+    if "keops" not in cfg:  # once per run; in a child process: KeOps can crash the interpreter
+        code = ("import sys, json; sys.path.insert(0, %r); from common import keops_status; "
+                "print(json.dumps(keops_status(%r)))" % (str(ROOT / "benchmarks"), cfg["device"]))
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                cfg["keops"] = tuple(json.loads(r.stdout.strip().splitlines()[-1]))
+            else:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+                cfg["keops"] = (False, f"pykeops probe exited with {r.returncode} on {cfg['device']} "
+                                       f"(negative: killed by that signal): {' | '.join(tail)[:300]}")
+        except subprocess.TimeoutExpired:
+            cfg["keops"] = (False, "pykeops probe did not finish in 300 s")
+    return cfg["keops"]
 
 
 # ----------------------------------------------------------------------------- section 2
@@ -449,21 +467,28 @@ def _check_argbest(job):
 
 
 def _check_plan_apply(job):
-    """``plan_apply`` (the transport plan applied to V, K = 64) against the dense float64 plan."""
+    """``plan_apply`` (the transport plan applied to V, K = 64) against the dense float64 plan,
+    with u the row normaliser (each row of the plan sums to 1, as with Sinkhorn's potentials;
+    with u = 0 the entries e^{h − C/ε} ~ e^-140 at p = 1, ε = 0.01 lie below float32's range)."""
     rows = []
     for p in (1, 2):
         for eps in job["eps"]:
+            def cost(x, y):
+                C = sqdist64(x, y)
+                return C / 2 if p == 2 else C.clamp_min(1e-8).sqrt()
+
+            def row_lse(d):  # u_i = −log Σ_j exp(h_j − C_ij/ε) on the points passed, float64
+                return -torch.logsumexp(d["h"].double()[:, None, :] - cost(d["x"], d["y"]) / eps, -1)
+
             def run(d, kw):
                 from otkernels.backends.triton import ops
                 V = _plan_values(d)
                 with torch.no_grad():
-                    u = torch.zeros_like(d["h"][:, :d["x"].shape[1]])
+                    u = row_lse(d).to(d["h"].dtype)
                     return dict(value=ops.plan_apply(d["x"], d["y"], u, d["h"], V, eps, p, **kw))
 
             def reference(d, x, y):
-                C = sqdist64(x, y)
-                C = C / 2 if p == 2 else C.clamp_min(1e-8).sqrt()
-                P = (d["h"].double()[:, None, :] - C / eps).exp()
+                P = (row_lse(d)[:, :, None] + d["h"].double()[:, None, :] - cost(x, y) / eps).exp()
                 return dict(value=P @ _plan_values(d).double())
             rows.append(_compare(job, "plan_apply", dict(p=p, eps=eps, K=64), run, reference))
     return rows
@@ -479,18 +504,34 @@ def section_correctness(cfg):
     jobs = correctness_jobs(cfg)
     rows = []
     from tqdm.auto import tqdm
+    done = set()
     if cfg["workers"] <= 1:
-        for job in tqdm(jobs, desc="correctness", leave=False):
+        for i, job in enumerate(tqdm(jobs, desc="correctness", leave=False)):
+            if time_left(cfg) <= 0:
+                break
             rows += run_job(job)
+            done.add(i)
     else:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(cfg["workers"], mp_context=mp.get_context("spawn")) as pool:
-            for part in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="correctness", leave=False):
-                rows += part
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        pool = ProcessPoolExecutor(cfg["workers"], mp_context=mp.get_context("spawn"))
+        futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
+        pending, bar = set(futures), tqdm(total=len(jobs), desc="correctness", leave=False)
+        while pending and time_left(cfg) > 0:
+            finished, pending = wait(pending, timeout=time_left(cfg), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                rows += fut.result()
+                done.add(futures[fut])
+                bar.update()
+        bar.close()
+        if pending:  # past the deadline: stop the workers, record what did not run
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=not pending, cancel_futures=True)
+    skipped = [dict(D=j["D"], variant=j["variant"]) for i, j in enumerate(jobs) if i not in done]
     checked = [r for r in rows if "pass" in r]
     return dict(N=cfg["corr_n"], M=cfg["corr_n"] + 1, B=2, eps=list(cfg["corr_eps"]), autotune="one config per kernel",
-                checked=len(checked), passed=sum(r["pass"] for r in checked), rows=rows)
+                checked=len(checked), passed=sum(r["pass"] for r in checked), skipped_at_deadline=skipped, rows=rows)
 
 
 # ----------------------------------------------------------------------------- section 3
@@ -692,8 +733,9 @@ def divergence(otkernels, x, y, kw):
 
 
 def competitor(cfg, x, y, h, eps):
-    """geomloss's KeOps backend ("online": softmin_online + SamplesLoss) at the same size (dense
-    torch / geomloss tensorized with --tiny): one warm-up + median of 3."""
+    """geomloss's KeOps backend ("online": softmin_online + SamplesLoss) at the same size; where
+    KeOps cannot run (the reason is recorded), geomloss tensorized on the GPU if its matrices fit;
+    dense torch / geomloss tensorized with --tiny.  One warm-up + median of 3."""
     import geomloss
     dev = cfg["device"]
     if cfg["tiny"]:
@@ -702,12 +744,17 @@ def competitor(cfg, x, y, h, eps):
         backend = "tensorized"
     else:
         ok, why = keops_status(cfg)
-        if not ok:
-            return dict(status="skipped", reason=why)
-        from geomloss._legacy.sinkhorn_samples import lse_genred, softmin_online
-        lse = lse_genred("(SqDist(X,Y) / IntCst(2))", x.shape[1])
-        name, backend = f"geomloss {geomloss.__version__} online (KeOps)", "online"
-        softmin = lambda: softmin_online(eps, (x, y), h, log_conv=lse)  # noqa: E731
+        if ok:
+            from geomloss._legacy.sinkhorn_samples import lse_genred, softmin_online
+            lse = lse_genred("(SqDist(X,Y) / IntCst(2))", x.shape[1])
+            name, backend = f"geomloss {geomloss.__version__} online (KeOps)", "online"
+            softmin = lambda: softmin_online(eps, (x, y), h, log_conv=lse)  # noqa: E731
+        else:  # geomloss's dense backend on the GPU, where its N×M matrices fit
+            need = 8 * x.shape[0] * y.shape[0] * 4  # ≈ C_xy, C_yx, C_xx, C_yy and temporaries, float32
+            if need > 0.8 * torch.cuda.mem_get_info()[0]:
+                return dict(status="skipped", reason=f"KeOps unusable ({why}); tensorized needs ~{need / 2**30:.0f} GiB")
+            name, backend = f"geomloss {geomloss.__version__} tensorized (KeOps unusable: {why})", "tensorized"
+            softmin = lambda: -eps * (h[None, :] - torch.cdist(x, y).square() / (2 * eps)).logsumexp(1)  # noqa: E731
     loss = geomloss.SamplesLoss(**SINKHORN, backend=backend)
 
     def div():
@@ -964,6 +1011,13 @@ SECTIONS = (("versions", section_versions), ("correctness", section_correctness)
             ("ragged", section_ragged), ("distributed", section_distributed), ("cuda_graph", section_cuda_graph))
 
 
+def time_left(cfg):
+    """Seconds before ``--deadline`` (infinite without one)."""
+    if cfg.get("deadline") is None:
+        return math.inf
+    return cfg["deadline"] - (time.perf_counter() - cfg["t0"])
+
+
 def failures(report):
     """Names of the failed checks (rows with ``pass: false``) and of the sections that raised."""
     out = []
@@ -978,9 +1032,11 @@ def failures(report):
             for i, v in enumerate(obj):
                 walk(v, f"{path}[{i}]")
     for name, sec in report["sections"].items():
-        if sec["status"] == "error":
-            out.append(f"{name}: section raised")
+        if sec["status"] in ("error", "skipped"):
+            out.append(f"{name}: section {'raised' if sec['status'] == 'error' else 'skipped (deadline)'}")
         walk(sec.get("result"), name)
+        if (sec.get("result") or {}).get("skipped_at_deadline") if isinstance(sec.get("result"), dict) else False:
+            out.append(f"{name}: {len(sec['result']['skipped_at_deadline'])} job(s) skipped (deadline)")
     return out
 
 
@@ -991,14 +1047,14 @@ def print_table(report):
     for name, sec in secs.items():
         print(f"{name:<15}{sec['status']:<8}{sec['seconds']:>8.1f}  {sec.get('error', '')[:100]}")
     worst = {}
-    for r in (secs["correctness"].get("result") or {}).get("rows", []):
+    for r in (secs.get("correctness", {}).get("result") or {}).get("rows", []):
         for k, e in r.get("errors", {}).items():
             key = (r["op"], r["variant"])
             worst[key] = max(worst.get(key, 0.0), e["max_rel"] / r["bound"][k])
     print(f"\n{'op':<12}{'variant':<10}{'worst error / bound':>20}")
     for (op, v), ratio in sorted(worst.items()):
         print(f"{op:<12}{v:<10}{ratio:>20.3f}")
-    tim = secs["timings"].get("result") or {}
+    tim = secs.get("timings", {}).get("result") or {}
     ms = lambda v: "-" if v is None else f"{v * 1e3:.2f}"  # noqa: E731
     rat = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"\ntimings N=M={tim.get('N')} D={tim.get('D')}: ms (first call, median), measured / roofline")
@@ -1026,34 +1082,48 @@ def main(argv=None):
     ap.add_argument("--skip-keops", action="store_true", help="no geomloss-KeOps references")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes for section 2 (default on CUDA: CPU count − 2, at most 14; on CPU: 1)")
+    ap.add_argument("--sections", default=None,
+                    help=f"comma-separated, run in this order (default all: {','.join(n for n, _ in SECTIONS)})")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: no section starts later; section 2 stops its jobs then")
     args = ap.parse_args(argv)
+    known = dict(SECTIONS)
+    order = args.sections.split(",") if args.sections else [n for n, _ in SECTIONS]
+    unknown = [n for n in order if n not in known]
+    if unknown:
+        ap.error(f"--sections: unknown {unknown}; known: {list(known)}")
     device = pick_device(args.tiny)  # before anything imports triton
     from tqdm.auto import tqdm
 
     cfg = dict(TINY if args.tiny else FULL, tiny=args.tiny, device=device, skip_keops=args.skip_keops,
-               workers=args.workers or (min(14, max(1, (os.cpu_count() or 2) - 2)) if device == "cuda" else 1))
+               workers=args.workers or (min(14, max(1, (os.cpu_count() or 2) - 2)) if device == "cuda" else 1),
+               deadline=args.deadline, t0=time.perf_counter())
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ("-tiny" if args.tiny else "")
     path = args.json or ROOT / "benchmarks" / "results" / f"gpu-check-{slug}.json"
     report = dict(script="benchmarks/gpu_check.py", mode="tiny" if args.tiny else "full", device=device,
                   device_name=name, argv=sys.argv[1:], workers=cfg["workers"], tolerances=TOLERANCES,
                   parity_tolerances=PARITY_TOL, sections={})
-    t_all = time.perf_counter()
-    bar = tqdm(SECTIONS, desc="gpu_check", file=sys.stderr)
-    for sec_name, fn in bar:
+    t_all = cfg["t0"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(order, desc="gpu_check", file=sys.stderr)
+    for sec_name in bar:
         bar.set_postfix_str(sec_name)
         t = time.perf_counter()
-        try:
-            sec = dict(status="ok", result=fn(cfg))
-        except Exception as e:
-            sec = dict(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        if time_left(cfg) <= 0:
+            sec = dict(status="skipped", error=f"--deadline {args.deadline:g} s passed before it started")
+        else:
+            try:
+                sec = dict(status="ok", result=known[sec_name](cfg))
+            except Exception as e:
+                sec = dict(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         sec["seconds"] = time.perf_counter() - t
         report["sections"][sec_name] = sec
         if device == "cuda":
             torch.cuda.empty_cache()
-    report["wall_s"] = time.perf_counter() - t_all
-    report["failures"] = failures(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        report.update(wall_s=time.perf_counter() - t_all, complete=False)
+        path.write_text(json.dumps(report, indent=1, default=str))  # kept if the run is killed
+    report.update(wall_s=time.perf_counter() - t_all, complete=True, failures=failures(report))
     path.write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     print(f"\nwrote {path} ({report['wall_s']:.0f} s); {len(report['failures'])} failure(s)")

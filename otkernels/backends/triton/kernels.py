@@ -308,8 +308,11 @@ def _prune_for(kernel):
 
 # Autotuning keys: N_KEY = N.bit_length() retunes per power of two, not per N (a training loop
 # with varying sizes would retune at every step); every constexpr that changes the code is in
-# the key, and triton adds the dtypes of the tensors.
-_KEY = ["N_KEY", "M_KEY", "D_PAD", "BLOCK_D", "DIRECT", "PRECISION", "ACC"]
+# the key, and triton adds the dtypes of the tensors, which fix ACC (float64 points: float64,
+# else float32).  ACC itself (a tl.dtype) must not be in the key: with cache_results=True
+# triton writes the key to its disk cache as JSON, and a dtype object made every first launch
+# raise "Object of type dtype is not JSON serializable" (triton 3.6, H200, gpu_check).
+_KEY = ["N_KEY", "M_KEY", "D_PAD", "BLOCK_D", "DIRECT", "PRECISION"]
 
 
 # ----------------------------------------------------------------------------- tile helpers
