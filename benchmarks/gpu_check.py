@@ -705,7 +705,10 @@ def section_timings(cfg):
             with LaunchCounter() as lc:
                 (v, g), first = first_call(lambda: divergence(otkernels, xd, yd, kw_loss), dev)
             t = median_time(lambda: divergence(otkernels, xd, yd, kw_loss), dev, rounds)
-            r = roofline_s(N, N, D, row["resolved_precision"], peak, out["passes"]["plain"],
+            # SamplesLoss computes float16/bfloat16 points in float32 (at ``precision``'s dots)
+            loss_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            row["loss_precision"] = resolved_precision(ops, precision, loss_dtype)
+            r = roofline_s(N, N, D, row["loss_precision"], peak, out["passes"]["plain"],
                            out["passes"]["gradient"])
             row["divergence"] = dict(first_call_s=first, median_s=t, roofline_s=r, ratio=None if r is None else t / r,
                                      launches=lc.counts, value=v, rel_err_value=abs(v - ref64[0]) / abs(ref64[0]),
@@ -836,7 +839,7 @@ def section_fronts(cfg):
     x0, x1 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) + 0.3
     V = torch.randn(n, 16, generator=g)
     out, t = first_call(lambda: transport_plan(x0.to(dev), x1.to(dev), blur=0.5) @ V.to(dev), dev)
-    ref = transport_plan(x0.double(), x1.double(), blur=0.5, backend="tensorized" if tiny else "native") @ V.double()
+    ref = transport_plan(x0.double(), x1.double(), blur=0.5, backend="tensorized" if tiny else "auto") @ V.double()
     err = rel_errors(out, ref)["max_rel"]
     (_, j), t2 = first_call(lambda: sample_pairs(x0.to(dev), x1.to(dev), "sinkhorn", blur=0.5), dev)
     plan = dict(n=n, d=d, seconds=t, rel_err_vs_float64_cpu=err, sample_pairs_seconds=t2, tol=1e-3,
