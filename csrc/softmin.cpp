@@ -342,7 +342,7 @@ static void softmin_online_two_p(const T* x, const T* y, const T* hr, const T* h
     T* mt = cm.data() + size_t(tid) * len;
     T* st_ = cs.data() + size_t(tid) * len;
     std::vector<T> G(size_t(R * COLS));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static, 1)  // fixed task -> thread map: the per-thread column sums, so the result, do not depend on timing
     for (i64 task = 0; task < ntask; ++task) {
       const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
       const T* xq = x + q * N * D;
@@ -422,7 +422,7 @@ static void cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r,
     T* mt = cm.data() + size_t(tid) * len;
     T* st_ = cs.data() + size_t(tid) * len;
     std::vector<RowLse<T>> st(static_cast<size_t>(R));
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static, 1)  // fixed task -> thread map: the per-thread column sums, so the result, do not depend on timing
     for (i64 task = 0; task < ntask; ++task) {
       const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
       // row i, column j at Cb + (i − i0)·ld + (j − jb)
