@@ -265,7 +265,7 @@ def test_plan_launch_on_the_tensors_device_and_k_grid(monkeypatch):
     tb.plan_apply(x, y, u, v, V, 0.5)
     assert entered and all(str(d) == str(x.device) for d in entered)
     assert launches == [(64, (2, 2, 4)), (100, (4, 2, 4))], launches
-    assert {"K_KEY", "P", "PRECISION", "D_PAD", "BLOCK_D", "DIRECT", "ACC"} <= set(K._plan_apply.keys)
+    assert {"K_KEY", "P", "PRECISION", "D_PAD", "BLOCK_D", "DIRECT"} <= set(K._plan_apply.keys)  # ACC: fixed by the dtypes triton adds
 
 
 @pytest.mark.parametrize("cc", [80, 86, 90])
