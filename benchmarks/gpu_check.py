@@ -45,7 +45,8 @@ section runs):
    per precision; first call (compilation, autotuning) apart from the median of 5; the roofline
    from the device's peak table (``bench_gpu.PEAKS``) and the measured/roofline ratio; geomloss
    KeOps at the same size (warm-up + median of 3) and the speed ratio; the error of each timed
-   result against float64.
+   result against float64; every autotuning of the first calls (:class:`AutotuneLog`: kernel,
+   key, winner, each config's time), the data for tuning the tiles.
 5. ``large_offsets``: x of 1.1M × 2048 float32 (9 GB: element offsets of the last rows pass
    2^31), M=64: ``softmin_rows`` and ``argmin`` on sampled rows against float64.
 6. ``fronts``: ``diffusion.sample.ddim_sample_with_ot`` with a tiny untrained UNet,
@@ -613,6 +614,37 @@ def section_parity(cfg):
 
 
 # ----------------------------------------------------------------------------- section 4
+class AutotuneLog:
+    """Records, for every autotuning that happens inside the block, the kernel, its key, the
+    winning config and each config's time (triton's ``configs_timings``, ms; measured on the
+    bounded proxy launch, see ``ops._launch``): the data for tuning the tile shapes later."""
+
+    def __enter__(self):
+        from otkernels.backends.triton import kernels
+        from otkernels.backends.triton.resources import config_label
+        self.entries, self.saved, label = [], [], config_label
+        for name, tuner in getattr(kernels, "KERNELS", {}).items():
+            original = tuner.run
+
+            def run(*args, _t=tuner, _name=name, _orig=original, **kwargs):
+                before = set(getattr(_t, "cache", {}))
+                out = _orig(*args, **kwargs)
+                for key in set(getattr(_t, "cache", {})) - before:
+                    timings = getattr(_t, "configs_timings", None) or {}
+                    self.entries.append(dict(
+                        kernel=_name, key=[str(k) for k in key], best=label(_t.cache[key]),
+                        bench_s=getattr(_t, "bench_time", None),
+                        timings_ms={label(c): (t if isinstance(t, (int, float)) else list(t)) for c, t in timings.items()}))
+                return out
+            tuner.run = run
+            self.saved.append((tuner, original))
+        return self
+
+    def __exit__(self, *exc):
+        for tuner, original in self.saved:
+            tuner.run = original
+
+
 class LaunchCounter:
     """Counts the Triton kernel launches by name inside the block (information next to the
     roofline's model of the work)."""
@@ -697,13 +729,16 @@ def section_timings(cfg):
             xd, yd = x32.to(dtype), y32.to(dtype)
             x, y = xd[None], yd[None]
             xx, yy = ops.sqnorms(x, **kw), ops.sqnorms(y, **kw)  # the norms of the points as the dots see them
-            f, first = first_call(lambda: ops.softmin_rows(x, y, h[None], eps, 2, xx, yy, **kw), dev)
+            with AutotuneLog() as tuning:
+                f, first = first_call(lambda: ops.softmin_rows(x, y, h[None], eps, 2, xx, yy, **kw), dev)
+            row["autotune_pass"] = tuning.entries
             t = median_time(lambda: ops.softmin_rows(x, y, h[None], eps, 2, xx, yy, **kw), dev, rounds)
             r = roofline_s(N, N, D, row["resolved_precision"], peak)
             row["softmin"] = dict(first_call_s=first, median_s=t, roofline_s=r, ratio=None if r is None else t / r,
                                   rel_err_first_rows=rel_errors(f[0, :rows_ref], f_ref)["max_rel"])
-            with LaunchCounter() as lc:
+            with LaunchCounter() as lc, AutotuneLog() as tuning:
                 (v, g), first = first_call(lambda: divergence(otkernels, xd, yd, kw_loss), dev)
+            row["autotune"] = tuning.entries
             t = median_time(lambda: divergence(otkernels, xd, yd, kw_loss), dev, rounds)
             # SamplesLoss computes float16/bfloat16 points in float32 (at ``precision``'s dots)
             loss_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

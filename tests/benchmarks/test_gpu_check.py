@@ -99,3 +99,37 @@ def test_parity_timings_and_the_rest(report):
     assert ragged["value_rel_vs_loop"] <= 1e-4 and ragged["ragged_median_s"] > 0
     dist = report["sections"]["distributed"]["result"]
     assert dist["pass"] is True and len(dist["ranks"]) == dist["world"] >= 1, dist
+
+
+def test_autotune_log_records_each_new_key(monkeypatch):
+    """``AutotuneLog`` (section 4's record of each autotuning: winner and every config's time)
+    on a stand-in tuner, since the interpreter never autotunes: one entry per new key, none
+    for a cached key, and the tuner's ``run`` restored afterwards."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    import triton
+    from otkernels.backends.triton import kernels
+
+    class Tuner:
+        def __init__(self):
+            self.cache, self.configs_timings, self.bench_time = {}, {}, 0.5
+
+        def run(self, *args, **kwargs):
+            key = (kwargs["N_KEY"], "torch.float32")
+            if key not in self.cache:
+                configs = [triton.Config(dict(BLOCK_N=n, BLOCK_M=64), num_warps=4, num_stages=2) for n in (32, 64)]
+                self.configs_timings = {c: [1.0 + i, 0.9, 1.2] for i, c in enumerate(configs)}
+                self.cache[key] = configs[0]
+            return "launched"
+
+    tuner = Tuner()
+    monkeypatch.setattr(kernels, "KERNELS", {"_fake": tuner})
+    original = tuner.run
+    with gpu_check.AutotuneLog() as log:
+        assert tuner.run(N_KEY=14) == "launched"
+        tuner.run(N_KEY=14)  # cached: no new entry
+        tuner.run(N_KEY=16)
+    assert tuner.run == original
+    assert [e["key"] for e in log.entries] == [["14", "torch.float32"], ["16", "torch.float32"]]
+    assert log.entries[0]["best"] == "32x64 w4 s2" and log.entries[0]["bench_s"] == 0.5
+    assert log.entries[0]["timings_ms"] == {"32x64 w4 s2": [1.0, 0.9, 1.2], "64x64 w4 s2": [2.0, 0.9, 1.2]}
