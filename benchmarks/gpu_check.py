@@ -243,6 +243,12 @@ def sqdist64(x, y):
     return ((x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
 
 
+def cost64(x, y, p):
+    """The softmin's cost in float64: ½‖x−y‖² (p = 2) or sqrt(max(‖x−y‖², 1e-8)) (p = 1)."""
+    C = sqdist64(x, y)
+    return C / 2 if p == 2 else C.clamp_min(1e-8).sqrt()
+
+
 def judge(row, tol):
     """Attach the bounds and the verdict to a row of ``{"errors": {name: rel_errors}}``: each
     output's bound is its stated tolerance, or twice the error that rounding the points as the
@@ -411,8 +417,7 @@ def _check_softmin(job):
 
             def reference(d, x, y):
                 x, y, h = _leaves(x.double(), y.double(), d["h"].double())
-                C = sqdist64(x, y)
-                C = C / 2 if p == 2 else C.clamp_min(1e-8).sqrt()
+                C = cost64(x, y, p)
                 f = -eps * torch.logsumexp(h[:, None, :] - C / eps, -1)
                 (f * d["g"].double()).sum().backward()
                 return dict(value=f, value_fused=f, grad_x=x.grad, grad_y=y.grad, grad_h=h.grad)
@@ -474,12 +479,8 @@ def _check_plan_apply(job):
     rows = []
     for p in (1, 2):
         for eps in job["eps"]:
-            def cost(x, y):
-                C = sqdist64(x, y)
-                return C / 2 if p == 2 else C.clamp_min(1e-8).sqrt()
-
             def row_lse(d):  # u_i = −log Σ_j exp(h_j − C_ij/ε) on the points passed, float64
-                return -torch.logsumexp(d["h"].double()[:, None, :] - cost(d["x"], d["y"]) / eps, -1)
+                return -torch.logsumexp(d["h"].double()[:, None, :] - cost64(d["x"], d["y"], p) / eps, -1)
 
             def run(d, kw):
                 from otkernels.backends.triton import ops
@@ -489,7 +490,7 @@ def _check_plan_apply(job):
                     return dict(value=ops.plan_apply(d["x"], d["y"], u, d["h"], V, eps, p, **kw))
 
             def reference(d, x, y):
-                P = (row_lse(d)[:, :, None] + d["h"].double()[:, None, :] - cost(x, y) / eps).exp()
+                P = (row_lse(d)[:, :, None] + d["h"].double()[:, None, :] - cost64(x, y, p) / eps).exp()
                 return dict(value=P @ _plan_values(d).double())
             rows.append(_compare(job, "plan_apply", dict(p=p, eps=eps, K=64), run, reference))
     return rows
@@ -776,10 +777,9 @@ def competitor(cfg, x, y, h, eps):
     dense torch / geomloss tensorized with --tiny.  One warm-up + median of 3."""
     import geomloss
     dev = cfg["device"]
+    softmin = lambda: -eps * (h[None, :] - torch.cdist(x, y).square() / (2 * eps)).logsumexp(1)  # noqa: E731
     if cfg["tiny"]:
-        name = "dense torch softmin / geomloss tensorized"
-        softmin = lambda: -eps * (h[None, :] - torch.cdist(x, y).square() / (2 * eps)).logsumexp(1)  # noqa: E731
-        backend = "tensorized"
+        name, backend = "dense torch softmin / geomloss tensorized", "tensorized"
     else:
         ok, why = keops_status(cfg)
         if ok:
@@ -792,7 +792,6 @@ def competitor(cfg, x, y, h, eps):
             if need > 0.8 * torch.cuda.mem_get_info()[0]:
                 return dict(status="skipped", reason=f"KeOps unusable ({why}); tensorized needs ~{need / 2**30:.0f} GiB")
             name, backend = f"geomloss {geomloss.__version__} tensorized (KeOps unusable: {why})", "tensorized"
-            softmin = lambda: -eps * (h[None, :] - torch.cdist(x, y).square() / (2 * eps)).logsumexp(1)  # noqa: E731
     loss = geomloss.SamplesLoss(**SINKHORN, backend=backend)
 
     def div():
@@ -1073,8 +1072,9 @@ def failures(report):
         if sec["status"] in ("error", "skipped"):
             out.append(f"{name}: section {'raised' if sec['status'] == 'error' else 'skipped (deadline)'}")
         walk(sec.get("result"), name)
-        if (sec.get("result") or {}).get("skipped_at_deadline") if isinstance(sec.get("result"), dict) else False:
-            out.append(f"{name}: {len(sec['result']['skipped_at_deadline'])} job(s) skipped (deadline)")
+        res = sec.get("result")
+        if isinstance(res, dict) and res.get("skipped_at_deadline"):
+            out.append(f"{name}: {len(res['skipped_at_deadline'])} job(s) skipped (deadline)")
     return out
 
 
