@@ -10,6 +10,7 @@ Run from the repository root:
              --sections a,b (these sections, in this order; default all, in the order below)
              --deadline S  (no section starts after S seconds; section 2 stops its jobs there: the
                             skipped ones are recorded, so a leased GPU's time limit cannot lose the run)
+             --jobs-from J (section 2 runs only the jobs that the earlier JSON J skipped at its deadline)
 
 The JSON is rewritten after every section (``"complete": false`` until the last), so a run that
 is killed keeps what it measured.
@@ -336,8 +337,9 @@ def correctness_jobs(cfg):
     if cfg["tiny"]:
         variants = [v for v in variants if v in TINY_VARIANTS]
     # largest D first: the pool starts the long jobs first
+    only = cfg.get("only_jobs")  # --jobs-from: the jobs an earlier run skipped at its deadline
     return [dict(D=D, variant=v, N=cfg["corr_n"], eps=cfg["corr_eps"], device=cfg["device"])
-            for D in sorted(cfg["corr_d"], reverse=True) for v in variants]
+            for D in sorted(cfg["corr_d"], reverse=True) for v in variants if only is None or (D, v) in only]
 
 
 def run_job(job):
@@ -1124,6 +1126,8 @@ def main(argv=None):
                     help=f"comma-separated, run in this order (default all: {','.join(n for n, _ in SECTIONS)})")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds: no section starts later; section 2 stops its jobs then")
+    ap.add_argument("--jobs-from", type=Path, default=None,
+                    help="section 2 runs only the (D, variant) jobs this earlier JSON lists as skipped_at_deadline")
     args = ap.parse_args(argv)
     known = dict(SECTIONS)
     order = args.sections.split(",") if args.sections else [n for n, _ in SECTIONS]
@@ -1135,7 +1139,10 @@ def main(argv=None):
 
     cfg = dict(TINY if args.tiny else FULL, tiny=args.tiny, device=device, skip_keops=args.skip_keops,
                workers=args.workers or (min(14, max(1, (os.cpu_count() or 2) - 2)) if device == "cuda" else 1),
-               deadline=args.deadline, t0=time.perf_counter())
+               deadline=args.deadline, t0=time.perf_counter(), only_jobs=None)
+    if args.jobs_from:
+        earlier = json.loads(args.jobs_from.read_text())["sections"]["correctness"]["result"]
+        cfg["only_jobs"] = {(j["D"], j["variant"]) for j in earlier["skipped_at_deadline"]}
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ("-tiny" if args.tiny else "")
     path = args.json or ROOT / "benchmarks" / "results" / f"gpu-check-{slug}.json"
