@@ -295,7 +295,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--deadline", type=float, default=420.0, help="seconds after which no new step starts")
+    ap.add_argument("--deadline", type=float, default=420.0,
+                    help="seconds: compiling stops 60 s before, timing 30 s after, the pinned divergence 60 s after")
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: CPUs − 1)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     opts = ap.parse_args(argv)
@@ -325,8 +326,8 @@ def main(argv=None):
         path.write_text(json.dumps(report, indent=1, default=str))
         print(f"[{report['wall_s']:.0f}s] {step} saved", flush=True)
 
-    def late():
-        return time.perf_counter() - t0 > opts.deadline
+    def late(margin=0.0):
+        return time.perf_counter() - t0 > opts.deadline - margin
 
     # 1. baseline
     base, recs = {}, {}
@@ -365,14 +366,18 @@ def main(argv=None):
             work = [(i, variants[i]["name"], describe(variants[i]["rec"]["args"]), plain(variants[i]["rec"]["consts"]),
                      grid_of(variants[i]["rec"], c), c) for i, c in tasks]
             workers = opts.workers or max(1, (mp.cpu_count() or 2) - 1)
-            with mp.get_context("spawn").Pool(min(workers, len(work))) as pool:
-                compiled = pool.map(compile_one, work, chunksize=1)
+            compiled = [dict(error="not compiled: --deadline")] * len(work)
+            with mp.get_context("spawn").Pool(min(workers, len(work))) as pool:  # terminated on exit
+                for n, info in enumerate(pool.imap(compile_one, work)):
+                    compiled[n] = info
+                    if late(margin=60):  # leave time to launch what compiled
+                        break
         else:
             compiled = [{} for _ in tasks]
         for (i, c), info in zip(tasks, compiled):
             v = variants[i]
             entry = dict(config=c, **info)
-            if "error" not in info and not late():
+            if "error" not in info and not late(margin=-30):
                 try:
                     entry.update(run_config(v["rec"], c, v["ref"], dev, reps))
                 except Exception as e:  # noqa: BLE001
@@ -434,7 +439,7 @@ def main(argv=None):
     # 5. the divergence with every variant pinned to its best config
     forced = {}
     for prec in precisions:
-        if late():
+        if late(margin=-60):  # the point of the run: allowed a minute past the deadline
             break
         best = {}
         for v in variants:

@@ -11,6 +11,9 @@ merged headers, for find_library, ``-lnvrtc`` and nvrtc); ``+nvcc`` (formulas co
 Without CUDA it prints "no CUDA" and exits 0.  Run (``--attempts a,b`` for a subset):
 
     PYTHONUNBUFFERED=1 python benchmarks/keops_probe.py --json $OUT/keops_probe.json --deadline 240
+
+``--time-n 50000``: once an attempt works, the same setup times the Sinkhorn divergence (forward +
+backward, D = 128, gpu_check's settings) with geomloss-KeOps and with otkernels' Triton default.
 """
 import argparse, ctypes, ctypes.util, glob, json, os, re, shutil, signal, subprocess, sys, tempfile, time
 
@@ -179,6 +182,33 @@ def child(kind, nvcc):
     ref = torch.exp(-((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)).sum(1, keepdim=True)
     rel = ((s - ref).abs().max() / ref.abs().max()).item()
     print("RESULT " + json.dumps({"ok": rel < 1e-4, "max_rel": rel, "shape": list(s.shape)}), flush=True)
+    if os.environ.get("PROBE_TIME_N") and rel < 1e-4:
+        stage("timing"), print("TIMING " + json.dumps(timing(int(os.environ["PROBE_TIME_N"]))), flush=True)
+
+
+def timing(n, d=128, rounds=2):
+    """geomloss-KeOps (``backend="online"``) against otkernels' Triton default, Sinkhorn divergence
+    forward + backward at N = M = n (gpu_check's data and settings): first call and mean of ``rounds``."""
+    import torch
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.dirname(here)]
+    import geomloss, otkernels
+    from common import make_data
+    x, y = (t.cuda() for t in make_data(n, n, d))
+    kw, out = dict(loss="sinkhorn", p=2, blur=0.05, scaling=0.5), {"N": n, "D": d}
+    for name, make in (("geomloss_online", lambda: geomloss.SamplesLoss(**kw, backend="online")),
+                       ("otkernels_triton", lambda: otkernels.SamplesLoss(**kw, backend="triton"))):
+        times = []
+        for _ in range(rounds + 1):
+            xg = x.clone().requires_grad_()
+            torch.cuda.synchronize(), (t := time.perf_counter())
+            v = make()(xg, y)
+            v.backward()
+            torch.cuda.synchronize(), times.append(time.perf_counter() - t)
+        out[name] = {"first_call_s": times[0], "mean_s": sum(times[1:]) / rounds, "value": v.item()}
+        print(f"TIMED {name} {out[name]}", flush=True)
+    out["speedup"] = out["geomloss_online"]["mean_s"] / out["otkernels_triton"]["mean_s"]
+    return out
 
 
 def run_attempt(name, env_extra, kind, nvcc, folder, timeout):
@@ -198,7 +228,7 @@ def run_attempt(name, env_extra, kind, nvcc, folder, timeout):
     r = {"name": name, "env": env_extra, "patch": kind, "returncode": rc, "timed_out": timed_out,
          "signal": (signal.Signals(-rc).name if -rc in signal.valid_signals() else -rc) if rc < 0 else None,
          "seconds": round(time.time() - t0, 1), "stages": pick("STAGE"), "config": last("CONFIG"),
-         "maps": last("MAPS"), "result": last("RESULT"), "tail": lines[-40:]}
+         "maps": last("MAPS"), "result": last("RESULT"), "timing": last("TIMING"), "tail": lines[-40:]}
     r["ok"] = bool(rc == 0 and r["result"] and r["result"]["ok"] and (r["config"] or {}).get("keops_gpu", True))
     print(f"\n=== {name}: rc={rc} signal={r['signal']} timed_out={timed_out} {r['seconds']}s ok={r['ok']} "
           f"result={r['result']}\n--- config: {r['config']}\n--- maps: {r['maps']}\n--- last 40 lines:\n    "
@@ -210,6 +240,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json"), ap.add_argument("--deadline", type=float, default=240)
     ap.add_argument("--timeout", type=float, default=90), ap.add_argument("--attempts", default=",".join(ATTEMPTS))
+    ap.add_argument("--time-n", type=int, default=0, help="then time geomloss-KeOps vs otkernels at N=M=this, D=128")
+    ap.add_argument("--time-timeout", type=float, default=240)
     ap.add_argument("--child", help=argparse.SUPPRESS), ap.add_argument("--nvcc", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -259,6 +291,11 @@ def main():
         save()
         if report["attempts"][-1]["ok"]:
             report["winner"] = name
+            if a.time_n and time.time() - t0 < a.deadline:  # the comparison issue 14 asks for, in this setup
+                os.makedirs(folder := os.path.join(work, "timing"))
+                report["timing"] = run_attempt(name + " timing", dict(env_extra, PROBE_TIME_N=str(a.time_n)), kind,
+                                               d["nvcc"], folder, a.time_timeout)
+                save()
             break
     print(f"\nfirst attempt that works: {report['winner']}  ({time.time() - t0:.0f} s in all)")
     save()
