@@ -199,8 +199,51 @@ def shared_limit(cc: int) -> int:
     return SHARED_LIMIT.get(cc, SHARED_LIMIT[DEFAULT_CC] if cc >= 80 else 49152)
 
 
+# Hopper (sm_90): the configs measured fastest on an H200 (benchmarks/gpu_tune.py, N = M = 50k,
+# D = 128, float32 points at each precision; benchmarks/results/gpu-tune-nvidia-h200.json), by
+# kernel family and dot precision, as (BLOCK_N, BLOCK_M, BLOCK_DV, warps, stages).  Single-stage
+# pipelines and 128×64 / 64×128 tiles, which the estimates below rejected (tf32x3 shared memory)
+# or never generated (one stage); the gradient's tf32x3 winner spills 134 B there and still runs
+# in half the time of the fastest config that does not spill.  Kept first for D ≤ 128 (whole x
+# tile, no direct mode), then the estimated choice; the autotuner times them all.
+HOPPER_FAMILY = {"_softmin_fwd": "softmin", "_softmin_two": "softmin", "_softmin_ragged": "softmin",
+                 "_weighted_grad": "grad", "_softmin_grad_ragged": "grad"}
+HOPPER_FIRST = {
+    ("softmin", "tf32x3"): [(128, 64, None, 8, 1), (64, 64, None, 8, 3)],
+    ("softmin", "tf32"): [(64, 128, None, 4, 1), (128, 64, None, 4, 1)],
+    ("softmin", "bf16"): [(64, 128, None, 4, 1), (128, 32, None, 4, 1)],
+    ("grad", "tf32x3"): [(128, 64, 128, 8, 1), (128, 32, 128, 8, 1)],
+    ("grad", "tf32"): [(128, 64, 128, 8, 1), (128, 64, 128, 8, 2)],
+    ("grad", "bf16"): [(64, 64, 128, 4, 1), (128, 64, 128, 8, 2)],
+}
+
+
+def hopper_first(kernel, cc, D_PAD, BLOCK_D, DIRECT, ELT, D, DIFF, PRECISION):
+    """The measured configs of :data:`HOPPER_FIRST` for this launch (empty off sm_90 or outside
+    the measured layout); ``BLOCK_DV`` is capped at D rounded up to a power of two."""
+    family = HOPPER_FAMILY.get(kernel)
+    prec = "bf16" if ELT == 2 else PRECISION if ELT == 4 else None
+    if cc != 90 or family is None or DIRECT or DIFF or BLOCK_D != D_PAD or D_PAD > 128 or (family, prec) not in HOPPER_FIRST:
+        return []
+    dv_max = max(16, 1 << ((D if D is not None else D_PAD) - 1).bit_length())
+    return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, **({"BLOCK_DV": min(dv, dv_max)} if dv else {})),
+                          num_warps=w, num_stages=st) for bn, bm, dv, w, st in HOPPER_FIRST[(family, prec)]]
+
+
 def keep_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32",
                  variant=(), twin=None):
+    """The configs the autotuner may launch for one problem on ``sm_<cc>``: on sm_90 the
+    measured :data:`HOPPER_FIRST` configs first; then (up to :data:`MAX_KEPT` in all) those
+    chosen by :func:`estimated_configs`."""
+    BLOCK_D = D_PAD if BLOCK_D is None else BLOCK_D
+    first = hopper_first(kernel, cc, D_PAD, BLOCK_D, DIRECT, ELT, D, DIFF, PRECISION)
+    rest = estimated_configs(kernel, configs, cc, D_PAD, BLOCK_D, DIRECT, ELT, D, DIFF, PRECISION, variant, twin)
+    seen = {config_key(c) for c in first}
+    return (first + [c for c in rest if config_key(c) not in seen])[:max(MAX_KEPT, len(first))]
+
+
+def estimated_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32",
+                      variant=(), twin=None):
     """The configs the autotuner may launch for one problem on ``sm_<cc>``: those whose
     registers (:data:`BUDGET`) and shared memory (:func:`shared_bytes` ≤ the device's
     limit) fit, without duplicates; small tiles are dropped when large ones fit.  Never
@@ -592,11 +635,15 @@ def _softmin_two(X, Y, XX, YY, Hr, Hc, Par, OutR, PartM, PartS,
 
 # ----------------------------------------------------------------------------- P·Y gradients
 @triton.jit
-def _pv_update(acc, W, y, x_dv, y_dv, PRECISION: tl.constexpr, ACC: tl.constexpr, DIFF: tl.constexpr,
-               HALF_SCALE: tl.constexpr):
+def _pv_update(acc, sw, W, y, x_dv, y_dv, PRECISION: tl.constexpr, ACC: tl.constexpr, DIFF: tl.constexpr,
+               HALF_SCALE: tl.constexpr, SUM: tl.constexpr):
     """``acc += W·Y`` (or, with ``DIFF``, ``acc += Σ_j W_ij (x_i − y_j)`` summed from the
     differences).  float16 operands (``HALF_SCALE``): each row of W is scaled by a power of two
-    that brings its largest entry to 1 before the cast, and the product is scaled back."""
+    that brings its largest entry to 1 before the cast, and the product is scaled back.
+    ``SUM`` (the expanded ``x_i Σ_j W_ij − W·Y``): also ``sw += Σ_j W_ij`` of the weights *as the
+    dot reads them* (rounded to bfloat16/float16/TF32), so that the two terms cancel exactly where
+    y_j ≈ x_i; the row sum of the unrounded weights left errors of 2⁻⁹·‖x_i‖·Σ_j W_ij in bfloat16
+    (p = 1 near coincident points: 10 % of the gradient, H200, gpu_check)."""
     if DIFF:
         acc += tl.sum(W[:, :, None] * (x_dv[:, None, :] - y_dv[None, :, :]), 1)
     elif HALF_SCALE:
@@ -606,9 +653,14 @@ def _pv_update(acc, W, y, x_dv, y_dv, PRECISION: tl.constexpr, ACC: tl.constexpr
         scale = tl.exp2(e)
         Wn = (W * tl.exp2(-e)[:, None]).to(y.dtype)
         acc += scale[:, None] * tl.dot(Wn, y, out_dtype=ACC)
+        if SUM:
+            sw += scale * tl.sum(Wn.to(ACC), 1)
     else:
-        acc = _dot(_operand(W.to(y.dtype), PRECISION), y, acc, PRECISION, ACC)
-    return acc
+        Wq = _operand(W.to(y.dtype), PRECISION)
+        acc = _dot(Wq, y, acc, PRECISION, ACC)
+        if SUM:
+            sw += tl.sum(Wq.to(ACC), 1)
+    return acc, sw
 
 
 @triton.autotune(configs=_configs(grad=True), key=_KEY + ["MODE", "HAS_CW", "WRITE_RS", "NORMALIZED", "DIFF"],
@@ -695,9 +747,7 @@ def _weighted_grad(X, Y, XX, YY, Hc, Rr, Cw, Par, Out, RowSum, Fout,
             d2 = xx[:, None] + yy[None, :] - 2.0 * xy
             W = tl.where(d2 > _CLAMP, W / tl.sqrt(tl.maximum(d2, _CLAMP)), 0.0)
         W = tl.where((offs_n[:, None] == offs_m[None, :]) & (SKIP_DIAG != 0), 0.0, W)
-        if not DIFF:
-            sw += tl.sum(W, 1)
-        acc = _pv_update(acc, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, HALF_SCALE)
+        acc, sw = _pv_update(acc, sw, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, HALF_SCALE, not DIFF)
     if DIFF:
         out = acc
     else:
@@ -877,7 +927,7 @@ def _plan_apply(X, Y, XX, YY, U, Hv, Vm, Par, Out,
         m_i, alpha, W, l_i = _lse_update(m_i, l_i, s)
         acc = acc * alpha[:, None]
         vt = _operand(_load_rows(Vb, offs_m, mask_m, offs_k, K, stride_vm, stride_vk), PRECISION)
-        acc = _pv_update(acc, W, vt, vt, vt, PRECISION, ACC, False, HALF_SCALE)
+        acc, l_i = _pv_update(acc, l_i, W, vt, vt, vt, PRECISION, ACC, False, HALF_SCALE, False)
     t = m_i + tl.load(U + pid_b * N + offs_n, mask=mask_n, other=float("-inf")) * _LOG2E
     if P == 2:  # the row term −‖x_i‖²/2ε left out of the scores
         t -= xx * (k * 0.5)
@@ -983,9 +1033,7 @@ def _softmin_grad_ragged(X, Y, XX, YY, XO, YO, H, Eps, Out, Fout,
             d2 = xx[:, None] + yy[None, :] - 2.0 * xy
             W = tl.where(d2 > _CLAMP, W / tl.sqrt(tl.maximum(d2, _CLAMP)), 0.0)
         W = tl.where((offs_n[:, None] == offs_m[None, :]) & (SKIP_DIAG != 0), 0.0, W)
-        if not DIFF:
-            sw += tl.sum(W, 1)
-        acc = _pv_update(acc, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, False)
+        acc, sw = _pv_update(acc, sw, W, y_dv, x_dv, y_dv, PRECISION, ACC, DIFF, False, not DIFF)
     out = acc if DIFF else x_dv * sw[:, None] - acc
     out = out / rs[:, None]
     row = x0 + offs_n

@@ -392,9 +392,19 @@ def spilled_entries(rows):
         name, args, consts = launch_of(r["variant"], r["D"], r["dtype"], r["precision"])
         named = {**dict(zip(K.KERNELS[name].fn.arg_names, args)), **consts}
         variant = (args[0].element_size(),) + K.variant_key(named)
-        match = [c for c in K.KERNELS[name].configs if config_label(c) == r["config"]]
-        out.add((r["cc"], name, variant, K.config_key(match[0])))
+        out.add((r["cc"], name, variant, label_key(r["config"])))
     return out
+
+
+def label_key(label):
+    """:func:`config_label`'s text back to ``kernels.config_key``: ``"128x64 dv64 w8 s1"`` →
+    ``(128, 64, 64, 8, 1)`` (configs outside the autotuning space too: ``kernels.HOPPER_FIRST``)."""
+    parts = label.split()
+    bn, bm = (int(v) for v in parts[0].split("x"))
+    dv = next((int(p[2:]) for p in parts if p.startswith("dv")), None)
+    w = next(int(p[1:]) for p in parts if p.startswith("w"))
+    st = next(int(p[1:]) for p in parts if p.startswith("s"))
+    return bn, bm, dv, w, st
 
 
 if __name__ == "__main__":
