@@ -45,7 +45,8 @@ the power-of-two buckets of N and M and on *every* constexpr that changes the co
 precision, dtype), so a config tuned for one variant is never launched for another.
 ``_prune_for`` keeps the configs whose registers (:func:`register_words`, calibrated with
 ``ptxas -v``) and shared memory (:func:`shared_bytes`, checked against the compiled kernels'
-own figure for sm_80, sm_86 and sm_90) fit the device's limits.
+own figure for sm_80, sm_86 and sm_90) fit the device's limits; on sm_90 the configs measured
+fastest on an H200 (:data:`HOPPER_FIRST`, one-stage pipelines included) come first.
 
 Conventions: pointers capitalised, strides explicit for the (B, N, D) point clouds, vectors
 (B, N) contiguous in the accumulator dtype ``ACC`` (float64 for float64 points, float32
