@@ -324,3 +324,26 @@ def test_half_precision_gradient_near_coincident_points(dtype, precision, bound)
     for got, ref in ((xs.grad, x64.grad), (ys.grad, y64.grad)):
         err = ((got.double() - ref).norm() / ref.norm()).item()
         assert err < bound, err
+
+
+def test_hopper_keeps_the_h200_measured_configs_first():
+    """sm_90, D ≤ 128: the pruner keeps the configs measured fastest on an H200 first (one-stage
+    pipelines the autotuning space does not hold), then its estimated choice, 4 at most; other
+    architectures and wider D keep exactly the estimated choice."""
+    two, grad = K._configs(), K._configs(grad=True)
+
+    def keep(name, configs, cc, D, prec="tf32x3", elt=4):
+        return [K.config_key(c) for c in K.keep_configs(name, configs, cc, D, D, 0, elt, D, False, prec)]
+
+    def estimated(name, configs, cc, D, prec="tf32x3", elt=4):
+        return [K.config_key(c) for c in K.estimated_configs(name, configs, cc, D, D, 0, elt, D, False, prec)]
+
+    kept = keep("_softmin_two", two, 90, 128)
+    assert kept[0] == (128, 64, None, 8, 1) and len(kept) <= K.MAX_KEPT
+    assert keep("_weighted_grad", grad, 90, 128, "bf16")[0] == (64, 64, 128, 4, 1)
+    assert keep("_weighted_grad", grad, 90, 64, "tf32")[0] == (128, 64, 64, 8, 1)  # BLOCK_DV capped at D
+    assert keep("_softmin_fwd", two, 90, 128, "ieee", elt=2)[0] == (64, 128, None, 4, 1)  # bfloat16 points
+    for name, configs, cc, D in (("_softmin_two", two, 80, 128), ("_softmin_two", two, 86, 64),
+                                 ("_weighted_grad", grad, 80, 128), ("_softmin_two", two, 90, 256)):
+        assert keep(name, configs, cc, D) == estimated(name, configs, cc, D)
+    assert keep("_softmin_two", two, 90, 128, "ieee") == estimated("_softmin_two", two, 90, 128, "ieee")
