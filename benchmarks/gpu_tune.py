@@ -5,6 +5,8 @@ Run from the repository root on a CUDA machine:
 
     python benchmarks/gpu_tune.py --json benchmarks/results/gpu-tune-<device>.json
     python benchmarks/gpu_tune.py --tiny        # CPU, Triton's interpreter: checks the script itself
+    options: --dim D, --n N (other sizes: HOPPER_FIRST holds D ≤ 128 only), --precisions a,b,
+             --deadline S, --workers K
 
 Steps (the JSON is rewritten after each, so a run cut short keeps what it measured):
 
@@ -302,6 +304,8 @@ def main(argv=None):
                     help="seconds: compiling stops 60 s before, timing 30 s after, the pinned divergence 60 s after")
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: CPUs − 1)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--dim", type=int, default=None, help="D (default gpu_check's: 128; --tiny 16)")
+    ap.add_argument("--n", type=int, default=None, help="N = M (default gpu_check's: 50,000; --tiny 64)")
     opts = ap.parse_args(argv)
     t0 = time.perf_counter()
     dev = gpu_check.pick_device(opts.tiny)
@@ -310,11 +314,11 @@ def main(argv=None):
     from otkernels.backends.triton import ops
 
     size = gpu_check.TINY if opts.tiny else gpu_check.FULL
-    N, D, rounds = size["time_n"], size["time_d"], (1 if opts.tiny else 5)
+    N, D, rounds = opts.n or size["time_n"], opts.dim or size["time_d"], (1 if opts.tiny else 5)
     reps = 1 if opts.tiny else 5
     precisions = opts.precisions.split(",")
     x, y = (t.to(dev) for t in make_data(N, N, D))
-    path = Path(opts.json or HERE / "results" / f"gpu-tune-{'tiny' if opts.tiny else 'device'}.json")
+    path = Path(opts.json or HERE / "results" / f"gpu-tune-{'tiny' if opts.tiny else 'device'}-d{D}.json")
     report = dict(script="benchmarks/gpu_tune.py", device=dev, N=N, M=N, D=D, sinkhorn=gpu_check.SINKHORN,
                   argv=sys.argv[1:], steps={})
     if dev == "cuda":

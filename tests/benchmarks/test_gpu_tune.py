@@ -27,8 +27,9 @@ def run(script, *args, tmp):
 @pytest.mark.slow
 def test_tune_tiny_end_to_end(tmp_path):
     out = tmp_path / "tune.json"
-    run("gpu_tune.py", "--tiny", "--precisions", "tf32x3", "--json", str(out), tmp=tmp_path)
+    run("gpu_tune.py", "--tiny", "--precisions", "tf32x3", "--dim", "24", "--json", str(out), tmp=tmp_path)
     rep = json.loads(out.read_text())
+    assert rep["D"] == 24
     steps = rep["steps"]
     assert {"baseline", "variants", "sweep", "programs", "forced", "done"} <= set(steps)
     kernels = {v["kernel"] for v in steps["variants"]}
