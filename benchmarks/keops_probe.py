@@ -86,7 +86,9 @@ def build_shim(diag, folder):
     if not (libs := nvrtc_libs(diag)):
         return None, "no libnvrtc.so.N found"
     real, lib64, inc = libs[0], os.path.join(folder, "lib64"), os.path.join(folder, "include")
-    libdir, _ = os.path.dirname(real), (os.makedirs(lib64), os.makedirs(inc))
+    libdir = os.path.dirname(real)
+    os.makedirs(lib64)
+    os.makedirs(inc)
     links = {"libnvrtc.so": real, os.path.basename(real): real}
     links.update({os.path.basename(b): b for b in glob.glob(os.path.join(libdir, "libnvrtc-builtins.so*"))})
     for name, soname in (("cuda", "libcuda.so.1"), ("cudart", None)):  # as torch mapped them, else found
@@ -103,7 +105,8 @@ def build_shim(diag, folder):
         return None, "cuda.h or nvrtc.h not found"
     for d in (hdr[0], nv_inc[0]):  # the second wins: nvrtc.h of the chosen libnvrtc
         for e in os.listdir(d):
-            os.path.lexists(os.path.join(inc, e)) and os.remove(os.path.join(inc, e))
+            if os.path.lexists(os.path.join(inc, e)):
+                os.remove(os.path.join(inc, e))
             os.symlink(os.path.join(d, e), os.path.join(inc, e))
     env = {"CUDA_PATH": folder, "CUDA_HOME": folder, "LD_LIBRARY_PATH": with_ld(lib64, libdir),
            "LIBRARY_PATH": os.pathsep.join([lib64, os.environ.get("LIBRARY_PATH", "")]).rstrip(os.pathsep)}
@@ -148,7 +151,8 @@ def patch(kind, nvcc):
         G.Gpu_link_compile.generate_code = generate_code
     elif kind == "ptx":  # nvrtc_jit.so rebuilt with -DnvrtcGetTARGET=nvrtcGetPTX -DARCHTAG="compute"
         G.Gpu_link_compile.low_level_code_prefix = "ptx_"
-        os.path.exists(G.jit_compile_dll()) and os.remove(G.jit_compile_dll())
+        if os.path.exists(G.jit_compile_dll()):
+            os.remove(G.jit_compile_dll())
         G.Gpu_link_compile.compile_jit_compile_dll()
 
 
@@ -174,7 +178,8 @@ def child(kind, nvcc):
         print("KeOps is in CPU-only mode: its CPU code would read CUDA pointers; formula not run", flush=True)
         sys.exit(3)
     if kind in ("nvcc", "ptx"):
-        stage(f"patch {kind}"), patch(kind, nvcc)
+        stage(f"patch {kind}")
+        patch(kind, nvcc)
     stage("formula (backend auto)")
     from pykeops.torch import LazyTensor
     s = (-((LazyTensor(x[:, None, :]) - LazyTensor(y[None, :, :])) ** 2).sum(-1)).exp().sum(1)
@@ -183,7 +188,8 @@ def child(kind, nvcc):
     rel = ((s - ref).abs().max() / ref.abs().max()).item()
     print("RESULT " + json.dumps({"ok": rel < 1e-4, "max_rel": rel, "shape": list(s.shape)}), flush=True)
     if os.environ.get("PROBE_TIME_N") and rel < 1e-4:
-        stage("timing"), print("TIMING " + json.dumps(timing(int(os.environ["PROBE_TIME_N"]))), flush=True)
+        stage("timing")
+        print("TIMING " + json.dumps(timing(int(os.environ["PROBE_TIME_N"]))), flush=True)
 
 
 def timing(n, d=128, rounds=2):
@@ -201,10 +207,12 @@ def timing(n, d=128, rounds=2):
         times = []
         for _ in range(rounds + 1):
             xg = x.clone().requires_grad_()
-            torch.cuda.synchronize(), (t := time.perf_counter())
+            torch.cuda.synchronize()
+            t = time.perf_counter()
             v = make()(xg, y)
             v.backward()
-            torch.cuda.synchronize(), times.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
         out[name] = {"first_call_s": times[0], "mean_s": sum(times[1:]) / rounds, "value": v.item()}
         print(f"TIMED {name} {out[name]}", flush=True)
     out["speedup"] = out["geomloss_online"]["mean_s"] / out["otkernels_triton"]["mean_s"]
