@@ -201,16 +201,38 @@ def variant_setup(variant):
 
 
 @contextlib.contextmanager
+def fresh_autotuning():
+    """Inside the block every kernel tunes afresh (the autotuners' caches and the launcher's
+    "already tuned" keys are emptied); after it, both are as before."""
+    from otkernels.backends.triton import kernels, ops
+    tuners = getattr(kernels, "KERNELS", {}).values()
+    caches = [(t, dict(t.cache)) for t in tuners]
+    tuned = set(getattr(ops, "_tuned", ()))
+    for t, _ in caches:
+        t.cache.clear()
+    if hasattr(ops, "_tuned"):
+        ops._tuned.clear()
+    try:
+        yield
+    finally:
+        for t, cache in caches:
+            t.cache.clear()
+            t.cache.update(cache)
+        if hasattr(ops, "_tuned"):
+            ops._tuned.clear()
+            ops._tuned.update(tuned)
+
+
+@contextlib.contextmanager
 def one_config_per_kernel():
     """Pin each autotuned kernel to the largest tile its pruning keeps (restored after)."""
-    from otkernels.backends.triton import kernels, ops
-    tuned = set(getattr(ops, "_tuned", ()))
+    from otkernels.backends.triton import kernels
     saved = []
     for tuner in getattr(kernels, "KERNELS", {}).values():
         prune = getattr(tuner, "early_config_prune", None)
         if prune is None:
             continue
-        saved.append((tuner, prune, dict(tuner.cache)))
+        saved.append((tuner, prune))
 
         def pinned(configs, nargs, _prune=prune, **kw):
             return [max(_prune(configs, nargs, **kw),
@@ -218,14 +240,11 @@ def one_config_per_kernel():
                                        c.kwargs.get("BLOCK_DV", 0), c.num_warps, -c.num_stages))]
         tuner.early_config_prune = pinned
     try:
-        yield
+        with fresh_autotuning():
+            yield
     finally:
-        for tuner, prune, cache in saved:
+        for tuner, prune in saved:
             tuner.early_config_prune = prune
-            tuner.cache.clear()
-            tuner.cache.update(cache)
-        if hasattr(ops, "_tuned"):  # the launcher's "already tuned" keys
-            ops._tuned.intersection_update(tuned)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -650,15 +669,23 @@ class AutotuneLog:
 
 class LaunchCounter:
     """Counts the Triton kernel launches by name inside the block (information next to the
-    roofline's model of the work)."""
+    roofline's model of the work).  ``keep_first``: ``first`` also holds the first launch of
+    every kernel variant (name × constexprs) with its arguments, tensors included
+    (``benchmarks/gpu_tune.py`` replays them)."""
+
+    def __init__(self, keep_first=False):
+        self.keep_first, self.counts, self.first = keep_first, {}, {}
 
     def __enter__(self):
         from otkernels.backends.triton import ops
-        self.ops, self.original, self.counts = ops, ops._launch, {}
+        self.ops, self.original = ops, ops._launch
 
-        def launch(name, *args, **kwargs):
+        def launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None, shrink=True):
             self.counts[name] = self.counts.get(name, 0) + 1
-            return self.original(name, *args, **kwargs)
+            if self.keep_first:
+                self.first.setdefault((name, tuple(sorted(consts.items()))), dict(
+                    name=name, B=B, N=N, device=device, args=args, consts=consts, grid=grid, cols=cols))
+            return self.original(name, B, N, device, args, consts, grid, before_full, cols, shrink)
         ops._launch = launch
         return self
 

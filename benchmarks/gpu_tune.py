@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -59,33 +57,19 @@ def space(name):
             for s in STAGES]
 
 
+def as_config(c):
+    """A config dict (``BLOCK_*``, ``num_warps``, ``num_stages``) as a ``triton.Config``."""
+    import triton
+    return triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"],
+                         num_stages=c["num_stages"])
+
+
 def label(c):
-    dv = f" dv{c['BLOCK_DV']}" if "BLOCK_DV" in c else ""
-    return f"{c['BLOCK_N']}x{c['BLOCK_M']}{dv} w{c['num_warps']} s{c['num_stages']}"
+    from otkernels.backends.triton.resources import config_label
+    return config_label(as_config(c))
 
 
 # ----------------------------------------------------------------------------- launches
-class Recorder:
-    """Keeps the first launch of every kernel variant made inside the block (``ops._launch``'s
-    arguments, tensors included), after running it."""
-
-    def __enter__(self):
-        from otkernels.backends.triton import ops
-        self.ops, self.original, self.records = ops, ops._launch, {}
-
-        def launch(name, B, N, device, args, consts, grid=None, before_full=None, cols=None, shrink=True):
-            key = (name, tuple(sorted(consts.items())))
-            if key not in self.records:
-                self.records[key] = dict(name=name, B=B, N=N, device=device, args=args, consts=consts, grid=grid,
-                                         cols=cols)
-            return self.original(name, B, N, device, args, consts, grid, before_full, cols, shrink)
-        ops._launch = launch
-        return self
-
-    def __exit__(self, *exc):
-        self.ops._launch = self.original
-
-
 def names_of(rec):
     from otkernels.backends.triton import kernels
     return kernels.KERNELS[rec["name"]].fn.arg_names
@@ -191,10 +175,8 @@ def outputs(rec, args=None):
     names, args = names_of(rec), rec["args"] if args is None else args
     out = [args[names.index(n)].clone() for n in OUTPUTS if n in names]
     if "PartM" in names:
-        pm, ps = args[names.index("PartM")], args[names.index("PartS")]
-        top = pm.max(0).values
-        safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        out.append(safe + torch.log2((ps * torch.exp2(pm - safe)).sum(0)))
+        from otkernels.backends.triton import ops
+        out.append(ops.merge_partials(args[names.index("PartM")], args[names.index("PartS")]))
     return out
 
 
@@ -256,43 +238,34 @@ def with_programs(rec, R):
 # ----------------------------------------------------------------------------- pinned configs
 class Pinned:
     """Inside the block every kernel variant in ``best`` launches its config alone (the pruner
-    returns it), and the two-way pass uses ``programs`` row programs; caches are restored."""
+    returns it), and the two-way pass uses ``programs`` row programs; the kernels tune afresh
+    inside and their caches are restored after (:func:`gpu_check.fresh_autotuning`)."""
 
     def __init__(self, best, programs=None):
         self.best, self.programs = best, programs
 
     def __enter__(self):
-        import triton
         from otkernels.backends.triton import kernels, ops
         self.k, self.ops = kernels, ops
-        self.saved = (kernels.keep_configs, ops._two_programs, set(ops._tuned),
-                      {n: dict(t.cache) for n, t in kernels.KERNELS.items()})
-        original = kernels.keep_configs
+        self.saved = (kernels.keep_configs, ops._two_programs)
+        original, two = kernels.keep_configs, ops._two_programs
 
         def keep(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4, D=None, DIFF=False, PRECISION="tf32",
                  variant=(), twin=None):
             c = self.best.get((kernel, variant))
             if c is None:
                 return original(kernel, configs, cc, D_PAD, BLOCK_D, DIRECT, ELT, D, DIFF, PRECISION, variant, twin)
-            return [triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")},
-                                  num_warps=c["num_warps"], num_stages=c["num_stages"])]
+            return [as_config(c)]
         kernels.keep_configs = keep
         if self.programs:
-            two = ops._two_programs
             ops._two_programs = lambda device, N, B, M: self.programs if two(device, N, B, M) else 0
-        for t in kernels.KERNELS.values():
-            t.cache.clear()
-        ops._tuned.clear()
+        self.fresh = gpu_check.fresh_autotuning()
+        self.fresh.__enter__()
         return self
 
     def __exit__(self, *exc):
-        keep, two, tuned, caches = self.saved
-        self.k.keep_configs, self.ops._two_programs = keep, two
-        self.ops._tuned.clear()
-        self.ops._tuned.update(tuned)
-        for n, t in self.k.KERNELS.items():
-            t.cache.clear()
-            t.cache.update(caches[n])
+        self.fresh.__exit__(*exc)
+        self.k.keep_configs, self.ops._two_programs = self.saved
 
 
 # ----------------------------------------------------------------------------- main
@@ -343,9 +316,9 @@ def main(argv=None):
         with gpu_check.AutotuneLog() as tuning:
             (v, g), first = gpu_check.first_call(lambda: gpu_check.divergence(otkernels, x, y, kw), dev)
         t = gpu_check.median_time(lambda: gpu_check.divergence(otkernels, x, y, kw), dev, rounds)
-        with Recorder() as r:  # 2. one warm call's launches
+        with gpu_check.LaunchCounter(keep_first=True) as r:  # 2. one warm call's launches
             gpu_check.divergence(otkernels, x, y, kw)
-        recs[prec] = r.records
+        recs[prec] = r.first
         base[prec] = dict(first_call_s=first, median_s=t, value=v, grad=g, autotune=tuning.entries)
         print(f"baseline {prec}: {t:.4f} s (first call {first:.1f} s)", flush=True)
     save("baseline", {p: {k: v for k, v in b.items() if k != "grad"} for p, b in base.items()})

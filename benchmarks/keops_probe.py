@@ -192,30 +192,30 @@ def child(kind, nvcc):
         print("TIMING " + json.dumps(timing(int(os.environ["PROBE_TIME_N"]))), flush=True)
 
 
-def timing(n, d=128, rounds=2):
+def timing(n, d=128, rounds=3):
     """geomloss-KeOps (``backend="online"``) against otkernels' Triton default, Sinkhorn divergence
-    forward + backward at N = M = n (gpu_check's data and settings): first call and mean of ``rounds``."""
-    import torch
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:0] = [here, os.path.dirname(here)]
-    import geomloss, otkernels
+    forward + backward at N = M = n with gpu_check's data, settings and timers (first call, then
+    the median of ``rounds``)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import geomloss
+    import gpu_check  # puts the working tree's otkernels first on sys.path
+    import otkernels
     from common import make_data
     x, y = (t.cuda() for t in make_data(n, n, d))
-    kw, out = dict(loss="sinkhorn", p=2, blur=0.05, scaling=0.5), {"N": n, "D": d}
-    for name, make in (("geomloss_online", lambda: geomloss.SamplesLoss(**kw, backend="online")),
-                       ("otkernels_triton", lambda: otkernels.SamplesLoss(**kw, backend="triton"))):
-        times = []
-        for _ in range(rounds + 1):
-            xg = x.clone().requires_grad_()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            v = make()(xg, y)
-            v.backward()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        out[name] = {"first_call_s": times[0], "mean_s": sum(times[1:]) / rounds, "value": v.item()}
+
+    def geomloss_online():
+        xg = x.clone().requires_grad_()
+        v = geomloss.SamplesLoss(**gpu_check.SINKHORN, backend="online")(xg, y)
+        v.backward()
+        return v.item()
+
+    out = {"N": n, "D": d}
+    for name, fn in (("geomloss_online", geomloss_online),
+                     ("otkernels_triton", lambda: gpu_check.divergence(otkernels, x, y, {})[0])):
+        v, first = gpu_check.first_call(fn, "cuda")
+        out[name] = {"first_call_s": first, "median_s": gpu_check.median_time(fn, "cuda", rounds), "value": v}
         print(f"TIMED {name} {out[name]}", flush=True)
-    out["speedup"] = out["geomloss_online"]["mean_s"] / out["otkernels_triton"]["mean_s"]
+    out["speedup"] = out["geomloss_online"]["median_s"] / out["otkernels_triton"]["median_s"]
     return out
 
 

@@ -219,6 +219,11 @@ HOPPER_FIRST = {
 }
 
 
+def _dv_max(D, D_PAD):
+    """The widest useful gradient chunk ``BLOCK_DV``: D (else D_PAD) rounded up to a power of two, ≥ 16."""
+    return max(16, 1 << ((D if D is not None else D_PAD) - 1).bit_length())
+
+
 def hopper_first(kernel, cc, D_PAD, BLOCK_D, DIRECT, ELT, D, DIFF, PRECISION):
     """The measured configs of :data:`HOPPER_FIRST` for this launch (empty off sm_90 or outside
     the measured layout); ``BLOCK_DV`` is capped at D rounded up to a power of two."""
@@ -226,7 +231,7 @@ def hopper_first(kernel, cc, D_PAD, BLOCK_D, DIRECT, ELT, D, DIFF, PRECISION):
     prec = "bf16" if ELT == 2 else PRECISION if ELT == 4 else None
     if cc != 90 or family is None or DIRECT or DIFF or BLOCK_D != D_PAD or D_PAD > 128 or (family, prec) not in HOPPER_FIRST:
         return []
-    dv_max = max(16, 1 << ((D if D is not None else D_PAD) - 1).bit_length())
+    dv_max = _dv_max(D, D_PAD)
     return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, **({"BLOCK_DV": min(dv, dv_max)} if dv else {})),
                           num_warps=w, num_stages=st) for bn, bm, dv, w, st in HOPPER_FIRST[(family, prec)]]
 
@@ -255,8 +260,7 @@ def estimated_configs(kernel, configs, cc, D_PAD, BLOCK_D=None, DIRECT=0, ELT=4,
     limit = shared_limit(cc)
     budget = BUDGET.get(kernel, BUDGET["fwd"])
     grad = kernel in GRAD_LIKE  # (the plan product passes its K as D: BLOCK_DV tiles K)
-    d_true = D if D is not None else D_PAD
-    dv_max = max(16, 1 << (d_true - 1).bit_length())
+    dv_max = _dv_max(D, D_PAD)
     if grad:
         if DIFF:
             dvs = {16}

@@ -459,6 +459,14 @@ def _two_programs(device, N, B, M):
     return max(1, min(want, fit))
 
 
+def merge_partials(part_m, part_s):
+    """``log2 Σ_r part_s[r]·2^part_m[r]`` over the R row programs of :func:`softmin_two`'s
+    column partials (max ``part_m``, sum of exp2 below it ``part_s``, (R, B, M)) → (B, M)."""
+    top = part_m.max(0).values
+    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    return safe + torch.log2((part_s * torch.exp2(part_m - safe)).sum(0))
+
+
 @torch.no_grad()
 def softmin_two(x, y, hr, hc, eps, p=2, xx=None, yy=None, precision=None, sym=False):
     """Both updates of a Sinkhorn iteration from one cost tile per pair of blocks:
@@ -488,9 +496,7 @@ def softmin_two(x, y, hr, hc, eps, p=2, xx=None, yy=None, precision=None, sym=Fa
             R, part_m.stride(0), part_m.stride(1))
     consts = dict(P=int(p), SYM=bool(sym), **_consts(x, precision))
     _launch("_softmin_two", B, N, x.device, args, consts, grid=(R, B), before_full=reset)
-    top = part_m.max(0).values
-    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    cols = safe + torch.log2((part_s * torch.exp2(part_m - safe)).sum(0))  # log2 Σ_i exp2(·)
+    cols = merge_partials(part_m, part_s)
     if p == 2 and not consts["DIRECT"]:  # direct tiles already hold −½‖x − y‖²
         cols = cols - yy * (math.log2(math.e) / (2 * eps))
     scale = -eps * math.log(2.0)
