@@ -205,7 +205,7 @@ at::Tensor softmin_cached(const at::Tensor& C, double cscale, bool transpose, co
 }
 
 std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, const at::Tensor& hr,
-                                           const at::Tensor& hc, double eps, bool sym) {
+                                           const at::Tensor& hc, double eps, bool sym, bool plan) {
   auto dt = compute_type(hr);
   const bool packed = C.dim() == 2;  // the packed triangle of a symmetric C (issue 23): N from hr
   TORCH_CHECK(!packed || (sym && hr.dim() == 2), "otkernels native: a packed cache needs sym and hr (B,N)");
@@ -224,10 +224,10 @@ std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, c
       typedef decltype(t) T;
       typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
       if (packed)
-        otk::softmin_packed<T, S>(cptr, T(cscale), ptr<T>(hr), mptr<T>(out_r), B, N, eps, nt);
+        otk::softmin_packed<T, S>(cptr, T(cscale), ptr<T>(hr), mptr<T>(out_r), B, N, eps, plan, nt);
       else
         otk::softmin_cached_two<T, S>(cptr, T(cscale), ptr<T>(hr), sym ? ptr<T>(hr) : ptr<T>(hc), mptr<T>(out_r),
-                                      mptr<T>(out_c), B, N, M, eps, sym, nt);
+                                      mptr<T>(out_c), B, N, M, eps, sym, plan, nt);
     });
   }
   return {out_r, out_c};
@@ -539,7 +539,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmin_cached", &softmin_cached, "log Σ exp(h − C/ε) over the rows (or columns) of a cached C");
   m.def("softmin_cached_two", &softmin_cached_two,
         "both log-sum-exps of a Sinkhorn iteration (rows with hr, columns with hc) from one read of a cached C; "
-        "sym: C symmetric, upper triangle only (C (B,N,N), or packed (B, packed_numel(N)))");
+        "sym: C symmetric, upper triangle only (C (B,N,N), or packed (B, packed_numel(N))); plan: one exp per "
+        "entry through the plan's row and column sums (log-sum-exp kept where a sum leaves the safe range)",
+        pybind11::arg("C"), pybind11::arg("cscale"), pybind11::arg("hr"), pybind11::arg("hc"), pybind11::arg("eps"),
+        pybind11::arg("sym"), pybind11::arg("plan") = true);
+  m.def("plan_counts", [](bool reset) {
+          int64_t c[4];
+          otk::plan_counts(c, reset);
+          return std::vector<int64_t>(c, c + 4);
+        }, pybind11::arg("reset") = false,
+        "plan form since the last reset: [passes, rows and columns recomputed by log-sum-exp, whole-cache column passes]");
+  m.def("grad_counts", [](bool reset) {
+          int64_t c[2];
+          otk::grad_counts(c, reset);
+          return std::vector<int64_t>(c, c + 2);
+        }, pybind11::arg("reset") = false,
+        "the gradient's tiles since the last reset: [summed pair by pair (sparse), summed whole]");
   m.def("packed_numel", [](int64_t N) { return otk::packed_numel(N); },
         "elements a batch of the packed triangle of a symmetric N × N cost (row blocks from their diagonal)");
   m.def("softmin_online", &softmin_online, "log Σ_j exp(h_j − C(x_i, y_j)/ε), C computed on the fly");

@@ -16,6 +16,11 @@
 
 namespace otk {
 
+std::atomic<i64> grad_tiles[2];
+void grad_counts(i64* out, bool reset) {
+  for (int k = 0; k < 2; ++k) out[k] = reset ? grad_tiles[k].exchange(0) : grad_tiles[k].load();
+}
+
 // w_j for the tile columns [0, W) of one row; sink(j, w, lanes) receives each vector (lanes
 // beyond `lanes` are zero).  Returns Σ_j w_j.
 // Grad: the gradient's weights (p = 1: divided by C_ij); false: the plan's entries alone.
@@ -27,7 +32,7 @@ inline T row_weights(const L& ld, i64 W, const T* h, const T* s, T inv, T fe, Si
   vec<T> acc = vset(T(0));
   auto one = [&](vec<T> c, vec<T> hv, vec<T> sv, i64 j, int lanes) {
     vec<T> w = vfma(c, ie, hv) + fv;
-    if constexpr (!Raw) w = vexp(w);
+    if constexpr (!Raw) w = Grad ? vexp_or_0(w) : vexp(w);
     if (s) w *= sv;
     if constexpr (P == 1 && Grad) w = select(c > thr, w / c, vset(T(0)));
     if (lanes < n) w = select(lanes_below<T>(lanes), w, vset(T(0)));
@@ -124,7 +129,7 @@ static void grad_rows(const T* a, const T* b, const T* h, const T* f, const T* g
           row_weights<T, P>(ld, W, hq + j0, sq ? sq + j0 : nullptr, inv, T(fq[i] * fscale), sink);
         }
         // acc_i += Σ_j Wb_ij (a_i − b_j) over the tile's columns
-        acc_diff(c.Wb.data(), W, nr, W, aq + i0 * D, bq + j0 * D, D, c.acc.data());
+        acc_diff_auto(c.Wb.data(), W, nr, W, aq + i0 * D, bq + j0 * D, D, c.acc.data());
       }
     }
     for (i64 i = i0; i < i1; ++i) {
@@ -207,7 +212,7 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
             const int lanes = int(std::min<i64>(n, sw - j));
             vec<T> cv = lanes == n ? ld.at(j) : ld.tail(j, lanes);
             vec<T> fe = (lanes == n ? vload(fq + c0 + s0 + j) : vload_part(fq + c0 + s0 + j, lanes, T(0))) * fs;
-            vec<T> wv = vexp(vfma(cv, ie, hv) + fe) * si;
+            vec<T> wv = vexp_or_0(vfma(cv, ie, hv) + fe) * si;
             if constexpr (P == 1) wv = select(cv > thr, wv / cv, vset(T(0)));
             if (lanes < n) wv = select(lanes_below<T>(lanes), wv, vset(T(0)));
             if (direct) {  // acc[k, j] += w_ij (a_jk − b_ik)
@@ -230,7 +235,7 @@ static void grad_cols_cached(const S* C, T cscale, const T* a, const T* b, const
         if (!direct) {  // acc[s0 + t] += Σ_r Wt[r, t] (a_{c0+s0+t} − b_{r0+r}), Wt transposed first
           for (i64 r = 0; r < R; ++r)
             for (i64 t = 0; t < sw; ++t) c.WtT[t * R + r] = c.Wt[r * sw + t];
-          acc_diff(c.WtT.data(), R, sw, R, aq + (c0 + s0) * D, bq + r0 * D, D, c.acc.data() + s0 * D);
+          acc_diff_auto(c.WtT.data(), R, sw, R, aq + (c0 + s0) * D, bq + r0 * D, D, c.acc.data() + s0 * D);
         }
       }
     }

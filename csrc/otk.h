@@ -207,6 +207,13 @@ inline vec<double> vexp_le0(vec<double> x) {
   return (V)((VI)p + ((VI)t << 52));
 }
 inline vec<double> vexp(vec<double> x) { return vexp_le0(vmin(x, vset(ExpC<double>::hi))); }
+// vexp with 0 below the clamp: what exp gives there after rounding (and flushing) to the
+// dtype, where vexp's e^lo stands in for a denormal.  The gradient's weights use it, so that
+// a plan's underflowing entries are zeros its sparse path can skip (tiles.h, acc_diff_auto).
+template <typename V> inline V vexp_or_0(V x) {
+  typedef elem_t<V> T;
+  return select(x >= vset(ExpC<T>::lo), vexp(x), vset(T(0)));
+}
 
 inline float sexp(float x) { return std::exp(x); }
 inline double sexp(double x) { return std::exp(x); }
@@ -281,6 +288,26 @@ inline void sstore(f16_t* p, vec<float> v) {
     else h = uint16_t(s | (e << 10) | ((b >> 13) & 0x3ffu));
     p[k].bits = h;
   }
+#endif
+}
+// sstore bypassing the caches where the target is 64-byte aligned (a cost cache written once,
+// read in later passes: no read-for-ownership of its lines); a fence (stream_fence) must
+// follow before other threads read it.
+template <typename S, typename V> inline void sstore_nt(S* p, V v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<S, float>::value || std::is_same<S, double>::value) {
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+      if constexpr (std::is_same<S, float>::value) _mm512_stream_ps(p, (__m512)v);
+      else _mm512_stream_pd(p, (__m512d)v);
+      return;
+    }
+  }
+#endif
+  sstore(p, v);
+}
+inline void stream_fence() {
+#ifdef OTK_X86
+  _mm_sfence();
 #endif
 }
 template <typename T, typename S> inline void sstore_part(S* p, vec<T> v, int rem) {
@@ -363,7 +390,14 @@ void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i6
 // (N = M, stored whole), hc = hr, out_c unused, only the upper triangle is read.
 template <typename T, typename S>
 void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
-                        double eps, bool sym, int nt);
+                        double eps, bool sym, bool plan, int nt);
+// plan: one exp per entry (the plan's row and column sums; softmin.cpp, "plan form"), the
+// log-sum-exp passes where a sum leaves the safe range.  plan_counts: (passes, rows and
+// columns recomputed, whole-cache column recomputations) since the last reset.
+void plan_counts(i64* out, bool reset);
+// The gradient's tiles (acc_diff_auto, tiles.h) summed pair by pair (sparse) and whole (dense)
+// since the last reset: grad_counts(out[2], reset).
+void grad_counts(i64* out, bool reset);
 // packed triangles of symmetric costs C(x, x) (issue 23; layout: tiles.h, Packed): C (B, numel)
 // with numel = packed_numel(N) ≈ N²/2 + 32·N.  cost_packed fills it; softmin_packed is
 // softmin_cached_two's sym pass on it (out (B,N) with h (B,N)).
@@ -371,7 +405,7 @@ i64 packed_numel(i64 N);
 template <typename T, typename S>
 void cost_packed(const T* x, S* C, i64 B, i64 N, i64 D, int p, T cscale_inv, int nt);
 template <typename T, typename S>
-void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, int nt);
+void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, bool plan, int nt);
 // the same with C(x_i, y_j) computed on the fly, over segments: out (S,nmax) with
 // out_qi = log Σ_j exp(h_qj − C(x_i, y_j)/ε_q), j over segment q's rows of y, h (S,mmax);
 // rows i ≥ n_q of out are not written.

@@ -7,6 +7,8 @@
 //   column ranges, walk blocks of rows and keep a running max / sum per column;
 // * with C computed on the fly: GEMM tiles (D > 8) or direct distances (D ≤ 8), reduced
 //   while in cache.
+#include <atomic>
+
 #include "tiles.h"
 
 namespace otk {
@@ -86,11 +88,18 @@ static void cost_matrix_p(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64
   constexpr bool scale_it = std::is_same<S, f16_t>::value;
   constexpr int n = VT<T>::N;
   auto store_row = [&](auto& ld, S* out, i64 W) {
+    // up to the first 64-byte boundary with ordinary stores, then streaming ones (sstore_nt)
     i64 j = 0;
+    if constexpr (std::is_same<S, T>::value) j = std::min<i64>(W, i64((64 - (reinterpret_cast<uintptr_t>(out) & 63)) & 63) / i64(sizeof(S)));
+    if (j > 0) {
+      vec<T> v = ld.tail(0, int(j));
+      if constexpr (scale_it) v *= sinv;
+      sstore_part<T>(out, v, int(j));
+    }
     for (; j + n <= W; j += n) {
       vec<T> v = ld.at(j);
       if constexpr (scale_it) v *= sinv;
-      sstore(out + j, v);
+      sstore_nt(out + j, v);
     }
     if (j < W) {
       vec<T> v = ld.tail(j, int(W - j));
@@ -111,6 +120,7 @@ static void cost_matrix_p(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64
         CostRow<T, P, DirectRow<T>, true> ld{DirectRow<T>(xq + i * D, bT, M, int(D))};
         store_row(ld, row(i), M - jb);
       }
+      stream_fence();
       return;
     }
     const T* hb = ct.hb.data() + q * M;
@@ -128,6 +138,7 @@ static void cost_matrix_p(const T* x, const T* y, S* C, i64 B, i64 N, i64 M, i64
         store_row(ld, row(i) + (j0 - jb), W);
       }
     }
+    stream_fence();
   });
 }
 
@@ -455,25 +466,208 @@ static void cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r,
   }
 }
 
+// ----------------------------------------------------------------------------- cached, plan form
+// Both reductions of an iteration with one exp per entry (issue 23).  At Sinkhorn's iterates
+// P_ij = exp(hc_i + hr_j − C_ij/ε) is the current transport plan (hc = log a + f/ε, hr = log b
+// + g/ε), so its row sums R_i and column sums S_j give out_r_i = log R_i − hc_i and out_c_j =
+// log S_j − hr_j: no running maxima, and one exp serves both directions, where the
+// log-sum-exp passes above take one per entry and direction (the triangle of a symmetric C
+// the same: an entry adds to its row and, mirrored, to its column's row).  No maximum is
+// subtracted, so a sum of n terms is kept only when it lies in [n·lo, hi] (PlanRange): no term
+// reached exp's upper clamp (e^88, double e^709), and the terms its lower clamp may have
+// raised (to e^−86 ≈ 2^−124, double e^−700) weigh < 2^−28 (double 2^−110·n) of the sum, below
+// the dtype's rounding.  Rows and columns outside (zero weights, log a = −1e5; potentials far
+// from a plan, e.g. after the last ε-steps of the annealing) are recomputed by the log-sum-exp
+// passes.
+template <typename T> struct PlanRange;
+template <> struct PlanRange<float> { static constexpr double lo = 0x1p-96, hi = 0x1p100; };
+template <> struct PlanRange<double> { static constexpr double lo = 0x1p-900, hi = 0x1p900; };
+// What the plan form did since the last plan_counts(true): passes, rows and columns it handed
+// to the log-sum-exp passes, column recomputations that read the whole cache.
+static std::atomic<i64> plan_n[4];
+void plan_counts(i64* out, bool reset) {
+  for (int k = 0; k < 4; ++k) out[k] = reset ? plan_n[k].exchange(0) : plan_n[k].load();
+}
+
+template <typename T> inline bool plan_kept(double s, i64 terms) {
+  return s >= double(std::is_same<T, float>::value ? terms : 1) * PlanRange<T>::lo && s <= PlanRange<T>::hi;
+}
+
+// RB rows (loaders ld[r], row terms hc[r]) × w columns (column terms hr): ra[r] += P_rj
+// (vectors, reduced once per row), with Cols cs[j] += Σ_r P_rj.
+template <int RB, bool Cols, typename T, typename L>
+inline void plan_tile(const L* ld, const T* hc, const T* hr, i64 w, T inv, vec<T>* ra, T* cs) {
+  constexpr int n = VT<T>::N;
+  const vec<T> ie = vset(-inv);
+  vec<T> rs[RB], hv[RB];
+  for (int r = 0; r < RB; ++r) rs[r] = ra[r], hv[r] = vset(hc[r]);
+  i64 j = 0;
+  for (; j + n <= w; j += n) {
+    const vec<T> cv = vload(hr + j);
+    vec<T> ca = vset(T(0));
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      const vec<T> e = vexp(vfma(ld[r].at(j), ie, cv) + hv[r]);
+      rs[r] += e;
+      if (Cols) ca += e;
+    }
+    if (Cols) vstore(cs + j, vload(cs + j) + ca);
+  }
+  if (j < w) {
+    const int lanes = int(w - j);
+    const auto keep = lanes_below<T>(lanes);
+    const vec<T> cv = vload_part(hr + j, lanes, T(0));
+    vec<T> ca = vset(T(0));
+    for (int r = 0; r < RB; ++r) {
+      const vec<T> e = select(keep, vexp(vfma(ld[r].tail(j, lanes), ie, cv) + hv[r]), vset(T(0)));
+      rs[r] += e;
+      if (Cols) ca += e;
+    }
+    if (Cols) vstore_part(cs + j, vload_part(cs + j, lanes, T(0)) + ca, lanes);
+  }
+  for (int r = 0; r < RB; ++r) ra[r] = rs[r];
+}
+
+template <int RB, typename T, typename S>
+inline void plan_block(const S* Cb, i64 ld, i64 r0, i64 cb, i64 c0, i64 W, const T* hc, const T* hr, T inv,
+                       T cscale, vec<T>* ra, T* cs) {
+  CachedRow<T, S> l[RB];
+  for (int r = 0; r < RB; ++r) l[r] = CachedRow<T, S>{Cb + (r0 + r) * ld + cb, cscale};
+  if (c0 > 0) plan_tile<RB, false>(l, hc, hr, std::min(c0, W), inv, ra, cs);
+  if (c0 >= W) return;
+  for (int r = 0; r < RB; ++r) l[r].p += c0;
+  plan_tile<RB, true>(l, hc, hr + c0, W - c0, inv, ra, cs + c0);
+}
+
+// Row entries at the columns idx[0, …) (the log-sum-exp recomputation of a few columns).
+template <typename T, typename S> struct PickRow {
+  const S* p;
+  const i64* idx;
+  T scale;
+  vec<T> tail(i64 j, int rem) const {
+    constexpr int n = VT<T>::N;
+    S v[n];
+    for (int l = 0; l < n; ++l) v[l] = p[idx[j + std::min(l, rem - 1)]];
+    return CachedRow<T, S>{v, scale}.at(0);
+  }
+  vec<T> at(i64 j) const { return tail(j, VT<T>::N); }
+};
+
+// Log-sum-exp recomputation of the rows (rows) and columns (cols, not sym) that the plan form
+// did not keep.  Up to M/32 columns are gathered (≈ a cache line each per row), more take
+// the whole column pass.
 template <typename T, typename S>
-void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
-                        double eps, bool sym, int nt) {
-  cached_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+static void plan_redo(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 N, i64 M, i64 q,
+                      double eps, bool sym, const Packed* pk, const std::vector<i64>& rows,
+                      const std::vector<i64>& cols, int nt) {
+  const T inv = T(1.0 / eps);
+  const i64 per = pk ? pk->numel() : N * M;
+  const S* Cq = C + q * per;
+  const T* hrq = hr + q * M;
+  parallel_tasks(i64(rows.size()), nt, [] { return 0; }, [&](i64 k, int&) {
+    const i64 i = rows[size_t(k)];
+    RowLse<T> st;
+    if (pk) lse_update(PackedRow<T, S>(Cq, pk, i, 0, cscale), M, hrq, inv, st);
+    else lse_update(CachedRow<T, S, true>{Cq + i * M, cscale}, M, hrq, inv, st);
+    out_r[q * N + i] = lse_out(st);
+  });
+  if (cols.empty()) return;
+  if (i64(cols.size()) * 32 > M) {
+    ++plan_n[3];
+    std::vector<T> all(static_cast<size_t>(M));
+    softmin_cols_cached<T, S>(Cq, cscale, hc + q * N, all.data(), 1, N, M, eps, nt);
+    for (i64 j : cols) out_c[q * M + j] = all[size_t(j)];
+    return;
+  }
+  const i64 w = i64(cols.size());
+  std::vector<T> mm(size_t(w), neg_inf<T>()), ss(size_t(w), T(0));
+  const T* hcq = hc + q * N;
+  for (i64 i = 0; i < N; ++i) {
+    PickRow<T, S> l{Cq + i * M, cols.data(), cscale};
+    cols_tile<1>(&l, hcq + i, w, inv, mm.data(), ss.data());
+  }
+  for (i64 k = 0; k < w; ++k) out_c[q * M + cols[size_t(k)]] = lse_out(mm[size_t(k)], ss[size_t(k)]);
 }
 
 template <typename T, typename S>
-void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, int nt) {
+static void plan_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                     double eps, bool sym, const Packed* pk, int nt) {
+  constexpr int CW = 8192, RB = 16;
+  const T inv = T(1.0 / eps);
+  const i64 R = pk ? pk->PB : rows_per_task(B, N, nt, 64), nblk = ceil_div(N, R), ntask = B * nblk;
+  const i64 per = pk ? pk->numel() : N * M;
+  const int threads = int(std::max<i64>(1, std::min<i64>(num_threads_or(nt), ntask)));
+  const size_t len = size_t(B * M);
+  std::vector<T> cs(size_t(threads) * len, T(0));
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals fd;
+    T* ct = cs.data() + size_t(omp_get_thread_num()) * len;
+    std::vector<vec<T>> ra(static_cast<size_t>(R));
+#pragma omp for schedule(static, 1)  // fixed task -> thread map: the per-thread column sums, so the result, do not depend on timing
+    for (i64 task = 0; task < ntask; ++task) {
+      const i64 q = task / nblk, i0 = (task % nblk) * R, i1 = std::min(N, i0 + R);
+      const i64 jb = pk ? i0 : 0, ld = pk ? N - i0 : M;  // row i, column j at Cb + (i − i0)·ld + (j − jb)
+      const S* Cb = C + q * per + (pk ? pk->at(i0, i0) : i0 * M);
+      const T* hrq = hr + q * M;
+      const T* hcq = hc + q * N;
+      std::fill(ra.begin(), ra.begin() + (i1 - i0), vset(T(0)));
+      for (i64 j0 = sym ? i0 : 0; j0 < M; j0 += CW) {
+        const i64 W = std::min<i64>(CW, M - j0);
+        const i64 c0 = sym ? std::max<i64>(0, std::min(W, i1 - j0)) : 0;  // sym: the diagonal block is rows only
+        T* cq = ct + q * M + j0;
+        i64 r = i0;
+        for (; r + RB <= i1; r += RB)
+          plan_block<RB>(Cb, ld, r - i0, j0 - jb, c0, W, hcq + r, hrq + j0, inv, cscale, ra.data() + (r - i0), cq);
+        for (; r < i1; ++r)
+          plan_block<1>(Cb, ld, r - i0, j0 - jb, c0, W, hcq + r, hrq + j0, inv, cscale, ra.data() + (r - i0), cq);
+      }
+      for (i64 i = i0; i < i1; ++i) out_r[q * N + i] = hsum(ra[size_t(i - i0)]);
+    }
+  }
+  for (i64 q = 0; q < B; ++q) {
+    std::vector<i64> rows, cols;
+    for (i64 i = 0; i < N; ++i) {
+      double s = double(out_r[q * N + i]);
+      if (sym)
+        for (int t = 0; t < threads; ++t) s += double(cs[size_t(t) * len + size_t(q * M + i)]);
+      if (plan_kept<T>(s, M)) out_r[q * N + i] = T(std::log(s) - double(hc[q * N + i]));
+      else rows.push_back(i);
+    }
+    if (!sym)
+      for (i64 j = 0; j < M; ++j) {
+        double s = 0;
+        for (int t = 0; t < threads; ++t) s += double(cs[size_t(t) * len + size_t(q * M + j)]);
+        if (plan_kept<T>(s, N)) out_c[q * M + j] = T(std::log(s) - double(hr[q * M + j]));
+        else cols.push_back(j);
+      }
+    ++plan_n[0], plan_n[1] += i64(rows.size()), plan_n[2] += i64(cols.size());
+    if (!rows.empty() || !cols.empty())
+      plan_redo<T, S>(C, cscale, hr, hc, out_r, out_c, N, M, q, eps, sym, pk, rows, cols, nt);
+  }
+}
+
+template <typename T, typename S>
+void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                        double eps, bool sym, bool plan, int nt) {
+  if (plan) plan_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+  else cached_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+}
+
+template <typename T, typename S>
+void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, bool plan, int nt) {
   const Packed pk(N);
-  cached_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
+  if (plan) plan_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
+  else cached_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
 }
 
 // ----------------------------------------------------------------------------- instances
 #define OTK_SOFTMIN_CACHED(T, S)                                                                        \
   template void cost_matrix<T, S>(const T*, const T*, S*, i64, i64, i64, i64, int, T, int);            \
   template void softmin_cached<T, S>(const S*, T, bool, const T*, T*, i64, i64, i64, double, int);            \
-  template void softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, int); \
+  template void softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, bool, int); \
   template void cost_packed<T, S>(const T*, S*, i64, i64, i64, int, T, int);                            \
-  template void softmin_packed<T, S>(const S*, T, const T*, T*, i64, i64, double, int);
+  template void softmin_packed<T, S>(const S*, T, const T*, T*, i64, i64, double, bool, int);
 OTK_SOFTMIN_CACHED(float, float)
 OTK_SOFTMIN_CACHED(float, bf16_t)
 OTK_SOFTMIN_CACHED(float, f16_t)

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -298,6 +299,78 @@ inline void acc_diff(const T* w, i64 ldw, i64 nr, i64 W, const T* a, const T* b,
         acc[r * D + k] += s;
       }
     }
+  }
+}
+
+// Bits of the lanes where a ≥ b (lane k -> bit k).
+template <typename V> inline uint32_t ge_bits(V a, V b) {
+  typedef elem_t<V> T;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
+  else return _mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GE_OQ);
+#else
+  uint32_t m = 0;
+  for (int k = 0; k < VT<T>::N; ++k) m |= uint32_t(a[k] >= b[k]) << k;
+  return m;
+#endif
+}
+
+// acc (D) += w·(a − b), one pair (the sparse path of acc_diff_auto).
+template <typename T> inline void acc_diff_one(T w, const T* a, const T* b, i64 D, T* acc) {
+  typedef typename AV<T>::v V;
+  constexpr int n = AV<T>::N;
+  const V c = abcast(w);
+  i64 k = 0;
+  for (; k + n <= D; k += n) astore(acc + k, aload(acc + k) + c * (aload(a + k) - aload(b + k)));
+  for (; k < D; ++k) acc[k] += w * (a[k] - b[k]);
+}
+
+// acc_diff where most weights are zero (issue 23): at small ε a plan row holds a few entries
+// and the exponentials of the others underflow (the gradient's weights are exact zeros there:
+// row_weights).  When at most a third of the tile's weights are nonzero, the nonzero pairs
+// are added one by one (D multiply-adds each) instead of the tile's nr·W·D; otherwise, or
+// with a non-finite weight (it must reach the result), acc_diff.  Same sums, another order.
+extern std::atomic<i64> grad_tiles[2];  // sparse, dense (grad.cpp)
+template <typename T>
+inline void acc_diff_auto(const T* w, i64 ldw, i64 nr, i64 W, const T* a, const T* b, i64 D, T* acc) {
+  constexpr int n = VT<T>::N;
+  const vec<T> big = vset(std::numeric_limits<T>::max()), tiny = vset(std::numeric_limits<T>::min());
+  const uint32_t all = (1u << n) - 1u;
+  i64 kept = 0;
+  bool finite = true;
+  for (i64 r = 0; r < nr && finite; ++r) {
+    const T* wr = w + r * ldw;
+    i64 j = 0;
+    for (; j + n <= W; j += n) {
+      const vec<T> v = vload(wr + j), av = vmax(v, -v);
+      if (ge_bits(big, av) != all) finite = false;  // inf or NaN
+      kept += __builtin_popcount(ge_bits(av, tiny));
+    }
+    for (; j < W; ++j) {
+      if (!(std::abs(wr[j]) <= std::numeric_limits<T>::max())) finite = false;
+      kept += wr[j] != T(0);
+    }
+  }
+  if (!finite || 3 * kept > nr * W) {
+    ++grad_tiles[1];
+    acc_diff(w, ldw, nr, W, a, b, D, acc);
+    return;
+  }
+  ++grad_tiles[0];
+  for (i64 r = 0; r < nr; ++r) {
+    const T* wr = w + r * ldw;
+    const T* ar = a + r * D;
+    T* cr = acc + r * D;
+    i64 j = 0;
+    for (; j + n <= W; j += n) {
+      const vec<T> v = vload(wr + j);
+      for (uint32_t bits = ge_bits(vmax(v, -v), tiny); bits; bits &= bits - 1) {
+        const i64 jj = j + __builtin_ctz(bits);
+        acc_diff_one(wr[jj], ar, b + jj * D, D, cr);
+      }
+    }
+    for (; j < W; ++j)
+      if (wr[j] != T(0)) acc_diff_one(wr[j], ar, b + j * D, D, cr);
   }
 }
 

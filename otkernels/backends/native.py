@@ -37,7 +37,16 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
   1.0–1.1 s recomputed); a self-cost's build computes half of the GEMM tiles (0.5×), so a
   whole divergence takes the same time with half the self-cost memory (docs/benchmarks.md,
   "Self-costs stored as triangles").  ``OTKERNELS_NATIVE_PACKED=0`` (``PACKED_SELF``) stores
-  them whole (benchmarks).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
+  them whole (benchmarks).  **The plan form** (issue 23): the cached passes of an iteration
+  sum ``P_ij = exp(hc_i + hr_j − C_ij/ε)`` — at Sinkhorn's iterates the current transport
+  plan — over rows and columns, one exp per entry for both directions and no running maxima
+  (the log-sum-exp form takes an exp per entry and direction); a row or column whose sum
+  leaves the float range that keeps it exact (zero weights, potentials far from a plan after
+  the last ε-steps) is recomputed by the log-sum-exp passes (:func:`plan_counts` says how
+  many).  At 10k, D = 128 it halves the two-way and triangle passes (to the machine's read
+  rate) and takes the divergence from 1.76 to 1.25 s on a 2-core Sapphire Rapids VM
+  (docs/benchmarks.md, "One exp per entry").  ``OTKERNELS_NATIVE_PLAN=0`` (``PLAN_FORM``)
+  keeps the log-sum-exp form (benchmarks).  Cache memory is 2 MiB aligned (transparent huge pages) and recycled
   through a pool (:func:`set_pool_limit`, :func:`empty_cache`): page faults on 1.2 GB of
   fresh memory cost more than the GEMMs that fill it.  The pool keeps at most the cache
   budget (unless :func:`set_pool_limit` or ``OTKERNELS_NATIVE_POOL_BYTES`` says otherwise),
@@ -383,7 +392,7 @@ def cost_packed(x, p, dtype=None):
     return C, scale
 
 
-def lse_packed(C, scale, h, eps):
+def lse_packed(C, scale, h, eps, plan=None):
     """``log Σ_j exp(h_j − C_ij/ε)`` (B,N) over the rows of a packed symmetric C (B, packed
     numel) from :func:`cost_packed`: each row block reads its stored rows, the mirrored half
     reaches the rows through column sums (``softmin_cached_two``'s sym pass)."""
@@ -393,7 +402,7 @@ def lse_packed(C, scale, h, eps):
     h = _vec("h", h, C.shape[0], h.shape[1], dtype)
     if C.dim() != 2 or C.shape[1] != packed_numel(h.shape[1]):
         raise ValueError(f"C {tuple(C.shape)} is not a packed cache of N = {h.shape[1]} points")
-    return _ext().softmin_cached_two(C, float(scale), h, h, float(eps), True)[0]
+    return _ext().softmin_cached_two(C, float(scale), h, h, float(eps), True, _plan(plan))[0]
 
 
 def lse_cached(C, scale, transpose, h, eps):
@@ -407,13 +416,33 @@ def lse_cached(C, scale, transpose, h, eps):
 
 CACHED_TWO = os.environ.get("OTKERNELS_NATIVE_CACHED_TWO", "1") != "0"  # 0: the two-pass reads (benchmarks)
 PACKED_SELF = os.environ.get("OTKERNELS_NATIVE_PACKED", "1") != "0"  # 0: C(x, x), C(y, y) stored whole (benchmarks)
+PLAN_FORM = os.environ.get("OTKERNELS_NATIVE_PLAN", "1") != "0"  # 0: the log-sum-exp form of the cached passes (benchmarks)
 
 
-def lse_cached_two(C, scale, hr, hc, eps, sym=False):
+def _plan(plan):
+    return PLAN_FORM if plan is None else bool(plan)
+
+
+def plan_counts(reset=False):
+    """What the plan form of the cached passes did (since the last ``reset``): ``{"passes",
+    "rows", "columns"}`` — rows and columns recomputed by the log-sum-exp passes — and
+    ``"column_passes"``, the recomputations that read the whole cache (more than M/32 columns)."""
+    c = _ext().plan_counts(bool(reset))
+    return dict(zip(("passes", "rows", "columns", "column_passes"), c))
+
+
+def grad_counts(reset=False):
+    """The gradient passes' tiles since the last ``reset``: ``{"sparse", "dense"}`` — summed
+    pair by pair over their nonzero weights (a plan's few entries a row at small ε), or whole."""
+    return dict(zip(("sparse", "dense"), _ext().grad_counts(bool(reset))))
+
+
+def lse_cached_two(C, scale, hr, hc, eps, sym=False, plan=None):
     """Both log-sum-exps of a Sinkhorn iteration from one read of a cached C (B,N,M):
     ``(log Σ_j exp(hr_j − C_ij/ε) (B,N), log Σ_i exp(hc_i − C_ij/ε) (B,M))``; ``sym`` (C
-    symmetric, hc = hr): the first only, reading the upper triangle (half the bytes).  None
-    when the extension has no such kernel (an older build) or ``CACHED_TWO`` is off."""
+    symmetric, hc = hr): the first only, reading the upper triangle (half the bytes).  ``plan``
+    (default ``PLAN_FORM``): the plan form, else the log-sum-exp form.  None when the extension
+    has no such kernel (an older build) or ``CACHED_TWO`` is off."""
     ext = _ext()
     if not CACHED_TWO or not hasattr(ext, "softmin_cached_two"):
         return None
@@ -421,7 +450,7 @@ def lse_cached_two(C, scale, hr, hc, eps, sym=False):
     dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
     hr = _vec("hr", hr, B, M, dtype)
     hc = hr if sym else _vec("hc", hc, B, N, dtype)
-    out_r, out_c = ext.softmin_cached_two(C, float(scale), hr, hc, float(eps), bool(sym))
+    out_r, out_c = ext.softmin_cached_two(C, float(scale), hr, hc, float(eps), bool(sym), _plan(plan))
     return (out_r, None) if sym else (out_r, out_c)
 
 

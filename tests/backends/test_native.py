@@ -9,6 +9,7 @@ less accurate than the native direct path).  The whole SamplesLoss suite also ru
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -227,6 +228,123 @@ def test_softmin_cached_two_16bit(store):
     assert_rel(c, native.lse_cached(K, sc, True, hc, 2.0), 2e-6, "16-bit cols")
 
 
+# ----------------------------------------------------------------------------- plan form (issue 23)
+# The cached two-way and triangle passes sum P_ij = exp(hc_i + hr_j − C_ij/ε) (one exp per entry
+# for both directions, no maxima) and recompute by log-sum-exp the rows and columns whose sums
+# leave the safe range.  Each test compares with the log-sum-exp form (plan=False) and says,
+# through plan_counts, which of the kernel's branches ran.
+PLAN_SHAPES = [(1, 300, 257, 17), (2, 37, 1100, 5), (3, 70, 70, 128), (1, 1, 7, 3), (1, 517, 33, 2),
+               (1, 40, 8300, 3)]  # the last: more than one 8,192-column chunk
+
+
+def _near_plan(K, sc, la, lb, eps, iters=8):
+    """Potentials after a few averaged Sinkhorn iterations (log-sum-exp form): hr, hc of the
+    next iteration, the regime of the loop."""
+    f, g = torch.zeros_like(la), torch.zeros_like(lb)
+    for _ in range(iters):
+        r, c = native.lse_cached_two(K, sc, lb + g / eps, la + f / eps, eps, plan=False)
+        f, g = 0.5 * (f - eps * r), 0.5 * (g - eps * c)
+    return lb + g / eps, la + f / eps
+
+
+def _self_near_plan(Kp, sp, la, eps, iters=8):
+    f = torch.zeros_like(la)
+    for _ in range(iters):
+        f = 0.5 * (f - eps * native.lse_packed(Kp, sp, la + f / eps, eps, plan=False))
+    return la + f / eps
+
+
+def _uniform(B, n, dtype):
+    return torch.full((B, n), -math.log(n), dtype=dtype)
+
+
+def _plan_vs_lse(K, sc, hr, hc, eps, dtype, what):
+    t = 1e-12 if dtype == torch.float64 else 2e-6
+    native.plan_counts(reset=True)
+    r, c = native.lse_cached_two(K, sc, hr, hc, eps, plan=True)
+    counts = native.plan_counts(reset=True)
+    r0, c0 = native.lse_cached_two(K, sc, hr, hc, eps, plan=False)
+    assert_rel(-eps * r, -eps * r0, t, f"{what} rows")
+    assert_rel(-eps * c, -eps * c0, t, f"{what} columns")
+    return counts
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", PLAN_SHAPES, ids=[f"B{b}N{n}M{m}D{d}" for b, n, m, d in PLAN_SHAPES])
+def test_plan_form_near_a_plan(shape, dtype, p):
+    """At Sinkhorn's iterates every row and column sum is kept (no recomputation) and equals
+    the log-sum-exp form's: C(x, y) both ways, the packed and the whole C(x, x) (batches,
+    row blocks not multiples of 16, a second 1,024-column chunk, vector tails)."""
+    B, N, M, D = shape
+    x, y = make(B, N, M, D, dtype)
+    eps = eps_for(D) / 4
+    K, sc = native.cost_matrix(x, y, p)
+    hr, hc = _near_plan(K, sc, _uniform(B, N, dtype), _uniform(B, M, dtype), eps)
+    counts = _plan_vs_lse(K, sc, hr, hc, eps, dtype, "C_xy")
+    assert counts == {"passes": B, "rows": 0, "columns": 0, "column_passes": 0}, counts
+    Kp, sp = native.cost_packed(x, p)
+    Kx, sx = native.cost_matrix(x, x, p)
+    h = _self_near_plan(Kp, sp, _uniform(B, N, dtype), eps)
+    t = 1e-12 if dtype == torch.float64 else 2e-6
+    ref = native.lse_packed(Kp, sp, h, eps, plan=False)
+    native.plan_counts(reset=True)
+    assert_rel(-eps * native.lse_packed(Kp, sp, h, eps, plan=True), -eps * ref, t, "packed C_xx")
+    assert_rel(-eps * native.lse_cached_two(Kx, sx, h, None, eps, sym=True, plan=True)[0], -eps * ref, t, "whole C_xx")
+    assert native.plan_counts(reset=True) == {"passes": 2 * B, "rows": 0, "columns": 0, "column_passes": 0}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_plan_form_recomputes_what_it_cannot_keep(dtype):
+    """Each way out of the plan form, against the log-sum-exp form and the dense float64
+    log-sum-exp: zero-weight rows (their sums underflow), a few zero-weight columns (gathered),
+    many (one whole column pass), potentials far from a plan (sums beyond the range: every row
+    and column), and zero-weight points of a symmetric C (packed and whole)."""
+    B, N, M, D = 1, 200, 1100, 6
+    x, y = make(B, N, M, D, dtype)
+    eps = 0.3
+    K, sc = native.cost_matrix(x, y, 2)
+    hr, hc = _near_plan(K, sc, _uniform(B, N, dtype), _uniform(B, M, dtype), eps)
+    C = exact_cost(x, y, 2)
+
+    def dense_ok(hr, hc, what):
+        r, c = native.lse_cached_two(K, sc, hr, hc, eps)
+        tr = (hr.double()[:, None, :] - C / eps).logsumexp(2)
+        tc = (hc.double()[:, :, None] - C / eps).logsumexp(1)
+        t = tol(dtype) if dtype == torch.float64 else 1e-5
+        assert_rel(-eps * r, -eps * tr, t, f"{what}: rows vs float64")
+        assert_rel(-eps * c, -eps * tc, t, f"{what}: columns vs float64")
+
+    cases = []
+    h1 = hc.clone()
+    h1[:, :7] = ZERO
+    cases.append(("zero-weight rows", hr, h1, {"rows": 7, "columns": 0, "column_passes": 0}))
+    h2 = hr.clone()
+    h2[:, 100:103] = ZERO
+    cases.append(("3 zero-weight columns", h2, hc, {"rows": 0, "columns": 3, "column_passes": 0}))
+    h3 = hr.clone()
+    h3[:, 500:] = ZERO
+    cases.append(("600 zero-weight columns", h3, hc, {"rows": 0, "columns": 600, "column_passes": 1}))
+    far = 100.0 if dtype == torch.float32 else 1000.0  # e^far per term: past the float range
+    cases.append(("far from a plan", hr + far, hc + far, {"rows": N, "columns": M, "column_passes": 1}))
+    for what, a, b, want in cases:
+        counts = _plan_vs_lse(K, sc, a, b, eps, dtype, what)
+        assert counts == {"passes": 1, **want}, f"{what}: {counts}"
+        dense_ok(a, b, what)
+    Kp, sp = native.cost_packed(x, 2)
+    Kx, sx = native.cost_matrix(x, x, 2)
+    h = _self_near_plan(Kp, sp, _uniform(B, N, dtype), eps)
+    h[:, 150:160] = ZERO
+    ref = (h.double()[:, None, :] - exact_cost(x, x, 2) / eps).logsumexp(2)
+    native.plan_counts(reset=True)
+    for what, got in (("packed", native.lse_packed(Kp, sp, h, eps)),
+                      ("whole", native.lse_cached_two(Kx, sx, h, None, eps, sym=True)[0])):
+        assert_rel(-eps * got, -eps * ref, tol(dtype) if dtype == torch.float64 else 1e-5, f"{what} C_xx")
+        assert_rel(got, native.lse_packed(Kp, sp, h, eps, plan=False), 1e-12 if dtype == torch.float64 else 2e-6,
+                   f"{what} C_xx vs log-sum-exp")
+    assert native.plan_counts(reset=True) == {"passes": 2, "rows": 20, "columns": 0, "column_passes": 0}
+
+
 def test_two_way_passes_are_deterministic():
     """The two-way passes accumulate the column log-sum-exps per thread and merge them: with
     tasks handed out dynamically the float32 result depended on which thread took which row
@@ -362,6 +480,60 @@ def test_grad_x(shape, dtype, p, mode, signed):
         out = native.grad_online(a, b, h, f, g, s, eps, p)
     t = 1e-10 if dtype == torch.float64 else 2e-4
     assert_rel(out, ref, t, f"grad {mode}")
+
+
+@pytest.mark.parametrize("mode", ["cached", "online", "columns", "packed"])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_grad_x_sparse_plan(dtype, p, mode):
+    """At a small ε a plan row holds a few entries and the other weights underflow to exact
+    zeros (issue 23): the gradient sums those tiles pair by pair (grad_counts: sparse tiles),
+    the same as the dense float64 reference; D = 20 (a vector and a tail), zero weights,
+    signed s, more than one column tile.  ε: a row's weights within e^−86 (float32) or e^−700
+    (float64) of its largest span ~1 of cost here, a few of the 600 points."""
+    B, N, M, D = 2, 150, 600, 20
+    x, y = make(B, N, M, D, dtype)
+    eps = 0.01 if dtype == torch.float32 else 0.001
+    a, b = (y, x) if mode == "columns" else (x, x) if mode == "packed" else (x, y)
+    Nb = b.shape[1]
+    h = log_weights(B, Nb, dtype)
+    f = potentials(a, b, p, eps, h).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(B, a.shape[1], generator=gen, dtype=torch.float64).to(dtype)
+    s = torch.randn(B, Nb, generator=gen, dtype=torch.float64).to(dtype)
+    ref = dense_grad(a, b, p, eps, h, f, g, s)
+    native.grad_counts(reset=True)
+    if mode == "cached":
+        C, sc = native.cost_matrix(a, b, p)
+        out = native.grad_cached(C, sc, False, a, b, h, f, g, s, eps, p)
+    elif mode == "columns":
+        C, sc = native.cost_matrix(x, y, p)
+        out = native.grad_cached(C, sc, True, a, b, h, f, g, s, eps, p)
+    elif mode == "packed":
+        C, sc = native.cost_packed(x, p)
+        out = native.grad_packed(C, sc, a, h, f, g, s, eps, p)
+    else:
+        out = native.grad_online(a, b, h, f, g, s, eps, p)
+    counts = native.grad_counts(reset=True)
+    assert counts["sparse"] > 0 and counts["sparse"] >= 3 * counts["dense"], counts
+    # float32: C/ε ~ 3e3 rounds by ~2e-4 in the exponent (the dense path's error too)
+    assert_rel(out, ref, 1e-10 if dtype == torch.float64 else 1e-3, f"sparse grad {mode}")
+
+
+def test_grad_x_nonfinite_weights_reach_the_result():
+    """A NaN weight (from s) takes the dense path, where the sparse one would skip it: it
+    reaches the result, in a tile that is otherwise sparse."""
+    x, y = make(1, 40, 300, 20, torch.float32)
+    h = log_weights(1, 300, torch.float32)
+    f = potentials(x, y, 2, 0.01, h).float()
+    s = torch.ones(1, 300)
+    C, sc = native.cost_matrix(x, y, 2)
+    native.grad_counts(reset=True)
+    out = native.grad_cached(C, sc, False, x, y, h, f, torch.ones(1, 40), s, 0.01, 2)
+    assert bool(torch.isfinite(out).all()) and native.grad_counts(reset=True)["dense"] == 0
+    s[0, 200] = float("nan")
+    out = native.grad_cached(C, sc, False, x, y, h, f, torch.ones(1, 40), s, 0.01, 2)
+    assert bool(torch.isnan(out).all()) and native.grad_counts(reset=True)["sparse"] == 0
 
 
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "online"])
