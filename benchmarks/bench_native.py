@@ -45,6 +45,7 @@ with ``auto`` running ``native``.)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -110,6 +111,20 @@ def skip_if_needed(kind, name, N, D, large):
     why = DIVERGENCE_WHY if kind == "divergence" else LARGE_ONLY.get((kind, name, N, D))
     if why and not large:
         pytest.skip(f"{why}: run with --large")
+
+
+@contextlib.contextmanager
+def _native_setting(flag, value):
+    """``native.<flag> = value`` and the divergences' cache budget (``CACHE_BUDGET``), both
+    restored after."""
+    old = getattr(native, flag)
+    setattr(native, flag, value)
+    backends.set_cache_budget(CACHE_BUDGET)
+    try:
+        yield
+    finally:
+        setattr(native, flag, old)
+        backends.set_cache_budget(None)
 
 
 def run(benchmark, fn, rule, kind, N, D, name):
@@ -333,15 +348,9 @@ def test_self_cost_divergence(benchmark, request, layout):
     benchmark.group = f"native self-cost divergence N={N} D={SELF_D}"
     x, y = data(N, SELF_D)
     loss = _divergence_loss("native")
-    old = native.PACKED_SELF
-    native.PACKED_SELF = layout == "packed"
-    backends.set_cache_budget(CACHE_BUDGET)
-    try:
+    with _native_setting("PACKED_SELF", layout == "packed"):
         stored = backends.describe_cache(native.cost_handles(x[None], y[None], Cost(2)))
         v, g = run(benchmark, lambda: _fwd_bwd(loss, x, y), Rounds(warmup=1, rounds=1), "self-div", N, SELF_D, layout)
-    finally:
-        native.PACKED_SELF = old
-        backends.set_cache_budget(None)
     benchmark.extra_info.update(value=v.item(), caches=stored, threads=THREADS)
     _EXTRA["self-div", layout] = (v, g)
     other = _EXTRA.get(("self-div", "full" if layout == "packed" else "packed"))
@@ -410,17 +419,11 @@ def test_plan_form_divergence(benchmark, form):
     benchmark.group = f"native plan form: divergence N={PLAN_N} D={PLAN_D}"
     x, y = data(PLAN_N, PLAN_D)
     loss = _divergence_loss("native")
-    old = native.PLAN_FORM
-    native.PLAN_FORM = form == "plan"
-    backends.set_cache_budget(CACHE_BUDGET)
-    try:
+    with _native_setting("PLAN_FORM", form == "plan"):
         native.plan_counts(reset=True)
         v, g = run(benchmark, lambda: _fwd_bwd(loss, x, y), Rounds(warmup=1, rounds=3), "plan-div", PLAN_N, PLAN_D,
                    form)
         counts = native.plan_counts(reset=True)
-    finally:
-        native.PLAN_FORM = old
-        backends.set_cache_budget(None)
     calls = 4  # warm-up + 3 rounds
     rv, rg = _plan_reference()
     err_v, err_g = abs(v.item() - rv) / abs(rv), rel(g, rg)

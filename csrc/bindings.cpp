@@ -204,6 +204,13 @@ at::Tensor softmin_cached(const at::Tensor& C, double cscale, bool transpose, co
   return out;
 }
 
+// K kernel counters (plan_counts, grad_counts), read and optionally reset.
+template <int K> std::vector<int64_t> counters(void (*read)(otk::i64*, bool), bool reset) {
+  otk::i64 c[K];
+  read(c, reset);
+  return std::vector<int64_t>(c, c + K);
+}
+
 std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, const at::Tensor& hr,
                                            const at::Tensor& hc, double eps, bool sym, bool plan) {
   auto dt = compute_type(hr);
@@ -543,17 +550,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "entry through the plan's row and column sums (log-sum-exp kept where a sum leaves the safe range)",
         pybind11::arg("C"), pybind11::arg("cscale"), pybind11::arg("hr"), pybind11::arg("hc"), pybind11::arg("eps"),
         pybind11::arg("sym"), pybind11::arg("plan") = true);
-  m.def("plan_counts", [](bool reset) {
-          int64_t c[4];
-          otk::plan_counts(c, reset);
-          return std::vector<int64_t>(c, c + 4);
-        }, pybind11::arg("reset") = false,
+  m.def("plan_counts", [](bool reset) { return counters<4>(otk::plan_counts, reset); }, pybind11::arg("reset") = false,
         "plan form since the last reset: [passes, rows and columns recomputed by log-sum-exp, whole-cache column passes]");
-  m.def("grad_counts", [](bool reset) {
-          int64_t c[2];
-          otk::grad_counts(c, reset);
-          return std::vector<int64_t>(c, c + 2);
-        }, pybind11::arg("reset") = false,
+  m.def("grad_counts", [](bool reset) { return counters<2>(otk::grad_counts, reset); }, pybind11::arg("reset") = false,
         "the gradient's tiles since the last reset: [summed pair by pair (sparse), summed whole]");
   m.def("packed_numel", [](int64_t N) { return otk::packed_numel(N); },
         "elements a batch of the packed triangle of a symmetric N × N cost (row blocks from their diagonal)");
