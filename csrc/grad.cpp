@@ -8,6 +8,9 @@
 // inside the tile (acc_diff in tiles.h for D > 8, vector accumulators for D ≤ 8): the expanded
 // a_i Σ_j w_ij − Σ_j w_ij b_j (attention's P·V as one GEMM) cancels catastrophically when the
 // plan sits on b_j ≈ a_i (the self-costs C(x, x) at small ε: a gradient 1e-19 instead of 0).
+// Weights whose exponential underflows are exact zeros (vexp_or_0), and a tile with at most a
+// third nonzero weights — a plan at small ε: ~1.5 entries a row at 10k, D = 128, blur 0.05 —
+// is summed pair by pair (acc_diff_auto; the two gradient passes there: 408 -> 120 ms).
 // fscale = 1/ε for a potential f; −1 when f is the log-sum-exp of the forward softmin, so that
 // (h_j − C_ij/ε) − lse_i is ≤ 0 with the forward's rounding (P ≤ 1 even if C/ε ≫ 1/ε_mach).
 #include <limits>
