@@ -225,19 +225,20 @@ std::vector<at::Tensor> softmin_cached_two(const at::Tensor& C, double cscale, c
   at::Tensor out_r = at::empty({B, N}, hr.options());
   at::Tensor out_c = at::empty({B, sym ? 0 : M}, hr.options());
   const int nt = threads();
+  i64 redone = 0;
   {
     pybind11::gil_scoped_release nogil;
     dispatch_cache(dt, C, [&](auto t, auto cptr) {
       typedef decltype(t) T;
       typedef std::remove_const_t<std::remove_pointer_t<decltype(cptr)>> S;
       if (packed)
-        otk::softmin_packed<T, S>(cptr, T(cscale), ptr<T>(hr), mptr<T>(out_r), B, N, eps, plan, nt);
+        redone = otk::softmin_packed<T, S>(cptr, T(cscale), ptr<T>(hr), mptr<T>(out_r), B, N, eps, plan, nt);
       else
-        otk::softmin_cached_two<T, S>(cptr, T(cscale), ptr<T>(hr), sym ? ptr<T>(hr) : ptr<T>(hc), mptr<T>(out_r),
-                                      mptr<T>(out_c), B, N, M, eps, sym, plan, nt);
+        redone = otk::softmin_cached_two<T, S>(cptr, T(cscale), ptr<T>(hr), sym ? ptr<T>(hr) : ptr<T>(hc),
+                                               mptr<T>(out_r), mptr<T>(out_c), B, N, M, eps, sym, plan, nt);
     });
   }
-  return {out_r, out_c};
+  return {out_r, out_c, at::scalar_tensor(double(redone), at::TensorOptions().dtype(at::kLong))};
 }
 
 at::Tensor softmin_online(const at::Tensor& x, const at::Tensor& y, const at::Tensor& h, double eps, int64_t p) {
@@ -547,7 +548,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmin_cached_two", &softmin_cached_two,
         "both log-sum-exps of a Sinkhorn iteration (rows with hr, columns with hc) from one read of a cached C; "
         "sym: C symmetric, upper triangle only (C (B,N,N), or packed (B, packed_numel(N))); plan: one exp per "
-        "entry through the plan's row and column sums (log-sum-exp kept where a sum leaves the safe range)",
+        "entry through the plan's row and column sums (log-sum-exp kept where a sum leaves the safe range); "
+        "returns [out_r, out_c, rows and columns the plan form recomputed (0-d int64)]",
         pybind11::arg("C"), pybind11::arg("cscale"), pybind11::arg("hr"), pybind11::arg("hc"), pybind11::arg("eps"),
         pybind11::arg("sym"), pybind11::arg("plan") = true);
   m.def("plan_counts", [](bool reset) { return counters<4>(otk::plan_counts, reset); }, pybind11::arg("reset") = false,

@@ -389,11 +389,12 @@ void softmin_cached(const S* C, T cscale, bool transpose, const T* h, T* out, i6
 // over the rows with hr (B,M), out_c (B,M) over the columns with hc (B,N); sym: C symmetric
 // (N = M, stored whole), hc = hr, out_c unused, only the upper triangle is read.
 template <typename T, typename S>
-void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
-                        double eps, bool sym, bool plan, int nt);
+i64 softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                       double eps, bool sym, bool plan, int nt);
 // plan: one exp per entry (the plan's row and column sums; softmin.cpp, "plan form"), the
-// log-sum-exp passes where a sum leaves the safe range.  plan_counts: (passes, rows and
-// columns recomputed, whole-cache column recomputations) since the last reset.
+// log-sum-exp passes where a sum leaves the safe range; returns the rows and columns so
+// recomputed (0 without plan).  plan_counts: (passes, rows and columns recomputed,
+// whole-cache column recomputations) since the last reset.
 void plan_counts(i64* out, bool reset);
 // The gradient's tiles (acc_diff_auto, tiles.h) summed pair by pair (sparse) and whole (dense)
 // since the last reset: grad_counts(out[2], reset).
@@ -405,7 +406,7 @@ i64 packed_numel(i64 N);
 template <typename T, typename S>
 void cost_packed(const T* x, S* C, i64 B, i64 N, i64 D, int p, T cscale_inv, int nt);
 template <typename T, typename S>
-void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, bool plan, int nt);
+i64 softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, bool plan, int nt);
 // the same with C(x_i, y_j) computed on the fly, over segments: out (S,nmax) with
 // out_qi = log Σ_j exp(h_qj − C(x_i, y_j)/ε_q), j over segment q's rows of y, h (S,mmax);
 // rows i ≥ n_q of out are not written.

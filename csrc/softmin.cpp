@@ -589,9 +589,10 @@ static void plan_redo(const S* C, T cscale, const T* hr, const T* hc, T* out_r, 
   for (i64 k = 0; k < w; ++k) out_c[q * M + cols[size_t(k)]] = lse_out(mm[size_t(k)], ss[size_t(k)]);
 }
 
+// Returns the rows and columns it recomputed.
 template <typename T, typename S>
-static void plan_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
-                     double eps, bool sym, const Packed* pk, int nt) {
+static i64 plan_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                    double eps, bool sym, const Packed* pk, int nt) {
   // 16 rows at a time over 8,192-column chunks (16 streams of 32 KB): 27 GB/s at 10k on the
   // 2-core Sapphire Rapids VM, its read rate; 1,024-column chunks read at 21 GB/s, 512 at 17
   constexpr int CW = 8192, RB = 16;
@@ -627,6 +628,7 @@ static void plan_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T
       for (i64 i = i0; i < i1; ++i) out_r[q * N + i] = hsum(ra[size_t(i - i0)]);
     }
   }
+  i64 redone = 0;
   for (i64 q = 0; q < B; ++q) {
     std::vector<i64> rows, cols;
     for (i64 i = 0; i < N; ++i) {
@@ -644,32 +646,36 @@ static void plan_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T
         else cols.push_back(j);
       }
     ++plan_n[0], plan_n[1] += i64(rows.size()), plan_n[2] += i64(cols.size());
+    redone += i64(rows.size() + cols.size());
     if (!rows.empty() || !cols.empty())
       plan_redo<T, S>(C, cscale, hr, hc, out_r, out_c, N, M, q, eps, sym, pk, rows, cols, nt);
   }
+  return redone;
 }
 
 template <typename T, typename S>
-void softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
-                        double eps, bool sym, bool plan, int nt) {
-  if (plan) plan_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
-  else cached_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+i64 softmin_cached_two(const S* C, T cscale, const T* hr, const T* hc, T* out_r, T* out_c, i64 B, i64 N, i64 M,
+                       double eps, bool sym, bool plan, int nt) {
+  if (plan) return plan_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+  cached_two<T, S>(C, cscale, hr, hc, out_r, out_c, B, N, M, eps, sym, nullptr, nt);
+  return 0;
 }
 
 template <typename T, typename S>
-void softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, bool plan, int nt) {
+i64 softmin_packed(const S* C, T cscale, const T* h, T* out, i64 B, i64 N, double eps, bool plan, int nt) {
   const Packed pk(N);
-  if (plan) plan_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
-  else cached_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
+  if (plan) return plan_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
+  cached_two<T, S>(C, cscale, h, h, out, nullptr, B, N, N, eps, true, &pk, nt);
+  return 0;
 }
 
 // ----------------------------------------------------------------------------- instances
 #define OTK_SOFTMIN_CACHED(T, S)                                                                        \
   template void cost_matrix<T, S>(const T*, const T*, S*, i64, i64, i64, i64, int, T, int);            \
   template void softmin_cached<T, S>(const S*, T, bool, const T*, T*, i64, i64, i64, double, int);            \
-  template void softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, bool, int); \
+  template i64 softmin_cached_two<T, S>(const S*, T, const T*, const T*, T*, T*, i64, i64, i64, double, bool, bool, int); \
   template void cost_packed<T, S>(const T*, S*, i64, i64, i64, int, T, int);                            \
-  template void softmin_packed<T, S>(const S*, T, const T*, T*, i64, i64, double, bool, int);
+  template i64 softmin_packed<T, S>(const S*, T, const T*, T*, i64, i64, double, bool, int);
 OTK_SOFTMIN_CACHED(float, float)
 OTK_SOFTMIN_CACHED(float, bf16_t)
 OTK_SOFTMIN_CACHED(float, f16_t)

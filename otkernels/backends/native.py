@@ -43,7 +43,8 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
   (the log-sum-exp form takes an exp per entry and direction); a row or column whose sum
   leaves the float range that keeps it exact (zero weights, potentials far from a plan after
   the last ε-steps) is recomputed by the log-sum-exp passes (:func:`plan_counts` says how
-  many).  At 10k, D = 128 the two-way and triangle passes take 0.44× the log-sum-exp form's
+  many), and a handle that recomputed much in one pass keeps the log-sum-exp form after it
+  (``PLAN_GIVE_UP``: zero weights from padding).  At 10k, D = 128 the two-way and triangle passes take 0.44× the log-sum-exp form's
   time, at the machine's read rate.  The gradient passes skip a plan's underflowing weights
   (exact zeros: a tile with at most a third nonzero is summed pair by pair,
   :func:`grad_counts`), and the caches are written with streaming stores: the divergence at
@@ -395,7 +396,7 @@ def cost_packed(x, p, dtype=None):
     return C, scale
 
 
-def lse_packed(C, scale, h, eps, plan=None):
+def lse_packed(C, scale, h, eps, plan=None, handle=None):
     """``log Σ_j exp(h_j − C_ij/ε)`` (B,N) over the rows of a packed symmetric C (B, packed
     numel) from :func:`cost_packed`: each row block reads its stored rows, the mirrored half
     reaches the rows through column sums (``softmin_cached_two``'s sym pass)."""
@@ -405,7 +406,26 @@ def lse_packed(C, scale, h, eps, plan=None):
     h = _vec("h", h, C.shape[0], h.shape[1], dtype)
     if C.dim() != 2 or C.shape[1] != packed_numel(h.shape[1]):
         raise ValueError(f"C {tuple(C.shape)} is not a packed cache of N = {h.shape[1]} points")
-    return _ext().softmin_cached_two(C, float(scale), h, h, float(eps), True, _plan(plan))[0]
+    return _run_two(C, scale, h, h, eps, True, plan, handle, h.shape[1])[0]
+
+
+PLAN_GIVE_UP = 16  # a handle keeps the plan form while a pass recomputes ≤ 1/16 of its rows and columns
+
+
+def _run_two(C, scale, hr, hc, eps, sym, plan, handle, n):
+    """The extension's two-way / sym pass in the form ``plan`` (None: ``PLAN_FORM``), or with
+    ``handle`` in the handle's form, which it then keeps or drops for its next passes: a pass
+    that recomputed more than 1/PLAN_GIVE_UP of its n rows and columns by log-sum-exp (zero
+    weights from padding: every pass; 4 % at the last ε-steps of the 10k divergence) sends the
+    handle back to the log-sum-exp form for the rest of its loss call, which costs less there
+    than a plan pass plus its recomputation (2.2× the time at N = 6k with a third to a half of
+    the weights zero)."""
+    if handle is not None:
+        plan = handle.plan
+    out_r, out_c, redone = _ext().softmin_cached_two(C, float(scale), hr, hc, float(eps), bool(sym), _plan(plan))
+    if handle is not None and handle.plan and int(redone) * PLAN_GIVE_UP > n:
+        handle.plan = False
+    return out_r, out_c
 
 
 def lse_cached(C, scale, transpose, h, eps):
@@ -440,12 +460,13 @@ def grad_counts(reset=False):
     return dict(zip(("sparse", "dense"), _ext().grad_counts(bool(reset))))
 
 
-def lse_cached_two(C, scale, hr, hc, eps, sym=False, plan=None):
+def lse_cached_two(C, scale, hr, hc, eps, sym=False, plan=None, handle=None):
     """Both log-sum-exps of a Sinkhorn iteration from one read of a cached C (B,N,M):
     ``(log Σ_j exp(hr_j − C_ij/ε) (B,N), log Σ_i exp(hc_i − C_ij/ε) (B,M))``; ``sym`` (C
     symmetric, hc = hr): the first only, reading the upper triangle (half the bytes).  ``plan``
-    (default ``PLAN_FORM``): the plan form, else the log-sum-exp form.  None when the extension
-    has no such kernel (an older build) or ``CACHED_TWO`` is off."""
+    (default ``PLAN_FORM``): the plan form, else the log-sum-exp form; ``handle``: a cost
+    handle's own choice instead (:func:`_run_two`).  None when the extension has no such kernel
+    (an older build) or ``CACHED_TWO`` is off."""
     ext = _ext()
     if not CACHED_TWO or not hasattr(ext, "softmin_cached_two"):
         return None
@@ -453,7 +474,7 @@ def lse_cached_two(C, scale, hr, hc, eps, sym=False, plan=None):
     dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
     hr = _vec("hr", hr, B, M, dtype)
     hc = hr if sym else _vec("hc", hc, B, N, dtype)
-    out_r, out_c = ext.softmin_cached_two(C, float(scale), hr, hc, float(eps), bool(sym), _plan(plan))
+    out_r, out_c = _run_two(C, scale, hr, hc, eps, sym, plan, handle, N + (0 if sym else M))
     return (out_r, None) if sym else (out_r, out_c)
 
 
@@ -578,13 +599,14 @@ class NativeCost:
         self.cache, self.scale, self.transpose = cache, scale, transpose
         self.sym = x is y  # C(x, x): symmetric, the online pass computes half of the tiles
         self.packed = packed and cache is not None
+        self.plan = PLAN_FORM  # the cached passes' form, dropped after a pass that recomputed much (_run_two)
         if self.packed and not self.sym:
             raise ValueError("a packed cache holds a symmetric C(x, x): y must be x")
 
     def lse(self, eps, h):
         """log Σ_j exp(h_j − C_ij/ε): h (B,M) -> (B,N)."""
         if self.packed:
-            return lse_packed(self.cache, self.scale, h, eps)
+            return lse_packed(self.cache, self.scale, h, eps, handle=self)
         if self.cache is None:
             if self.sym:
                 two = lse_online_two(self.xd, self.xd, h, None, eps, self.p, sym=True)
@@ -592,7 +614,7 @@ class NativeCost:
                     return two[0]
             return lse_online(self.xd, self.y, h, eps, self.p)
         if self.sym:  # C(x, x): the upper triangle of the cache, half the bytes
-            two = lse_cached_two(self.cache, self.scale, h, None, eps, sym=True)
+            two = lse_cached_two(self.cache, self.scale, h, None, eps, sym=True, handle=self)
             if two is not None:
                 return two[0]
         return lse_cached(self.cache, self.scale, self.transpose, h, eps)
@@ -608,7 +630,7 @@ class NativeCost:
         if self.sym or self.transpose:
             return None
         if self.cache is not None:
-            two = lse_cached_two(self.cache, self.scale, h, h_t, eps)
+            two = lse_cached_two(self.cache, self.scale, h, h_t, eps, handle=self)
         else:
             two = lse_online_two(self.xd, self.y, h, h_t, eps, self.p)
         if two is None:

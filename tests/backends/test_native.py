@@ -345,6 +345,41 @@ def test_plan_form_recomputes_what_it_cannot_keep(dtype):
     assert native.plan_counts(reset=True) == {"passes": 2, "rows": 20, "columns": 0, "column_passes": 0}
 
 
+def test_handle_leaves_the_plan_form_when_it_recomputes_much(monkeypatch):
+    """A cost handle whose pass recomputed more than 1/PLAN_GIVE_UP of its rows and columns
+    (half the weights zero, as padding gives) runs its next passes in the log-sum-exp form, with
+    the same results; near a plan it keeps the plan form."""
+    monkeypatch.setattr(native, "PLAN_FORM", True)
+    B, N, M, D = 1, 300, 400, 8
+    x, y = make(B, N, M, D, torch.float64)
+    eps = 0.5
+    K, sc = native.cost_matrix(x, y, 2)
+    hr, hc = _near_plan(K, sc, _uniform(B, N, torch.float64), _uniform(B, M, torch.float64), eps)
+    near = native.NativeCost(x, y, Cost(2), cache=K, scale=sc)
+    for _ in range(2):
+        near.softmin_two(eps, hr, hc)
+    assert near.plan
+    padded = native.NativeCost(x, y, Cost(2), cache=K, scale=sc)
+    hz = hr.clone()
+    hz[:, 200:] = ZERO
+    native.plan_counts(reset=True)
+    first = padded.softmin_two(eps, hz, hc)
+    assert not padded.plan and native.plan_counts()["columns"] == 200
+    second = padded.softmin_two(eps, hz, hc)
+    assert native.plan_counts(reset=True)["passes"] == 1  # the second pass: log-sum-exp form
+    ref = native.lse_cached_two(K, sc, hz, hc, eps, plan=False)
+    for a, b, r in zip(first, second, ref):
+        assert_rel(a, -eps * r, 1e-12, "first pass")
+        assert_rel(b, -eps * r, 1e-12, "second pass")
+    Kp, sp = native.cost_packed(x, 2)
+    sym = native.NativeCost(x, x, Cost(2), cache=Kp, scale=sp, packed=True)
+    hs = hc.clone()
+    hs[:, ::2] = ZERO
+    out = sym.lse(eps, hs)
+    assert not sym.plan
+    assert_rel(out, native.lse_packed(Kp, sp, hs, eps, plan=False), 1e-12, "packed")
+
+
 def test_two_way_passes_are_deterministic():
     """The two-way passes accumulate the column log-sum-exps per thread and merge them: with
     tasks handed out dynamically the float32 result depended on which thread took which row
