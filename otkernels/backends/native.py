@@ -418,8 +418,8 @@ def _run_two(C, scale, hr, hc, eps, sym, plan, handle, n):
     that recomputed more than 1/PLAN_GIVE_UP of its n rows and columns by log-sum-exp (zero
     weights from padding: every pass; 4 % at the last ε-steps of the 10k divergence) sends the
     handle back to the log-sum-exp form for the rest of its loss call, which costs less there
-    than a plan pass plus its recomputation (2.2× the time at N = 6k with a third to a half of
-    the weights zero)."""
+    than a plan pass plus its recomputation (2.4× the time at N = 6k with a third and a half of
+    the weights zero; 1.06× with this rule: docs/benchmarks.md)."""
     if handle is not None:
         plan = handle.plan
     out_r, out_c, redone = _ext().softmin_cached_two(C, float(scale), hr, hc, float(eps), bool(sym), _plan(plan))
