@@ -44,8 +44,8 @@ Same interface as ``blocked.py`` (cost handles with ``softmin``, ``softmin_grad`
   leaves the float range that keeps it exact (zero weights, potentials far from a plan after
   the last ε-steps) is recomputed by the log-sum-exp passes (:func:`plan_counts` says how
   many), and a handle that recomputed much in one pass keeps the log-sum-exp form after it
-  (``PLAN_GIVE_UP``: zero weights from padding).  At 10k, D = 128 the two-way and triangle passes take 0.44× the log-sum-exp form's
-  time, at the machine's read rate.  The gradient passes skip a plan's underflowing weights
+  (``PLAN_GIVE_UP``: zero weights from padding).  At 10k, D = 128 the two-way and triangle
+  passes take 0.44× the log-sum-exp form's time, at the machine's read rate.  The gradient passes skip a plan's underflowing weights
   (exact zeros: a tile with at most a third nonzero is summed pair by pair,
   :func:`grad_counts`), and the caches are written with streaming stores: the divergence at
   10k, D = 128 takes 0.89 s, 0.47× the code before issue 23, on a 2-core Sapphire Rapids VM
@@ -450,14 +450,17 @@ def plan_counts(reset=False):
     """What the plan form of the cached passes did (since the last ``reset``): ``{"passes",
     "rows", "columns"}`` — rows and columns recomputed by the log-sum-exp passes — and
     ``"column_passes"``, the recomputations that read the whole cache (more than M/32 columns)."""
-    c = _ext().plan_counts(bool(reset))
-    return dict(zip(("passes", "rows", "columns", "column_passes"), c))
+    return _counters("plan_counts", ("passes", "rows", "columns", "column_passes"), reset)
 
 
 def grad_counts(reset=False):
     """The gradient passes' tiles since the last ``reset``: ``{"sparse", "dense"}`` — summed
     pair by pair over their nonzero weights (a plan's few entries a row at small ε), or whole."""
-    return dict(zip(("sparse", "dense"), _ext().grad_counts(bool(reset))))
+    return _counters("grad_counts", ("sparse", "dense"), reset)
+
+
+def _counters(name, keys, reset):
+    return dict(zip(keys, getattr(_ext(), name)(bool(reset))))
 
 
 def lse_cached_two(C, scale, hr, hc, eps, sym=False, plan=None, handle=None):
